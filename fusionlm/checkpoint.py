@@ -1,0 +1,131 @@
+"""A model on disk: safetensors weights + the config it was built from + its tokenizer.
+
+A checkpoint directory is complete or absent: it is written under a temporary name and renamed
+into place, so a crash (even ``kill -9``) mid-write leaves the previous checkpoint as the latest.
+Loading reads safetensors only (no pickle, no code) and checks every key and shape.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import RecipeConfig, load_config, save_config
+from .data.sample import IMAGE_TOKEN
+from .data.tokenizer import END, IMAGE_NEWLINE, PAD, load_tokenizer
+from .errors import CheckpointError
+from .model import FusionLM, SpecialIds
+
+WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.yaml", "tokenizer"
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def build_model(config: RecipeConfig, tokenizer) -> FusionLM:
+    """A model for ``config``; the LLM's vocabulary is sized from ``tokenizer``."""
+    config.model.llm.vocab_size = len(tokenizer)
+    ids = SpecialIds(
+        image=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), newline=tokenizer.convert_tokens_to_ids(IMAGE_NEWLINE),
+        pad=tokenizer.convert_tokens_to_ids(PAD), end=tokenizer.convert_tokens_to_ids(END),
+    )
+    return FusionLM(config.model, ids)
+
+
+def _unique_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict without aliases of tied tensors (safetensors stores each storage once)."""
+    seen: set[int] = set()
+    out = {}
+    for name, tensor in model.state_dict().items():
+        ptr = tensor.data_ptr()
+        if ptr in seen and tensor.numel():
+            continue
+        seen.add(ptr)
+        out[name] = tensor.contiguous()
+    return out
+
+
+def save_model(model: FusionLM, tokenizer, config: RecipeConfig, path: str | Path, *, extra=None) -> Path:
+    """Write weights, config and tokenizer to ``path`` atomically; ``extra(tmp_dir)`` adds files."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(_unique_state(model), str(tmp / WEIGHTS), metadata={"format": "pt", "fusionlm": "1"})
+    save_config(config, tmp / CONFIG)
+    tokenizer.save_pretrained(str(tmp / TOKENIZER))
+    if extra is not None:
+        extra(tmp)
+    _fsync_tree(tmp)
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+    return path
+
+
+def _fsync_tree(folder: Path) -> None:
+    for f in folder.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def load_weights(model: torch.nn.Module, file: str | Path) -> None:
+    """Load safetensors weights, refusing missing/unexpected keys and wrong shapes by name."""
+    try:
+        state = load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({exc})") from None
+    expected = model.state_dict()
+    wanted = _unique_state(model)
+    missing = [k for k in wanted if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        what = f"missing key {missing[0]!r}" if missing else f"unexpected key {unexpected[0]!r}"
+        raise CheckpointError(f"{file}: {what} ({len(missing)} missing, {len(unexpected)} unexpected)")
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise CheckpointError(
+                f"{file}: {name} has shape {tuple(tensor.shape)}, the model expects {tuple(expected[name].shape)}"
+            )
+    with torch.no_grad():
+        for name, tensor in state.items():
+            expected[name].copy_(tensor)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory, or a training output directory's latest complete checkpoint."""
+    path = Path(path)
+    if (path / WEIGHTS).is_file():
+        return path
+    steps = list_checkpoints(path)
+    if not steps:
+        raise CheckpointError(f"{path}: no complete checkpoint here (expected {WEIGHTS} or checkpoints/step-N/)")
+    return steps[-1]
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (temporary directories are ignored)."""
+    folder = Path(run_dir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := STEP_DIR.match(p.name)) and (p / WEIGHTS).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def load_model(path: str | Path) -> tuple[FusionLM, object, RecipeConfig]:
+    """(model, tokenizer, config) from a checkpoint or a run directory; the model is in eval mode."""
+    ckpt = resolve_checkpoint(path)
+    for name in (CONFIG, TOKENIZER):
+        if not (ckpt / name).exists():
+            raise CheckpointError(f"{ckpt}: incomplete checkpoint, {name} is missing")
+    config = load_config(ckpt / CONFIG)
+    tokenizer = load_tokenizer(ckpt / TOKENIZER)
+    model = build_model(config, tokenizer)
+    load_weights(model, ckpt / WEIGHTS)
+    model.eval()
+    return model, tokenizer, config

@@ -1,0 +1,162 @@
+"""The `fusionlm` command: data | train | generate | eval | demo | recipes.
+
+User errors (a bad file, key or sample) print one line naming it and exit with status 2; nothing
+already written is touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from .errors import FusionError
+
+
+def _quiet() -> None:
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+
+
+def cmd_data(args) -> None:
+    from .data.formats import write_llava_json
+    from .data.sample import TASKS
+    from .data.synthetic import World
+
+    tasks = args.tasks or list(TASKS)
+    world = World(image_size=args.image_size, seed=args.seed)
+    samples = [world.sample(task, args.split, i) for task in tasks for i in range(args.n)]
+    path = write_llava_json(samples, args.out)
+    print(f"wrote {len(samples)} samples ({', '.join(tasks)}) to {path}")
+
+
+def cmd_train(args) -> None:
+    from .config import load_recipe
+    from .train.loop import train
+
+    config = load_recipe(args.recipe, args.set)
+    progress = train(config, args.out, resume=args.resume)
+    print(f"done: {progress.step} steps, {progress.samples_trained} samples trained, skipped {progress.skipped}; "
+          f"checkpoints in {Path(args.out) / 'checkpoints'}")
+
+
+def _load(checkpoint: str):
+    from .checkpoint import load_model
+    from .data.batches import ImageSpec
+
+    model, tokenizer, config = load_model(checkpoint)
+    spec = ImageSpec(size=config.model.encoder.image_size, mean=model.encoder.mean, std=model.encoder.std,
+                     max_pixels=config.data.max_image_pixels)
+    return model, tokenizer, config, spec
+
+
+def cmd_generate(args) -> None:
+    from .generate import Request, generate
+
+    model, tokenizer, _, spec = _load(args.checkpoint)
+    for path in args.image:
+        if not Path(path).exists():
+            raise FusionError(f"{path}: file not found")
+    (answer,) = generate(model, tokenizer, [Request(args.prompt, list(args.image))], spec,
+                         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                         seed=args.seed)
+    print(answer)
+
+
+def cmd_eval(args) -> None:
+    from .data.sources import build_source, image_root
+    from .evaluate.harness import evaluate, markdown_table, write_results
+
+    model, tokenizer, config, spec = _load(args.checkpoint)
+    source = build_source(config.data, args.data)
+    spec.root = image_root(source)
+    results = evaluate(model, tokenizer, source, spec, split=args.split,
+                       per_task=args.per_task or config.train.eval_per_task,
+                       batch_size=config.train.eval_batch_size, progress=print)
+    print(markdown_table(results))
+    if args.out:
+        write_results(results, args.out)
+        print(f"wrote {args.out} and {Path(args.out).with_suffix('.md')}")
+
+
+def cmd_demo(args) -> None:
+    from .demo import run_demo
+
+    run_demo(args.out, args.set)
+
+
+def cmd_recipes(args) -> None:
+    from .config import shipped_recipes
+
+    print("\n".join(shipped_recipes()))
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fusionlm", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("data", help="write synthetic-world samples as PNGs + a LLaVA-style JSON")
+    d.add_argument("--out", required=True)
+    d.add_argument("--n", type=int, default=10, help="samples per task")
+    d.add_argument("--split", default="train", choices=["train", "val", "test"])
+    d.add_argument("--tasks", nargs="*")
+    d.add_argument("--image-size", type=int, default=64)
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(fn=cmd_data)
+
+    t = sub.add_parser("train", help="train a recipe (a YAML path or a shipped recipe name)")
+    t.add_argument("recipe")
+    t.add_argument("--out", required=True)
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a dotted key")
+    t.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --out")
+    t.set_defaults(fn=cmd_train)
+
+    g = sub.add_parser("generate", help="answer a prompt about images")
+    g.add_argument("--checkpoint", required=True, help="a run directory (its latest checkpoint) or a checkpoint")
+    g.add_argument("--image", action="append", default=[])
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(fn=cmd_generate)
+
+    e = sub.add_parser("eval", help="score a checkpoint per task")
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--split", default="test", choices=["train", "val", "test"])
+    e.add_argument("--data", help="a LLaVA-style JSON to evaluate on instead of the run's data")
+    e.add_argument("--per-task", type=int)
+    e.add_argument("--out", help="write scores as JSON here (and a Markdown table next to it)")
+    e.set_defaults(fn=cmd_eval)
+
+    m = sub.add_parser("demo", help="train the default model on the synthetic world, evaluate, report")
+    m.add_argument("--out", default="runs/demo")
+    m.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    m.set_defaults(fn=cmd_demo)
+
+    r = sub.add_parser("recipes", help="list the shipped recipes")
+    r.set_defaults(fn=cmd_recipes)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    _quiet()
+    try:
+        args.fn(args)
+    except FusionError as exc:
+        print(f"fusionlm: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fusionlm: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,336 @@
+"""One typed, nested config: the single source of truth for a model and its training run.
+
+A recipe YAML has four top-level sections — ``model``, ``data``, ``train``, ``stages`` — that map
+onto the dataclasses below. Loading is strict: an unknown key, a missing required key or a value
+of the wrong type is a ``ConfigError`` that names the dotted key and what is allowed. The config
+is saved next to the weights, and a model is rebuilt from it alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+
+@dataclass
+class EncoderConfig:
+    """Image encoder. ``kind`` names an entry of ``encoders.ENCODERS``."""
+
+    kind: str = "siglip"
+    hf: str | None = None  # pretrained tower: a local directory or a hub id
+    image_size: int = 32
+    patch_size: int = 4
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 128
+    feature_layer: int = -1  # index into the tower's hidden states; LLaVA takes -2
+    drop_cls: bool = True  # drop the CLS token (towers that have one, e.g. CLIP)
+
+
+@dataclass
+class ConnectorConfig:
+    """Encoder features -> LLM width. ``kind`` names an entry of ``connectors.CONNECTORS``."""
+
+    kind: str = "mlp"
+    hidden_size: int | None = None  # MLP width; default: the LLM width
+
+
+@dataclass
+class LLMConfig:
+    """The decoder. ``kind`` names an entry of ``llm.LLMS``; sizes apply to a random init."""
+
+    kind: str = "llama"
+    hf: str | None = None  # pretrained LLM: a local directory or a hub id
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 384
+    max_length: int = 256  # context length: longer samples are dropped, never cut mid-image
+    vocab_size: int | None = None  # filled in from the tokenizer when the model is built
+    tie_embeddings: bool = True
+
+
+@dataclass
+class FusionConfig:
+    """How image features reach the decoder. ``kind``: unified | cross_attention | fuyu."""
+
+    kind: str = "unified"
+    every_n: int = 2  # cross_attention: a gated block before every Nth decoder layer
+    first_layer: int = 0  # cross_attention: index of the first layer that gets a block
+
+
+@dataclass
+class TokenizerConfig:
+    """Tokenizer: trained on the synthetic world's corpus unless ``path`` names a saved one."""
+
+    path: str | None = None
+    vocab_size: int = 800
+    corpus_per_task: int = 300
+
+
+@dataclass
+class ModelConfig:
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    connector: ConnectorConfig = field(default_factory=ConnectorConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+
+
+@dataclass
+class DataConfig:
+    """Where samples come from. ``source``: ``synthetic`` or the path of a LLaVA-style JSON."""
+
+    source: str = "synthetic"
+    image_root: str | None = None  # LLaVA JSON: the folder image paths are relative to
+    world_image_size: int = 64  # synthetic world: the side of a rendered scene, in pixels
+    world_seed: int = 0
+    max_image_pixels: int = 40_000_000  # refused from the header above this
+    max_bad_fraction: float = 0.1  # training stops when more samples than this are bad
+    loader_workers: int = 0  # background processes that prepare batches
+
+
+@dataclass
+class TrainConfig:
+    """Run-wide settings."""
+
+    seed: int = 0
+    checkpoint_every: int = 0  # optimizer steps; 0 = only at the end of each stage
+    keep_checkpoints: int = 2
+    bf16: bool = False  # bf16 autocast for the forward pass
+    grad_clip: float = 1.0
+    max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
+    threads: int = 0  # torch intra-op threads; 0 = torch's default
+    eval_per_task: int = 50  # samples per task for `fusionlm eval` and the demo
+    eval_batch_size: int = 32
+
+
+@dataclass
+class StageConfig:
+    """One training stage: what trains, on which mixture, for how long."""
+
+    name: str = "stage"
+    train: list[str] = field(default_factory=lambda: ["connector"])
+    mixture: dict[str, float] = field(default_factory=lambda: {"caption": 1.0})
+    steps: int = 100
+    lr: float = 1e-3
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    batch_size: int = 16
+    grad_accum: int = 1
+    weight_decay: float = 0.0
+
+
+@dataclass
+class RecipeConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
+
+
+# ----------------------------------------------------------------------------- dict <-> dataclass
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and build nested dataclasses."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} fits none of {tp}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        return _from_dict(tp, value, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_convert(v, item, f"{key}.{i}") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        kt, vt = typing.get_args(tp)
+        return {_convert(k, kt, key): _convert(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got bool {value!r}")
+    if not isinstance(value, tp):
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _from_dict(cls: type, data: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in hints]
+    if unknown:
+        where = f"{prefix}: " if prefix else ""
+        raise ConfigError(f"{where}unknown key {unknown[0]!r} (allowed: {', '.join(names)})")
+    kwargs = {k: _convert(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def from_dict(data: dict, cls: type = RecipeConfig) -> Any:
+    """Build ``cls`` from a plain dict; missing keys take their defaults."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"expected a mapping at the top level, got {type(data).__name__}")
+    return _from_dict(cls, data, "")
+
+
+def to_dict(config: Any) -> dict:
+    return dataclasses.asdict(config)
+
+
+# ----------------------------------------------------------------------------- overrides and files
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``dotted.key=value`` overrides (``stages.0.steps=20``) to a recipe dict in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected dotted.key=value")
+        dotted, raw = item.split("=", 1)
+        parts = dotted.split(".")
+        node: Any = data
+        for depth, part in enumerate(parts[:-1]):
+            node = _step_into(node, part, ".".join(parts[: depth + 1]), create=True)
+        last = parts[-1]
+        if isinstance(node, list):
+            node[_list_index(node, last, dotted)] = _parse_value(raw)
+        else:
+            node[last] = _parse_value(raw)
+    return data
+
+
+def _list_index(node: list, part: str, key: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"{key}: {part!r} is not an index of a list of length {len(node)}")
+    return int(part)
+
+
+def _step_into(node: Any, part: str, key: str, *, create: bool) -> Any:
+    if isinstance(node, list):
+        return node[_list_index(node, part, key)]
+    if not isinstance(node, dict):
+        raise ConfigError(f"{key}: cannot set a key inside a {type(node).__name__}")
+    if part not in node or node[part] is None:
+        if not create:
+            raise ConfigError(f"{key}: no such key")
+        node[part] = {}
+    return node[part]
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> RecipeConfig:
+    """Read a recipe YAML (a path, or the name of a shipped recipe), apply overrides, validate."""
+    path = resolve_recipe_path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping with model/data/train/stages")
+    apply_overrides(data, overrides or [])
+    try:
+        return validate(from_dict(data))
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+
+def shipped_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def resolve_recipe_path(path: str | Path) -> Path:
+    candidate = Path(path)
+    if candidate.is_file():
+        return candidate
+    shipped = RECIPES_DIR / f"{path}.yaml"
+    if shipped.is_file():
+        return shipped
+    raise ConfigError(f"{path}: no such recipe file (shipped recipes: {', '.join(shipped_recipes())})")
+
+
+def save_config(config: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def load_config(path: str | Path) -> RecipeConfig:
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read config ({exc})") from None
+    try:
+        return validate(from_dict(data))
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+# ----------------------------------------------------------------------------- semantic checks
+
+FUSION_KINDS = ("unified", "cross_attention", "fuyu")
+TRAINABLE_GROUPS = ("encoder", "connector", "llm", "cross_attention", "all")
+
+
+def validate(config: RecipeConfig) -> RecipeConfig:
+    """Checks that need more than types. Component names are checked by their registries."""
+    fusion = config.model.fusion
+    if fusion.kind not in FUSION_KINDS:
+        raise ConfigError(f"model.fusion.kind: unknown fusion {fusion.kind!r} (known: {', '.join(FUSION_KINDS)})")
+    if fusion.every_n < 1:
+        raise ConfigError("model.fusion.every_n: must be >= 1")
+    enc = config.model.encoder
+    if (fusion.kind == "fuyu") != (enc.kind == "patches"):
+        raise ConfigError(
+            "model.encoder.kind: the fuyu fusion takes raw patches and only it does: "
+            f"use encoder kind 'patches' with fusion 'fuyu' (got {enc.kind!r} with {fusion.kind!r})"
+        )
+    if enc.image_size % enc.patch_size:
+        raise ConfigError(
+            f"model.encoder.image_size: {enc.image_size} is not a multiple of patch_size {enc.patch_size}"
+        )
+    if not config.stages:
+        raise ConfigError("stages: at least one stage is needed")
+    for i, stage in enumerate(config.stages):
+        if stage.steps < 0 or stage.batch_size < 1 or stage.grad_accum < 1:
+            raise ConfigError(f"stages.{i}: steps must be >= 0, batch_size and grad_accum >= 1")
+        if not stage.mixture or any(w < 0 for w in stage.mixture.values()) or sum(stage.mixture.values()) <= 0:
+            raise ConfigError(f"stages.{i}.mixture: needs at least one positive weight")
+        if not stage.train:
+            raise ConfigError(f"stages.{i}.train: name at least one part ({', '.join(TRAINABLE_GROUPS)}) or a glob")
+    return config

@@ -1,0 +1,53 @@
+"""Connectors: encoder features (I, N, D_enc) -> LLM-width tokens (I, N', D_llm)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import ConnectorConfig
+from .registry import Registry
+
+CONNECTORS: Registry[type["Connector"]] = Registry("connector", "model.connector.kind")
+
+
+class Connector(nn.Module):
+    def __init__(self, config: ConnectorConfig, in_dim: int, out_dim: int, grid: tuple[int, int]):
+        super().__init__()
+        self.config = config
+        self.grid = grid  # output token grid (rows, cols); the layouts of image tokens use it
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+
+@CONNECTORS.register("linear")
+class LinearConnector(Connector):
+    """One projection (LLaVA-1, Fuyu's patch projection)."""
+
+    def __init__(self, config: ConnectorConfig, in_dim: int, out_dim: int, grid: tuple[int, int]):
+        super().__init__(config, in_dim, out_dim, grid)
+        self.proj = nn.Linear(in_dim, out_dim)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.proj(feats)  # (I, N, D_llm)
+
+
+@CONNECTORS.register("mlp")
+class MLPConnector(Connector):
+    """Two layers with a GELU between them (LLaVA-1.5)."""
+
+    def __init__(self, config: ConnectorConfig, in_dim: int, out_dim: int, grid: tuple[int, int]):
+        super().__init__(config, in_dim, out_dim, grid)
+        hidden = config.hidden_size or out_dim
+        self.linear_1 = nn.Linear(in_dim, hidden)
+        self.act = nn.GELU()
+        self.linear_2 = nn.Linear(hidden, out_dim)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(feats)))  # (I, N, D_llm)
+
+
+def build_connector(config: ConnectorConfig, in_dim: int, out_dim: int, grid: tuple[int, int]) -> Connector:
+    return CONNECTORS.get(config.kind)(config, in_dim, out_dim, grid)

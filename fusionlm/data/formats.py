@@ -1,0 +1,165 @@
+"""LLaVA-style JSON: write samples (images as PNG files) and read them back as ``Sample``.
+
+The file is a JSON list of records, image paths relative to the JSON file's folder::
+
+    {"id": "train/color/000001", "task": "color", "image": "images/train_color_000001_0.png",
+     "conversations": [{"from": "human", "value": "<image>\\nWhat colour is the shape?"},
+                       {"from": "gpt", "value": "red"}],
+     "answers": ["red"]}
+
+A chat sample with no image has neither ``"image"`` nor ``"images"``; one with several has
+``"images": [...]``. Documents are ``{"id", "task", "kind": "document", "text", "images"}``.
+Plain LLaVA files (no ``task``/``answers``) read too: task ``"custom"``, answers = the last
+assistant turn. Reading never opens an image: it resolves and checks paths only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from fusionlm.data.sample import IMAGE_TOKEN, Sample
+from fusionlm.errors import SampleError
+
+_ROLES_OUT = {"user": "human", "assistant": "gpt"}
+_ROLES_IN = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+def write_llava_json(samples: Iterable[Sample], out_dir: str | Path, *,
+                     json_name: str = "data.json") -> Path:
+    """Write ``samples`` to ``out_dir/json_name`` and their images to ``out_dir/images/``.
+
+    Image ``k`` of sample ``id`` goes to ``images/<id with '/' -> '_'>_<k>.png``; images given as
+    paths are copied (PNG) or converted to PNG. Returns the JSON file's path.
+    """
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    records = []
+    for sample in samples:
+        rel_paths = []
+        for k, image in enumerate(sample.images):
+            rel = f"images/{sample.id.replace('/', '_')}_{k}.png"
+            _save_png(image, out_dir / rel)
+            rel_paths.append(rel)
+        record: dict[str, Any] = {"id": sample.id, "task": sample.task}
+        if sample.kind == "document":
+            record.update(kind="document", text=sample.text, images=rel_paths)
+        else:
+            if len(rel_paths) == 1:
+                record["image"] = rel_paths[0]
+            elif rel_paths:
+                record["images"] = rel_paths
+            record["conversations"] = [{"from": _ROLES_OUT.get(m["role"], m["role"]),
+                                        "value": m["content"]} for m in sample.messages]
+            record["answers"] = list(sample.answers)
+        records.append(record)
+    path = out_dir / json_name
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(records, ensure_ascii=False, indent=1), encoding="utf-8")
+    os.replace(tmp, path)  # never leave a half-written JSON under the final name
+    return path
+
+
+def _save_png(image: Any, dest: Path) -> None:
+    if isinstance(image, Image.Image):
+        image.save(dest, format="PNG")
+    elif Path(image).suffix.lower() == ".png":
+        shutil.copyfile(image, dest)
+    else:
+        with Image.open(image) as im:
+            im.save(dest, format="PNG")
+
+
+def read_llava_json(path: str | Path, *, image_root: str | Path | None = None) -> list[Sample]:
+    """Read a LLaVA-style JSON list into samples whose images are resolved path strings.
+
+    Args:
+        path: the JSON file.
+        image_root: folder image paths are relative to (default: the JSON file's folder); a path
+            that is absolute or resolves (symlinks included) outside it is refused.
+
+    Raises:
+        SampleError: malformed JSON or record, a path escape, or an ``<image>`` marker count
+            that differs from the number of images; the message names the file and sample.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SampleError(f"{path}: cannot read LLaVA JSON: {e}") from None
+    if not isinstance(data, list):
+        raise SampleError(f"{path}: expected a JSON list of samples, got {type(data).__name__}")
+    root = os.path.realpath(image_root if image_root is not None else path.parent)
+    return [_read_record(rec, i, path, root) for i, rec in enumerate(data)]
+
+
+def _read_record(rec: Any, index: int, path: Path, root: str) -> Sample:
+    where = f"{path}: sample {index}"
+    if not isinstance(rec, dict):
+        raise SampleError(f"{where}: expected an object, got {type(rec).__name__}")
+    sid = str(rec.get("id", index))
+    where = f"{path}: sample {index} (id {sid})"
+    images = _image_list(rec, where)
+    images = [_resolve(p, path, sid, root) for p in images]
+    task = str(rec.get("task", "custom"))
+    if rec.get("kind", "chat") == "document":
+        text = rec.get("text")
+        if not isinstance(text, str):
+            raise SampleError(f"{where}: document is missing key 'text' (a string)")
+        sample = Sample(id=sid, task=task, kind="document", text=text, images=images)
+    else:
+        sample = Sample(id=sid, task=task, messages=_messages(rec, where), images=images)
+        answers = rec.get("answers")
+        if answers is None:
+            replies = [m["content"] for m in sample.messages if m["role"] == "assistant"]
+            answers = replies[-1:]
+        if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
+            raise SampleError(f"{where}: 'answers' must be a list of strings")
+        sample.answers = list(answers)
+    markers = sample.all_text().count(IMAGE_TOKEN)
+    if markers != len(images):
+        raise SampleError(f"{path}: sample {sid}: text has {markers} {IMAGE_TOKEN} marker(s) "
+                          f"but {len(images)} image(s)")
+    return sample
+
+
+def _image_list(rec: dict, where: str) -> list[str]:
+    images = rec.get("images", rec.get("image", []))
+    if isinstance(images, str):
+        images = [images]
+    if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
+        raise SampleError(f"{where}: 'image'/'images' must be a path or a list of paths")
+    return images
+
+
+def _messages(rec: dict, where: str) -> list[dict[str, str]]:
+    turns = rec.get("conversations")
+    if not isinstance(turns, list):
+        raise SampleError(f"{where}: missing key 'conversations' (a list of turns)")
+    messages = []
+    for t, turn in enumerate(turns):
+        for key in ("from", "value"):
+            if not isinstance(turn, dict) or key not in turn:
+                raise SampleError(f"{where}: turn {t} is missing key {key!r}")
+        role = _ROLES_IN.get(turn["from"])
+        if role is None:
+            raise SampleError(f"{where}: turn {t} has unknown 'from' {turn['from']!r}; "
+                              f"allowed: {', '.join(_ROLES_IN)}")
+        if not isinstance(turn["value"], str):
+            raise SampleError(f"{where}: turn {t} 'value' must be a string")
+        messages.append({"role": role, "content": turn["value"]})
+    return messages
+
+
+def _resolve(image: str, path: Path, sid: str, root: str) -> str:
+    """``root/image`` with symlinks resolved; refused if absolute or outside ``root``."""
+    resolved = os.path.realpath(os.path.join(root, image))
+    if os.path.isabs(image) or os.path.commonpath([root, resolved]) != root:
+        raise SampleError(f"{path}: sample {sid}: image path '{image}' escapes the data root {root}")
+    return resolved

@@ -1,0 +1,64 @@
+"""Where samples come from: the synthetic world, or a LLaVA-style JSON file of the user's own data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import DataConfig
+from ..errors import ConfigError
+from .chat import check_placeholders
+from .formats import read_llava_json
+from .sample import TASKS, Sample
+from .synthetic import World
+
+
+class WorldSource:
+    """The procedurally generated world: unlimited samples per task and split."""
+
+    def __init__(self, image_size: int, seed: int):
+        self.world = World(image_size=image_size, seed=seed)
+
+    def tasks(self) -> list[str]:
+        return list(TASKS)
+
+    def get(self, task: str, split: str, index: int) -> Sample:
+        return self.world.sample(task, split, index)
+
+
+class FileSource:
+    """Samples read from a LLaVA-style JSON file; ``index`` wraps around each task's list.
+
+    Every sample is validated when the file is read (placeholders against images, paths inside
+    the data root), so a bad file fails before step 0.
+    """
+
+    def __init__(self, path: str | Path, image_root: str | None = None):
+        samples = read_llava_json(path, image_root=image_root)
+        if not samples:
+            raise ConfigError(f"{path}: no samples")
+        self.by_task: dict[str, list[Sample]] = {}
+        for s in samples:
+            check_placeholders(s)
+            self.by_task.setdefault(s.task, []).append(s)
+        self.root = image_root or str(Path(path).parent)
+
+    def tasks(self) -> list[str]:
+        return sorted(self.by_task)
+
+    def get(self, task: str, split: str, index: int) -> Sample:
+        items = self.by_task[task]
+        return items[index % len(items)]
+
+
+def build_source(config: DataConfig, path: str | None = None):
+    """The data of a run (``path`` overrides ``config.source``, e.g. an eval file)."""
+    source = path or config.source
+    if source == "synthetic":
+        return WorldSource(config.world_image_size, config.world_seed)
+    if not Path(source).is_file():
+        raise ConfigError(f"data.source: {source!r} is neither 'synthetic' nor an existing LLaVA JSON file")
+    return FileSource(source, config.image_root)
+
+
+def image_root(source) -> str | None:
+    return getattr(source, "root", None)

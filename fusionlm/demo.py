@@ -1,0 +1,52 @@
+"""The main job: train the default model (Method A) on the synthetic world, evaluate, report."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from .checkpoint import load_model
+from .config import load_recipe
+from .data.batches import ImageSpec
+from .data.sources import build_source
+from .evaluate.harness import evaluate, markdown_table, write_results
+from .train.loop import train
+
+
+def run_demo(out: str | Path, overrides: list[str] | None = None, *, recipe: str = "demo") -> dict:
+    out = Path(out)
+    started = time.perf_counter()
+    config = load_recipe(recipe, overrides)
+    print(f"fusionlm demo: training recipe '{recipe}' ({config.model.fusion.kind}) into {out / 'run'}")
+    train(config, out / "run")
+    trained = time.perf_counter() - started
+
+    model, tokenizer, config = load_model(out / "run")
+    spec = ImageSpec(size=config.model.encoder.image_size, mean=model.encoder.mean, std=model.encoder.std)
+    source = build_source(config.data)
+    print(f"evaluating on the test split ({config.train.eval_per_task} samples per task)")
+    results = evaluate(model, tokenizer, source, spec, split="test", per_task=config.train.eval_per_task,
+                       batch_size=config.train.eval_batch_size, progress=print)
+    wall = time.perf_counter() - started
+
+    example = next(r for r in results if r.task == "shape").examples[0]
+    sample = source.get("shape", "test", 0)
+    image_path = out / "example.png"
+    sample.images[0].save(image_path)
+    metrics = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    tok_s = sum(m["tokens"] for m in metrics) / max(1e-9, sum(m["tokens"] / m["tokens_per_s"] for m in metrics if m["tokens_per_s"]))
+    extra = {"wall_seconds": round(wall, 1), "train_seconds": round(trained, 1),
+             "train_tokens_per_s": round(tok_s, 1), "steps": len(metrics),
+             "final_loss": metrics[-1]["loss"] if metrics else None}
+    write_results(results, out / "report.json", extra=extra)
+
+    print()
+    print(markdown_table(results))
+    print()
+    print(f"wall time {wall:.0f} s (training {trained:.0f} s, {tok_s:.0f} tokens/s)")
+    print(f"example: {image_path}")
+    print(f"  question: {example['question'].replace('<image>', '').strip()}")
+    print(f"  answer:   {example['answer']}   (reference: {example['references'][0]})")
+    print(f"report: {out / 'report.json'}, {out / 'report.md'}")
+    return json.loads((out / "report.json").read_text())

@@ -1,0 +1,112 @@
+"""Batched, KV-cached decoding: greedy or temperature/top-p sampling, stopping at end of turn.
+
+Images are encoded once per request (for Method B their keys/values are projected once too) and
+the same ``ImageContext`` is handed to every decoding step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .data.batches import ImageSpec
+from .data.chat import encode
+from .data.sample import IMAGE_TOKEN, Sample
+from .errors import SampleError
+from .model import FusionLM
+
+
+@dataclass
+class Request:
+    """One question: a prompt (``<image>`` marks where each image goes) and its images."""
+
+    prompt: str
+    images: list[Any] = field(default_factory=list)
+    id: str = "request"
+
+    def sample(self) -> Sample:
+        prompt = self.prompt
+        if self.images and IMAGE_TOKEN not in prompt:
+            prompt = f"{IMAGE_TOKEN}\n" * len(self.images) + prompt  # images first, as in training
+        return Sample(id=self.id, task="request", messages=[{"role": "user", "content": prompt}],
+                      images=list(self.images))
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r)
+        mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+def next_tokens(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """logits (B, V) -> token ids (B,)."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p  # always keeps the most likely token
+        sorted_p = sorted_p * keep
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model: FusionLM, tokenizer, requests: list[Request], images: ImageSpec, *, max_new_tokens: int = 32,
+             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, use_cache: bool = True,
+             max_length: int | None = None) -> list[str]:
+    """Answers for a batch of requests, in order.
+
+    Raises:
+        SampleError: a prompt whose ``<image>`` count differs from its images, or that does not
+            fit the context.
+        ImageError: an image that cannot be read.
+    """
+    max_length = max_length or model.config.llm.max_length
+    layout = model.image_layout()
+    rows, pixels = [], []
+    for req in requests:
+        enc = encode(req.sample(), tokenizer, layout, max_length=max_length, add_generation_prompt=True)
+        rows.append(enc.input_ids)
+        pixels.extend(images.pixels(img) for img in req.images)
+    ids, mask = left_pad(rows, tokenizer.pad_token_id)  # (B, T)
+    budget = min(max_new_tokens, max_length - ids.shape[1])
+    if budget <= 0:
+        raise SampleError(f"the prompt takes {ids.shape[1]} tokens, leaving no room in the context of {max_length}")
+    pixel_values = torch.stack(pixels) if pixels else None  # (I, 3, H, W)
+    ctx = model.encode_images(pixel_values, ids) if pixel_values is not None else None
+    generator = torch.Generator().manual_seed(seed) if temperature > 0 else None
+    end = model.ids.end
+    done = torch.zeros(len(rows), dtype=torch.bool)
+    out: list[list[int]] = [[] for _ in rows]
+    seq, past = ids, None
+    step_ids = ids
+    for step in range(budget):
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): left padding shifts positions
+        if use_cache:
+            start = seq.shape[1] - step_ids.shape[1]
+            result = model(step_ids, attention_mask=mask, position_ids=position_ids[:, start:], images=ctx,
+                           past_key_values=past, use_cache=True, query_start=start)
+            past = result.past_key_values
+        else:
+            result = model(seq, attention_mask=mask, position_ids=position_ids, images=ctx)
+        token = next_tokens(result.logits[:, -1], temperature, top_p, generator)  # (B,)
+        token = torch.where(done, torch.full_like(token, tokenizer.pad_token_id), token)
+        for i in range(len(rows)):
+            if not done[i]:
+                if int(token[i]) == end:
+                    done[i] = True
+                else:
+                    out[i].append(int(token[i]))
+        if bool(done.all()):
+            break
+        step_ids = token[:, None]  # (B, 1)
+        seq = torch.cat([seq, step_ids], dim=1)
+        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+    return [tokenizer.decode(t, skip_special_tokens=True).strip() for t in out]

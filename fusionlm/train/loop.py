@@ -1,0 +1,252 @@
+"""The training loop: stages in order, AdamW with warmup + cosine, accumulation, clipping, bf16
+autocast, per-step metrics, atomic checkpoints and exact resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..checkpoint import build_model, list_checkpoints, load_weights, save_model, WEIGHTS, TOKENIZER
+from ..config import RecipeConfig, StageConfig, save_config
+from ..data.batches import Batch, ImageSpec, MixtureBatches
+from ..data.sources import build_source, image_root
+from ..data.tokenizer import load_tokenizer, train_tokenizer
+from ..errors import CheckpointError, FusionError
+from ..model import FusionLM
+from .stages import apply_trainable
+
+TRAINER_STATE, OPTIMIZER_STATE = "trainer.json", "optimizer.pt"
+
+
+@dataclass
+class Progress:
+    """Where a run stands; saved in every checkpoint."""
+
+    stage: int = 0
+    stage_step: int = 0
+    step: int = 0  # optimizer steps over all stages
+    samples_seen: int = 0
+    samples_trained: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    bad_steps: int = 0  # non-finite losses skipped
+    tokens: int = 0
+
+
+def lr_lambda(stage: StageConfig):
+    """Linear warmup, then cosine decay to ``min_lr_ratio`` of the peak."""
+
+    def factor(step: int) -> float:
+        if step < stage.warmup_steps:
+            return (step + 1) / stage.warmup_steps
+        span = max(1, stage.steps - stage.warmup_steps)
+        t = min(1.0, (step - stage.warmup_steps) / span)
+        return stage.min_lr_ratio + (1 - stage.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return factor
+
+
+def corpus_for(source, per_task: int):
+    if hasattr(source, "world"):
+        yield from source.world.corpus(per_task)
+    else:
+        for items in source.by_task.values():
+            for s in items:
+                yield s.all_text()
+
+
+def image_spec(model: FusionLM, config: RecipeConfig, source) -> ImageSpec:
+    enc = model.encoder
+    return ImageSpec(size=config.model.encoder.image_size, mean=enc.mean, std=enc.std,
+                     root=image_root(source), max_pixels=config.data.max_image_pixels)
+
+
+class Trainer:
+    def __init__(self, config: RecipeConfig, out: str | Path, *, resume: bool = False, log=print):
+        self.config, self.out, self.log = config, Path(out), log
+        self.out.mkdir(parents=True, exist_ok=True)
+        if config.train.threads:
+            torch.set_num_threads(config.train.threads)
+        self.source = build_source(config.data)
+        self.progress = Progress()
+        ckpt = None
+        if resume:
+            found = list_checkpoints(self.out)
+            if not found:
+                log(f"{self.out}: no complete checkpoint to resume from; starting afresh")
+            ckpt = found[-1] if found else None
+        self.tokenizer = self._tokenizer(ckpt)
+        torch.manual_seed(config.train.seed)
+        random.seed(config.train.seed)
+        self.model = build_model(config, self.tokenizer)
+        self.resume_state = None
+        if ckpt is not None:
+            load_weights(self.model, ckpt / WEIGHTS)
+            self.progress = Progress(**json.loads((ckpt / TRAINER_STATE).read_text()))
+            self.resume_state = torch.load(ckpt / OPTIMIZER_STATE, weights_only=True)
+            log(f"resuming from {ckpt} (step {self.progress.step})")
+        save_config(config, self.out / "config.yaml")
+        self.images = image_spec(self.model, config, self.source)
+        self.metrics_path = self.out / "metrics.jsonl"
+        self._trim_metrics()
+
+    def _tokenizer(self, ckpt: Path | None):
+        tcfg = self.config.model.tokenizer
+        if ckpt is not None:
+            return load_tokenizer(ckpt / TOKENIZER)
+        if tcfg.path:
+            return load_tokenizer(tcfg.path)
+        tok = train_tokenizer(corpus_for(self.source, tcfg.corpus_per_task), tcfg.vocab_size)
+        tok.save_pretrained(str(self.out / TOKENIZER))
+        return tok
+
+    def _trim_metrics(self) -> None:
+        """Keep only the lines up to the resumed step, so the file reads as one run."""
+        if not self.metrics_path.exists():
+            return
+        keep = [line for line in self.metrics_path.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= self.progress.step]
+        self.metrics_path.write_text("".join(line + "\n" for line in keep))
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save(self, optimizer, scheduler) -> Path:
+        path = self.out / "checkpoints" / f"step-{self.progress.step:06d}"
+
+        def extra(tmp: Path) -> None:
+            (tmp / TRAINER_STATE).write_text(json.dumps(self.progress.__dict__))
+            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "torch_rng": torch.get_rng_state()}, tmp / OPTIMIZER_STATE)
+
+        save_model(self.model, self.tokenizer, self.config, path, extra=extra)
+        for old in list_checkpoints(self.out)[: -max(1, self.config.train.keep_checkpoints)]:
+            if old != path:
+                import shutil
+
+                shutil.rmtree(old, ignore_errors=True)
+        return path
+
+    # ------------------------------------------------------------------ the run
+
+    def run(self) -> Progress:
+        for index in range(self.progress.stage, len(self.config.stages)):
+            self._run_stage(index)
+            self.progress.stage, self.progress.stage_step = index + 1, 0
+        return self.progress
+
+    def _batches(self, index: int, stage: StageConfig, start: int):
+        dataset = MixtureBatches(
+            self.source, stage.mixture, seed=self.config.train.seed, stage=index, batch_size=stage.batch_size,
+            tokenizer=self.tokenizer, image_layout=self.model.image_layout(),
+            max_length=self.config.model.llm.max_length, images=self.images,
+        )
+        order = range(start * stage.grad_accum, stage.steps * stage.grad_accum)
+        workers = self.config.data.loader_workers
+        if workers == 0:
+            return (dataset[k] for k in order)
+        return iter(torch.utils.data.DataLoader(dataset, sampler=order, batch_size=None, num_workers=workers,
+                                                prefetch_factor=4, persistent_workers=False))
+
+    def _run_stage(self, index: int) -> None:
+        stage = self.config.stages[index]
+        self.log(f"stage {index} ({stage.name}): {stage.steps} steps, training {', '.join(stage.train)}")
+        params = apply_trainable(self.model, stage.train, key=f"stages.{index}.train", log=self.log)
+        optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay, betas=(0.9, 0.95))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(stage))
+        if self.resume_state is not None and self.progress.stage == index and self.progress.stage_step > 0:
+            optimizer.load_state_dict(self.resume_state["optimizer"])
+            scheduler.load_state_dict(self.resume_state["scheduler"])
+            torch.set_rng_state(self.resume_state["torch_rng"])
+        self.resume_state = None
+        self.model.train()
+        batches = self._batches(index, stage, self.progress.stage_step)
+        bar = tqdm(total=stage.steps, initial=self.progress.stage_step, desc=f"stage {index} {stage.name}",
+                   dynamic_ncols=True, disable=None)
+        every = self.config.train.checkpoint_every
+        while self.progress.stage_step < stage.steps:
+            started = time.perf_counter()
+            loss, tokens = self._step(stage, batches, optimizer, scheduler, params)
+            elapsed = time.perf_counter() - started
+            self.progress.stage_step += 1
+            self.progress.step += 1
+            self._log_step(index, stage, loss, tokens, elapsed, scheduler.get_last_lr()[0])
+            bar.set_postfix(loss=f"{loss:.3f}" if loss is not None else "skip", tok_s=f"{tokens / elapsed:.0f}",
+                            skipped=sum(self.progress.skipped.values()))
+            bar.update(1)
+            if every and self.progress.step % every == 0 and self.progress.stage_step < stage.steps:
+                self.save(optimizer, scheduler)
+        bar.close()
+        self.save(optimizer, scheduler)
+
+    def _step(self, stage, batches, optimizer, scheduler, params) -> tuple[float | None, int]:
+        """One optimizer step over ``grad_accum`` micro-batches; None loss = skipped (non-finite)."""
+        total, tokens, micro = 0.0, 0, 0
+        for _ in range(stage.grad_accum):
+            batch: Batch = next(batches)
+            self._count(batch)
+            if not batch.sample_ids:
+                continue
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.train.bf16):
+                out = self.model(batch.input_ids, attention_mask=batch.attention_mask,
+                                 pixel_values=batch.pixel_values, labels=batch.labels)
+            loss = out.loss / stage.grad_accum
+            if not torch.isfinite(loss):
+                optimizer.zero_grad(set_to_none=True)
+                return self._bad_step(), tokens
+            loss.backward()
+            total += float(loss)
+            tokens += batch.num_tokens
+            micro += 1
+        if micro == 0:
+            return None, tokens
+        torch.nn.utils.clip_grad_norm_(params, self.config.train.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        self.progress.bad_steps = 0
+        self.progress.tokens += tokens
+        return total * stage.grad_accum / micro, tokens
+
+    def _bad_step(self) -> None:
+        self.progress.bad_steps += 1
+        self.log(f"step {self.progress.step + 1}: non-finite loss, step skipped (no update)")
+        self.progress.skipped["nonfinite_step"] = self.progress.skipped.get("nonfinite_step", 0) + 1
+        if self.progress.bad_steps >= self.config.train.max_bad_steps:
+            raise FusionError(f"training stopped: {self.progress.bad_steps} non-finite losses in a row "
+                              f"at step {self.progress.step + 1}; lower the learning rate or check the data")
+        return None
+
+    def _count(self, batch: Batch) -> None:
+        p = self.progress
+        p.samples_seen += len(batch.sample_ids) + len(batch.skipped)
+        p.samples_trained += len(batch.sample_ids)
+        for skip in batch.skipped:
+            p.skipped[skip.reason] = p.skipped.get(skip.reason, 0) + 1
+            self.log(f"skipped {skip.detail}")
+        bad = sum(v for k, v in p.skipped.items() if k != "nonfinite_step")
+        limit = self.config.data.max_bad_fraction
+        if p.samples_seen >= 50 and bad > limit * p.samples_seen:
+            raise FusionError(f"training stopped: {bad} of {p.samples_seen} samples unusable "
+                              f"({p.skipped}), over data.max_bad_fraction={limit}")
+
+    def _log_step(self, index: int, stage: StageConfig, loss, tokens: int, elapsed: float, lr: float) -> None:
+        p = self.progress
+        row = {"step": p.step, "stage": index, "stage_name": stage.name, "stage_step": p.stage_step,
+               "loss": loss, "lr": lr, "tokens": tokens, "tokens_per_s": tokens / elapsed if elapsed else None,
+               "samples_seen": p.samples_seen, "samples_trained": p.samples_trained, "skipped": dict(p.skipped)}
+        with open(self.metrics_path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+
+def train(config: RecipeConfig, out: str | Path, *, resume: bool = False, log=print) -> Progress:
+    try:
+        trainer = Trainer(config, out, resume=resume, log=log)
+    except (OSError, KeyError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{out}: cannot resume ({exc})") from None
+    return trainer.run()

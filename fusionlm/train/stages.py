@@ -1,0 +1,63 @@
+"""What trains in a stage: declared as data (part names or parameter-name globs), applied here only."""
+
+from __future__ import annotations
+
+import fnmatch
+
+from torch import nn
+
+from ..config import TRAINABLE_GROUPS
+from ..errors import ConfigError
+
+PARTS = ("encoder", "connector", "llm", "cross_attention")
+
+
+def select_trainable(model: nn.Module, spec: list[str], *, key: str = "train") -> set[str]:
+    """Names of the parameters that ``spec`` selects.
+
+    ``spec`` items are part names (``encoder``, ``connector``, ``llm``, ``cross_attention``,
+    ``all``) or globs over parameter names (``llm.model.layers.3.*``). A name or glob that selects
+    nothing is an error: a typo must not silently freeze the whole model.
+    """
+    names = [n for n, _ in model.named_parameters()]
+    chosen: set[str] = set()
+    for item in spec:
+        if item == "all":
+            hit = set(names)
+        elif item in TRAINABLE_GROUPS:
+            hit = {n for n in names if model.part_of(n) == item}
+        else:
+            hit = {n for n in names if fnmatch.fnmatchcase(n, item)}
+        if not hit:
+            raise ConfigError(
+                f"{key}: {item!r} selects no parameter of this model "
+                f"(parts: {', '.join(TRAINABLE_GROUPS)}; or a glob over parameter names)"
+            )
+        chosen |= hit
+    return chosen
+
+
+def apply_trainable(model: nn.Module, spec: list[str], *, key: str = "train", log=print) -> list[nn.Parameter]:
+    """Freeze everything but ``spec``, print the table of counts, return the trainable parameters."""
+    chosen = select_trainable(model, spec, key=key)
+    trainable = []
+    counts: dict[str, list[int]] = {}
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in chosen)
+        row = counts.setdefault(model.part_of(name), [0, 0])
+        row[0 if name in chosen else 1] += param.numel()
+        if name in chosen:
+            trainable.append(param)
+    log(trainable_table(counts))
+    return trainable
+
+
+def trainable_table(counts: dict[str, list[int]]) -> str:
+    lines = [f"{'part':<16}{'trainable':>12}{'frozen':>12}"]
+    total = [0, 0]
+    for part, (t, f) in counts.items():
+        lines.append(f"{part:<16}{t:>12,}{f:>12,}")
+        total[0] += t
+        total[1] += f
+    lines.append(f"{'total':<16}{total[0]:>12,}{total[1]:>12,}")
+    return "\n".join(lines)
