@@ -58,6 +58,7 @@ class LLMConfig:
     max_length: int = 256  # context length: longer samples are dropped, never cut mid-image
     vocab_size: int | None = None  # filled in from the tokenizer when the model is built
     tie_embeddings: bool = True
+    init_std: float = 0.02  # std of the random init (transformers' initializer_range)
 
 
 @dataclass
@@ -230,8 +231,10 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         last = parts[-1]
         if isinstance(node, list):
             node[_list_index(node, last, dotted)] = _parse_value(raw)
-        else:
+        elif isinstance(node, dict):
             node[last] = _parse_value(raw)
+        else:
+            raise ConfigError(f"{'.'.join(parts[:-1])}: cannot set a key inside a {type(node).__name__}")
     return data
 
 

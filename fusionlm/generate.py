@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from .data.batches import ImageSpec
-from .data.chat import encode
+from .data.chat import SkipSample, encode
 from .data.sample import IMAGE_TOKEN, Sample
 from .errors import SampleError
 from .model import FusionLM
@@ -72,7 +72,10 @@ def generate(model: FusionLM, tokenizer, requests: list[Request], images: ImageS
     layout = model.image_layout()
     rows, pixels = [], []
     for req in requests:
-        enc = encode(req.sample(), tokenizer, layout, max_length=max_length, add_generation_prompt=True)
+        try:
+            enc = encode(req.sample(), tokenizer, layout, max_length=max_length, add_generation_prompt=True)
+        except SkipSample as exc:  # too long: a request is refused, never silently dropped
+            raise SampleError(str(exc)) from None
         rows.append(enc.input_ids)
         pixels.extend(images.pixels(img) for img in req.images)
     ids, mask = left_pad(rows, tokenizer.pad_token_id)  # (B, T)
@@ -83,6 +86,7 @@ def generate(model: FusionLM, tokenizer, requests: list[Request], images: ImageS
     ctx = model.encode_images(pixel_values, ids) if pixel_values is not None else None
     generator = torch.Generator().manual_seed(seed) if temperature > 0 else None
     end = model.ids.end
+    never = torch.tensor(sorted({model.ids.image, model.ids.newline}))
     done = torch.zeros(len(rows), dtype=torch.bool)
     out: list[list[int]] = [[] for _ in rows]
     seq, past = ids, None
@@ -96,7 +100,9 @@ def generate(model: FusionLM, tokenizer, requests: list[Request], images: ImageS
             past = result.past_key_values
         else:
             result = model(seq, attention_mask=mask, position_ids=position_ids, images=ctx)
-        token = next_tokens(result.logits[:, -1], temperature, top_p, generator)  # (B,)
+        # An image token has no image behind it: generating one would break the next step.
+        logits = result.logits[:, -1].index_fill(-1, never, float("-inf"))  # (B, V)
+        token = next_tokens(logits, temperature, top_p, generator)  # (B,)
         token = torch.where(done, torch.full_like(token, tokenizer.pad_token_id), token)
         for i in range(len(rows)):
             if not done[i]:

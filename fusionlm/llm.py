@@ -28,6 +28,7 @@ def build_llm(config: LLMConfig, *, pad_token_id: int) -> PreTrainedModel:
         num_attention_heads=config.num_heads, num_key_value_heads=config.num_kv_heads,
         max_position_embeddings=config.max_length, tie_word_embeddings=config.tie_embeddings,
         pad_token_id=pad_token_id, bos_token_id=None, eos_token_id=None,
+        initializer_range=config.init_std,
     )
     return AutoModelForCausalLM.from_config(hf_config)
 

@@ -11,6 +11,7 @@ from torch import nn
 from .config import ModelConfig
 from .connectors import build_connector
 from .encoders import build_encoder
+from .errors import SampleError
 from .fusion import CrossInputs, GatedCrossAttentionBlock, image_memory, scatter_image_features
 from .llm import build_llm, decoder_layers
 
@@ -139,9 +140,12 @@ class FusionLM(nn.Module):
         if images is None and pixel_values is not None and pixel_values.shape[0] > 0:
             images = self.encode_images(pixel_values, input_ids)
         embeds = self.llm.get_input_embeddings()(input_ids)  # (B, T, D)
+        image_mask = input_ids == self.ids.image  # (B, T)
+        if images is None and image_mask.any():
+            # Else the image tokens would silently run as plain text tokens.
+            raise SampleError(f"the batch has {int(image_mask.sum())} image-token positions but no images")
         extra = {}
         if images is not None and images.features is not None:
-            image_mask = input_ids == self.ids.image
             if image_mask.any():
                 embeds = scatter_image_features(embeds, image_mask, images.features)
         if images is not None and images.cross is not None:

@@ -24,8 +24,8 @@ def normalize_table(text: str) -> str:
     rows = []
     for line in text.strip().splitlines():
         cells = [" ".join(c.split()).lower() for c in line.strip().strip("|").split("|")]
-        if all(set(c) <= set("-: ") for c in cells):
-            cells = ["---"] * len(cells)  # alignment rows differ only in dashes
+        if all("-" in c and set(c) <= set("-: ") for c in cells):
+            cells = ["---"] * len(cells)  # alignment rows differ only in dashes (a row of empty cells is not one)
         rows.append("|".join(cells))
     return "\n".join(rows)
 

@@ -18,9 +18,9 @@ from ..config import RecipeConfig, StageConfig, save_config
 from ..data.batches import Batch, ImageSpec, MixtureBatches
 from ..data.sources import build_source, image_root
 from ..data.tokenizer import load_tokenizer, train_tokenizer
-from ..errors import CheckpointError, FusionError
+from ..errors import CheckpointError, ConfigError, FusionError
 from ..model import FusionLM
-from .stages import apply_trainable
+from .stages import apply_trainable, select_trainable
 
 TRAINER_STATE, OPTIMIZER_STATE = "trainer.json", "optimizer.pt"
 
@@ -85,6 +85,7 @@ class Trainer:
         torch.manual_seed(config.train.seed)
         random.seed(config.train.seed)
         self.model = build_model(config, self.tokenizer)
+        self._check_stages()
         self.resume_state = None
         if ckpt is not None:
             load_weights(self.model, ckpt / WEIGHTS)
@@ -95,6 +96,16 @@ class Trainer:
         self.images = image_spec(self.model, config, self.source)
         self.metrics_path = self.out / "metrics.jsonl"
         self._trim_metrics()
+
+    def _check_stages(self) -> None:
+        """Every stage's parts and tasks, checked before step 0: a typo in the last stage must not
+        surface only after the earlier stages have trained."""
+        known = self.source.tasks()
+        for i, stage in enumerate(self.config.stages):
+            select_trainable(self.model, stage.train, key=f"stages.{i}.train")
+            unknown = [t for t in stage.mixture if t not in known]
+            if unknown:
+                raise ConfigError(f"stages.{i}.mixture: unknown task {unknown[0]!r} (this data has: {', '.join(known)})")
 
     def _tokenizer(self, ckpt: Path | None):
         tcfg = self.config.model.tokenizer
@@ -200,7 +211,7 @@ class Trainer:
                 optimizer.zero_grad(set_to_none=True)
                 return self._bad_step(), tokens
             loss.backward()
-            total += float(loss)
+            total += float(loss.detach())
             tokens += batch.num_tokens
             micro += 1
         if micro == 0:

@@ -1,0 +1,300 @@
+"""The `fusionlm` command end to end on a tiny trained model: data, generate, eval, demo, and
+one-line errors for bad inputs."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, features
+
+from fusionlm.cli import main
+from fusionlm.data.formats import read_llava_json
+from fusionlm.data.sample import TASKS
+from fusionlm.evaluate.harness import EVAL_TASKS
+from tests.helpers_train import TINY_OVERRIDES, stage, tiny_dict, write_recipe
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A tiny model trained for 6 steps on colour and shape questions."""
+    root = tmp_path_factory.mktemp("cli")
+    recipe = write_recipe(root / "tiny.yaml", tiny_dict(stages=[stage("s", steps=6)]))
+    assert main(["train", str(recipe), "--out", str(root / "run")]) == 0
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("img") / "shape.png"
+    img = Image.new("RGB", (32, 32), "white")
+    img.paste((220, 30, 30), (8, 8, 24, 24))
+    img.save(path)
+    return path
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def test_data_writes_pngs_and_a_readable_json(tmp_path, capsys):
+    rc, out, _ = run_cli(capsys, "data", "--out", tmp_path / "d", "--n", "2", "--image-size", "32")
+    assert rc == 0 and "data.json" in out
+    samples = read_llava_json(tmp_path / "d" / "data.json")
+    assert len(samples) == 2 * len(TASKS)
+    assert {s.task for s in samples} == set(TASKS)
+    images = [p for s in samples for p in s.images]
+    assert images and all(Path(p).is_file() and Path(p).suffix == ".png" for p in images)
+    assert len(set(images)) == len(images)
+    with Image.open(images[0]) as im:
+        assert im.size == (32, 32)
+    assert sorted(Path(p).name for p in images) == sorted(p.name for p in (tmp_path / "d" / "images").iterdir())
+
+
+def test_data_tasks_and_split(tmp_path, capsys):
+    rc, _, _ = run_cli(capsys, "data", "--out", tmp_path, "--n", "1", "--tasks", "color", "--split", "val",
+                       "--image-size", "32")
+    assert rc == 0
+    (sample,) = read_llava_json(tmp_path / "data.json")
+    assert sample.task == "color" and sample.id.startswith("val/")
+
+
+# ----------------------------------------------------------------------------- generate
+
+
+def test_generate_from_a_run_and_from_a_checkpoint(run_dir, image, capsys):
+    rc, out, err = run_cli(capsys, "generate", "--checkpoint", run_dir, "--image", image,
+                           "--prompt", "What colour is the shape?", "--max-new-tokens", "8")
+    assert rc == 0, err
+    assert out.endswith("\n") and err == ""
+    (ckpt,) = (run_dir / "checkpoints").glob("step-*")
+    rc2, out2, err2 = run_cli(capsys, "generate", "--checkpoint", ckpt, "--image", image,
+                              "--prompt", "What colour is the shape?", "--max-new-tokens", "8")
+    assert rc2 == 0, err2
+    assert out2 == out  # greedy: the same checkpoint gives the same answer
+
+
+def test_generate_with_the_marker_in_the_prompt(run_dir, image, capsys):
+    rc, out, err = run_cli(capsys, "generate", "--checkpoint", run_dir, "--image", image, "--image", image,
+                           "--prompt", "<image> and <image>: same colour?", "--max-new-tokens", "4")
+    assert rc == 0 and out.endswith("\n"), err
+
+
+# ----------------------------------------------------------------------------- eval
+
+
+def test_eval_writes_scores_per_task_and_a_table(run_dir, tmp_path, capsys):
+    out_json = tmp_path / "scores.json"
+    rc, out, err = run_cli(capsys, "eval", "--checkpoint", run_dir, "--per-task", "2", "--out", out_json)
+    assert rc == 0, err
+    data = json.loads(out_json.read_text())
+    assert set(data["scores"]) == set(EVAL_TASKS)
+    assert all(0.0 <= v <= 1.0 or k == "caption" for k, v in data["scores"].items())
+    assert data["n"] == {t: 2 for t in EVAL_TASKS}
+    assert all(len(data["examples"][t]) == 2 for t in EVAL_TASKS)
+    assert data["metrics"]["caption"] == "cider" and data["metrics"]["table"] == "table_exact_match"
+    table = out_json.with_suffix(".md").read_text()
+    assert table.startswith("| task | metric | score | n |")
+    assert all(f"| {t} |" in table for t in EVAL_TASKS)
+    assert "| color | exact_match |" in out
+
+
+def test_eval_on_a_llava_json(run_dir, tmp_path, capsys):
+    assert run_cli(capsys, "data", "--out", tmp_path / "d", "--n", "2", "--tasks", "color", "--split", "test",
+                   "--image-size", "32")[0] == 0
+    out_json = tmp_path / "s.json"
+    rc, _, err = run_cli(capsys, "eval", "--checkpoint", run_dir, "--data", tmp_path / "d" / "data.json",
+                         "--per-task", "2", "--out", out_json)
+    assert rc == 0, err
+    assert list(json.loads(out_json.read_text())["scores"]) == ["color"]
+
+
+# ----------------------------------------------------------------------------- bad inputs to generate
+
+
+def _bomb_png(path: Path, width: int = 30000, height: int = 30000) -> Path:
+    """A 1x1 PNG whose header claims width x height, CRC fixed so only the size is wrong."""
+    buf = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    assert data[12:16] == b"IHDR"
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    path.write_bytes(bytes(data))
+    return path
+
+
+def _truncated_png(path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+BAD_IMAGES = {
+    "missing.png": (lambda p: p, "file not found"),
+    "empty.png": (lambda p: (p.write_bytes(b""), p)[1], "empty"),
+    "truncated.png": (_truncated_png, "truncated"),
+    "page.jpg": (lambda p: (p.write_text("<html><body>404</body></html>"), p)[1], "not a recognised image"),
+    "bomb.png": (_bomb_png, "900000000 pixels"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_IMAGES))
+def test_generate_bad_image_is_one_line(run_dir, tmp_path, capsys, name):
+    make, reason = BAD_IMAGES[name]
+    path = make(tmp_path / name)
+    rc, out, err = run_cli(capsys, "generate", "--checkpoint", run_dir, "--image", path, "--prompt", "What colour?")
+    assert rc == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert str(path) in lines[0] and reason in lines[0], lines[0]
+
+
+def test_generate_bomb_refused_from_the_header_under_a_low_limit(run_dir, tmp_path, capsys, monkeypatch):
+    """A 100x100 header is under Pillow's own cap: only data.max_image_pixels refuses it."""
+    import fusionlm.cli as cli
+
+    original = cli._load
+
+    def low_limit(checkpoint):
+        model, tok, config, spec = original(checkpoint)
+        spec.max_pixels = 5000
+        return model, tok, config, spec
+
+    monkeypatch.setattr(cli, "_load", low_limit)
+    path = _bomb_png(tmp_path / "b.png", 100, 100)
+    rc, _, err = run_cli(capsys, "generate", "--checkpoint", run_dir, "--image", path, "--prompt", "x")
+    assert rc == 2 and "10000 pixels, over the limit of 5000" in err
+
+
+@pytest.mark.parametrize("prompt, images, match", [
+    ("<image> <image> compare", 1, "2 <image> placeholder(s) in the text but 1 image"),
+    ("<image> what colour?", 0, "1 <image> placeholder(s) in the text but 0 image"),
+    (" ".join(["word"] * 5000), 0, "over the context of 128"),
+])
+def test_generate_bad_prompt_is_one_line(run_dir, image, capsys, prompt, images, match):
+    argv = ["generate", "--checkpoint", run_dir, "--prompt", prompt]
+    for _ in range(images):
+        argv += ["--image", image]
+    rc, out, err = run_cli(capsys, *argv)
+    assert rc == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and match in err, err
+
+
+def test_generate_missing_checkpoint_is_one_line(tmp_path, image, capsys):
+    missing = tmp_path / "no-such-run"
+    rc, _, err = run_cli(capsys, "generate", "--checkpoint", missing, "--image", image, "--prompt", "x")
+    assert rc == 2 and len(err.strip().splitlines()) == 1
+    assert str(missing) in err and "no complete checkpoint" in err
+
+
+def test_generate_subprocess_no_traceback(run_dir, tmp_path):
+    path = _truncated_png(tmp_path / "cut.png")
+    exe = Path(sys.executable).with_name("fusionlm")
+    proc = subprocess.run([str(exe), "generate", "--checkpoint", str(run_dir), "--image", str(path),
+                           "--prompt", "What colour is the shape?"],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(path) in lines[0], proc.stderr
+
+
+# ----------------------------------------------------------------------------- odd but valid images
+
+
+def _rgb(size=(20, 20)) -> Image.Image:
+    img = Image.new("RGB", size, "white")
+    img.paste((30, 70, 220), (0, 0, max(1, size[0] // 2), max(1, size[1] // 2)))
+    return img
+
+
+def _palette_transparent(p: Path) -> None:
+    img = Image.new("P", (20, 20), 0)
+    img.putpalette([0, 0, 0, 220, 30, 30] + [0] * 762)
+    img.paste(1, (5, 5, 15, 15))
+    img.save(p, transparency=0)
+
+
+def _sixteen_bit(p: Path) -> None:
+    arr = np.linspace(0, 65535, 20 * 20).astype(np.uint16).reshape(20, 20)
+    Image.fromarray(arr).save(p)
+    with Image.open(p) as im:
+        assert im.mode.startswith("I")
+
+
+def _exif_jpeg(p: Path) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    _rgb((24, 12)).save(p, "JPEG", exif=exif.tobytes())
+
+
+def _gif(p: Path) -> None:
+    frames = [Image.new("P", (16, 16), i) for i in range(3)]
+    frames[0].save(p, save_all=True, append_images=frames[1:], duration=50, loop=0)
+
+
+ODD_IMAGES = {
+    "rgba.png": lambda p: Image.new("RGBA", (20, 20), (255, 0, 0, 100)).save(p),
+    "la.png": lambda p: Image.new("LA", (20, 20), (80, 128)).save(p),
+    "palette_transparency.png": _palette_transparent,
+    "one_bit.png": lambda p: Image.new("1", (20, 20), 1).save(p),
+    "cmyk.jpg": lambda p: Image.new("CMYK", (20, 20), (0, 200, 200, 0)).save(p, "JPEG"),
+    "sixteen_bit.png": _sixteen_bit,
+    "exif_rotated.jpg": _exif_jpeg,
+    "animated.gif": _gif,
+    "picture.webp": lambda p: _rgb().save(p, "WEBP"),
+    "one_pixel.png": lambda p: _rgb((1, 1)).save(p),
+    "thin_1x500.png": lambda p: _rgb((1, 500)).save(p),
+    "wide_2000x20.png": lambda p: _rgb((2000, 20)).save(p),
+}
+
+
+@pytest.mark.parametrize("name", list(ODD_IMAGES))
+def test_generate_answers_for_odd_valid_images(run_dir, tmp_path, capsys, name):
+    if name.endswith(".webp") and not features.check("webp"):
+        pytest.skip("Pillow built without WebP")
+    path = tmp_path / name
+    ODD_IMAGES[name](path)
+    rc, out, err = run_cli(capsys, "generate", "--checkpoint", run_dir, "--image", path,
+                           "--prompt", "What colour is the shape?", "--max-new-tokens", "3")
+    assert rc == 0, err
+    assert err == "" and out.endswith("\n")
+
+
+# ----------------------------------------------------------------------------- demo
+
+
+def test_demo_end_to_end_on_a_tiny_budget(tmp_path, capsys):
+    sets = TINY_OVERRIDES + ["stages.0.steps=3", "stages.0.warmup_steps=1", "stages.0.batch_size=4",
+                             "train.eval_per_task=2", "train.checkpoint_every=0"]
+    argv = ["demo", "--out", tmp_path / "demo"]
+    for s in sets:
+        argv += ["--set", s]
+    rc, out, err = run_cli(capsys, *argv)
+    assert rc == 0, err
+    report = json.loads((tmp_path / "demo" / "report.json").read_text())
+    assert set(report["scores"]) == set(EVAL_TASKS) and len(EVAL_TASKS) == 9
+    assert report["wall_seconds"] > 0 and report["steps"] == 3
+    assert report["n"] == {t: 2 for t in EVAL_TASKS}
+    md = (tmp_path / "demo" / "report.md").read_text()
+    assert all(f"| {t} |" in md for t in EVAL_TASKS)
+    assert (tmp_path / "demo" / "example.png").is_file()
+    assert (tmp_path / "demo" / "run" / "checkpoints" / "step-000003" / "model.safetensors").is_file()
+    assert "report:" in out
