@@ -121,10 +121,12 @@ class StageConfig:
     """One training stage: what trains, on which mixture, for how long."""
 
     name: str = "stage"
+    objective: str = "lm"  # lm (next-token loss on targets) | contrastive (image-text alignment)
     train: list[str] = field(default_factory=lambda: ["connector"])
     mixture: dict[str, float] = field(default_factory=lambda: {"caption": 1.0})
     steps: int = 100
     lr: float = 1e-3
+    lr_scale: dict[str, float] = field(default_factory=dict)  # per part, e.g. {encoder: 0.1}
     warmup_steps: int = 10
     min_lr_ratio: float = 0.1
     batch_size: int = 16
@@ -334,6 +336,11 @@ def validate(config: RecipeConfig) -> RecipeConfig:
             raise ConfigError(f"stages.{i}: steps must be >= 0, batch_size and grad_accum >= 1")
         if not stage.mixture or any(w < 0 for w in stage.mixture.values()) or sum(stage.mixture.values()) <= 0:
             raise ConfigError(f"stages.{i}.mixture: needs at least one positive weight")
+        bad = [p for p in stage.lr_scale if p not in TRAINABLE_GROUPS[:-1]]
+        if bad:
+            raise ConfigError(f"stages.{i}.lr_scale: unknown part {bad[0]!r} (parts: {', '.join(TRAINABLE_GROUPS[:-1])})")
+        if stage.objective not in ("lm", "contrastive"):
+            raise ConfigError(f"stages.{i}.objective: unknown objective {stage.objective!r} (known: lm, contrastive)")
         if not stage.train:
             raise ConfigError(f"stages.{i}.train: name at least one part ({', '.join(TRAINABLE_GROUPS)}) or a glob")
     return config

@@ -48,11 +48,13 @@ class _HFVisionTower(ImageEncoder):
         side = vision.image_size // vision.patch_size
         self.grid = (side, side)
 
+    extra_config: dict = {}
+
     def _tiny_config(self, c: EncoderConfig):
         return self.config_cls(
             image_size=c.image_size, patch_size=c.patch_size, hidden_size=c.hidden_size,
             num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
-            intermediate_size=c.intermediate_size,
+            intermediate_size=c.intermediate_size, **self.extra_config,
         )
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -66,6 +68,9 @@ class _HFVisionTower(ImageEncoder):
 @ENCODERS.register("siglip")
 class SiglipEncoder(_HFVisionTower):
     from transformers import SiglipVisionConfig as config_cls, SiglipVisionModel as model_cls
+
+    # A fresh tower has no use for the attention-pooling head: features are taken per patch.
+    extra_config = {"vision_use_head": False}
 
 
 @ENCODERS.register("clip")

@@ -282,8 +282,9 @@ def test_generate_answers_for_odd_valid_images(run_dir, tmp_path, capsys, name):
 
 
 def test_demo_end_to_end_on_a_tiny_budget(tmp_path, capsys):
-    sets = TINY_OVERRIDES + ["stages.0.steps=3", "stages.0.warmup_steps=1", "stages.0.batch_size=4",
-                             "train.eval_per_task=2", "train.checkpoint_every=0"]
+    sets = TINY_OVERRIDES + ["train.eval_per_task=2", "train.checkpoint_every=0", "model.encoder.patch_size=4"]
+    for i in range(3):  # the demo recipe has three stages: one step each
+        sets += [f"stages.{i}.steps=1", f"stages.{i}.warmup_steps=1", f"stages.{i}.batch_size=4"]
     argv = ["demo", "--out", tmp_path / "demo"]
     for s in sets:
         argv += ["--set", s]

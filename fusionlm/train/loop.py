@@ -20,7 +20,8 @@ from ..data.sources import build_source, image_root
 from ..data.tokenizer import load_tokenizer, train_tokenizer
 from ..errors import CheckpointError, ConfigError, FusionError
 from ..model import FusionLM
-from .stages import apply_trainable, select_trainable
+from .objectives import loss_for
+from .stages import apply_trainable, param_groups, select_trainable
 
 TRAINER_STATE, OPTIMIZER_STATE = "trainer.json", "optimizer.pt"
 
@@ -168,7 +169,8 @@ class Trainer:
         stage = self.config.stages[index]
         self.log(f"stage {index} ({stage.name}): {stage.steps} steps, training {', '.join(stage.train)}")
         params = apply_trainable(self.model, stage.train, key=f"stages.{index}.train", log=self.log)
-        optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay, betas=(0.9, 0.95))
+        groups = param_groups(self.model, params, stage.lr, stage.lr_scale)
+        optimizer = torch.optim.AdamW(groups, lr=stage.lr, weight_decay=stage.weight_decay, betas=(0.9, 0.95))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(stage))
         if self.resume_state is not None and self.progress.stage == index and self.progress.stage_step > 0:
             optimizer.load_state_dict(self.resume_state["optimizer"])
@@ -204,9 +206,7 @@ class Trainer:
             if not batch.sample_ids:
                 continue
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.train.bf16):
-                out = self.model(batch.input_ids, attention_mask=batch.attention_mask,
-                                 pixel_values=batch.pixel_values, labels=batch.labels)
-            loss = out.loss / stage.grad_accum
+                loss = loss_for(stage.objective)(self.model, batch) / stage.grad_accum
             if not torch.isfinite(loss):
                 optimizer.zero_grad(set_to_none=True)
                 return self._bad_step(), tokens

@@ -52,6 +52,15 @@ def apply_trainable(model: nn.Module, spec: list[str], *, key: str = "train", lo
     return trainable
 
 
+def param_groups(model: nn.Module, params: list[nn.Parameter], lr: float, scale: dict[str, float]) -> list[dict]:
+    """Optimizer groups: one per part, each at ``lr`` times that part's scale (default 1)."""
+    part_of = {id(p): model.part_of(n) for n, p in model.named_parameters()}
+    groups: dict[str, list[nn.Parameter]] = {}
+    for p in params:
+        groups.setdefault(part_of[id(p)], []).append(p)
+    return [{"params": ps, "lr": lr * scale.get(part, 1.0), "part": part} for part, ps in groups.items()]
+
+
 def trainable_table(counts: dict[str, list[int]]) -> str:
     lines = [f"{'part':<16}{'trainable':>12}{'frozen':>12}"]
     total = [0, 0]
