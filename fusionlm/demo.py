@@ -40,6 +40,10 @@ def run_demo(out: str | Path, overrides: list[str] | None = None, *, recipe: str
              "train_tokens_per_s": round(tok_s, 1), "steps": len(metrics),
              "final_loss": metrics[-1]["loss"] if metrics else None}
     write_results(results, out / "report.json", extra=extra)
+    with open(out / "report.md", "a") as fh:
+        fh.write(f"\nRecipe `{recipe}` ({config.model.fusion.kind}), {extra['steps']} optimizer steps; "
+                 f"wall time {wall:.0f} s (training {trained:.0f} s, {tok_s:.0f} tokens/s); test split, "
+                 f"{config.train.eval_per_task} samples per task. Reproduce: `fusionlm demo --out {out}`.\n")
 
     print()
     print(markdown_table(results))

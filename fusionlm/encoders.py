@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
 
 from .config import EncoderConfig
 from .registry import Registry
@@ -36,6 +37,7 @@ class _HFVisionTower(ImageEncoder):
 
     model_cls: type
     config_cls: type
+    extra_config: dict = {}  # config fields a fresh (random) tower of this kind sets
 
     def __init__(self, config: EncoderConfig):
         super().__init__(config)
@@ -47,8 +49,6 @@ class _HFVisionTower(ImageEncoder):
         self.out_dim = vision.hidden_size
         side = vision.image_size // vision.patch_size
         self.grid = (side, side)
-
-    extra_config: dict = {}
 
     def _tiny_config(self, c: EncoderConfig):
         return self.config_cls(
@@ -67,7 +67,7 @@ class _HFVisionTower(ImageEncoder):
 
 @ENCODERS.register("siglip")
 class SiglipEncoder(_HFVisionTower):
-    from transformers import SiglipVisionConfig as config_cls, SiglipVisionModel as model_cls
+    config_cls, model_cls = SiglipVisionConfig, SiglipVisionModel
 
     # A fresh tower has no use for the attention-pooling head: features are taken per patch.
     extra_config = {"vision_use_head": False}
@@ -75,7 +75,7 @@ class SiglipEncoder(_HFVisionTower):
 
 @ENCODERS.register("clip")
 class ClipEncoder(_HFVisionTower):
-    from transformers import CLIPVisionConfig as config_cls, CLIPVisionModel as model_cls
+    config_cls, model_cls = CLIPVisionConfig, CLIPVisionModel
 
     has_cls = True
     mean = (0.48145466, 0.4578275, 0.40821073)

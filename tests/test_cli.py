@@ -3,13 +3,10 @@ one-line errors for bad inputs."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import struct
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +17,7 @@ from fusionlm.cli import main
 from fusionlm.data.formats import read_llava_json
 from fusionlm.data.sample import TASKS
 from fusionlm.evaluate.harness import EVAL_TASKS
+from tests.test_images import png_with_size
 from tests.helpers_train import TINY_OVERRIDES, stage, tiny_dict, write_recipe
 
 
@@ -127,14 +125,7 @@ def test_eval_on_a_llava_json(run_dir, tmp_path, capsys):
 
 def _bomb_png(path: Path, width: int = 30000, height: int = 30000) -> Path:
     """A 1x1 PNG whose header claims width x height, CRC fixed so only the size is wrong."""
-    buf = io.BytesIO()
-    Image.new("RGB", (1, 1)).save(buf, "PNG")
-    data = bytearray(buf.getvalue())
-    assert data[12:16] == b"IHDR"
-    data[16:24] = struct.pack(">II", width, height)
-    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
-    path.write_bytes(bytes(data))
-    return path
+    return png_with_size(path, width, height)
 
 
 def _truncated_png(path: Path) -> Path:

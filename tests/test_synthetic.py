@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fusionlm.data import synthetic
+from fusionlm.data import render
 from fusionlm.data.formats import read_llava_json, write_llava_json
 from fusionlm.data.sample import IMAGE_TOKEN, TASKS
 from fusionlm.data.synthetic import COLORS, SHAPES, SPLITS, WORDS, World, table_markdown
@@ -109,7 +109,7 @@ def test_image_bytes_never_shared_between_splits(world):
 def test_color_answer_is_the_colour_at_the_shape_centre(world):
     for i in range(40):
         spec = world.spec("color", "test", i)
-        img = synthetic.render_image(spec.image_keys[0])
+        img = render.render_image(spec.image_keys[0])
         assert img.getpixel(spec.meta["center"]) == COLORS[spec.answers[0]]
 
 
@@ -119,7 +119,7 @@ def test_shape_answer_matches_the_pixels():
     for i in range(30):
         spec = world.spec("shape", "train", i)
         (shape, _, cx, cy, d), = spec.image_keys[0][3]
-        img, r = np.asarray(synthetic.render_image(spec.image_keys[0])), d / 2
+        img, r = np.asarray(render.render_image(spec.image_keys[0])), d / 2
         width = (img[round(cy - 0.75 * r)].sum(axis=1) < 600).sum() / r  # 1.76 / 1.32 / 0.25
         measured = "square" if width > 1.55 else "circle" if width > 0.8 else "triangle"
         assert spec.answers == [shape] == [measured], (i, width)
@@ -132,7 +132,7 @@ def test_count_answer_is_the_number_of_visible_shapes(world):
         elems = spec.image_keys[0][3]
         assert spec.answers == [str(len(elems))]
         counts.add(len(elems))
-        img = synthetic.render_image(spec.image_keys[0])
+        img = render.render_image(spec.image_keys[0])
         for shape, color, cx, cy, d in elems:  # every shape drawn, none covered
             assert img.getpixel((cx, cy)) == COLORS[color]
             assert d >= 0.12 * S
@@ -162,7 +162,7 @@ def test_chart_answers_match_the_bars(world):
     for i in range(40):
         spec = world.spec("chart", "test", i)
         _, w, h, color, values = spec.image_keys[0]
-        img = np.asarray(synthetic.render_image(spec.image_keys[0]))
+        img = np.asarray(render.render_image(spec.image_keys[0]))
         tops = []
         for b in range(3):  # measured: first row of the bar's colour in its centre column
             column = img[:, int((b + 0.5) * w / 3)]
@@ -201,14 +201,14 @@ def test_price_text_table_and_caption_answers(world):
 def test_text_images_are_drawn_with_or_without_freetype(world, monkeypatch):
     spec = world.spec("text", "train", 0)
     dark = lambda img: (np.asarray(img).sum(axis=2) < 300).sum()  # noqa: E731
-    assert dark(synthetic.render_image(spec.image_keys[0])) > 20
-    monkeypatch.setattr(synthetic, "_font", lambda size: None)
-    synthetic._text_width.cache_clear(), synthetic._fit_size.cache_clear()
+    assert dark(render.render_image(spec.image_keys[0])) > 20
+    monkeypatch.setattr(render, "_font", lambda size: None)
+    render.text_width.cache_clear(), render.fit_size.cache_clear()
     try:
-        assert dark(synthetic.render_image(spec.image_keys[0])) > 20
+        assert dark(render.render_image(spec.image_keys[0])) > 20
         assert world.sample("price", "train", 0).images[0].getbbox() is not None
     finally:
-        synthetic._text_width.cache_clear(), synthetic._fit_size.cache_clear()
+        render.text_width.cache_clear(), render.fit_size.cache_clear()
 
 
 # --- corpus -----------------------------------------------------------------------------------
