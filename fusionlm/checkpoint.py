@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from .config import RecipeConfig, load_config, save_config
 from .data.sample import IMAGE_TOKEN
 from .data.tokenizer import END, IMAGE_NEWLINE, PAD, load_tokenizer
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 from .model import FusionLM, SpecialIds
 
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.yaml", "tokenizer"
@@ -27,8 +27,11 @@ STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 def build_model(config: RecipeConfig, tokenizer) -> FusionLM:
-    """A model for ``config``; the LLM's vocabulary is sized from ``tokenizer``."""
-    config.model.llm.vocab_size = len(tokenizer)
+    """A model for ``config``; the LLM's vocabulary is sized from ``tokenizer`` (recorded in the config)."""
+    llm = config.model.llm
+    if llm.vocab_size is not None and llm.vocab_size != len(tokenizer) and not llm.hf:
+        raise ConfigError(f"model.llm.vocab_size: {llm.vocab_size}, but the tokenizer has {len(tokenizer)} tokens")
+    llm.vocab_size = len(tokenizer)
     ids = SpecialIds(
         image=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), newline=tokenizer.convert_tokens_to_ids(IMAGE_NEWLINE),
         pad=tokenizer.convert_tokens_to_ids(PAD), end=tokenizer.convert_tokens_to_ids(END),

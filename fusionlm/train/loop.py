@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,8 +140,6 @@ class Trainer:
         save_model(self.model, self.tokenizer, self.config, path, extra=extra)
         for old in list_checkpoints(self.out)[: -max(1, self.config.train.keep_checkpoints)]:
             if old != path:
-                import shutil
-
                 shutil.rmtree(old, ignore_errors=True)
         return path
 
