@@ -98,23 +98,31 @@ class GatedCrossAttentionBlock(nn.Module):
 
 @dataclass
 class CrossInputs:
-    """What Method B's blocks need for one forward call, passed explicitly through ``forward``.
+    """What Method B's blocks need, computed once per request.
 
     Attributes:
         kv: per block (keyed by decoder-layer index) the projected image keys/values.
         slot_marker: (B, S) sequence index of the marker of the image each memory slot belongs
             to (``NO_IMAGE`` for padding slots); a text position sees a slot iff its own index is
             at or after that marker (Flamingo's per-image causal masking).
-        query_start: sequence index of the first position of this call (cache length).
     """
 
     kv: dict[int, tuple[torch.Tensor, torch.Tensor]]
     slot_marker: torch.Tensor
-    query_start: int = 0
 
-    def visible(self, num_queries: int) -> torch.Tensor:
-        q_index = torch.arange(num_queries, device=self.slot_marker.device) + self.query_start  # (T,)
-        return self.slot_marker[:, None, :] <= q_index[None, :, None]  # (B, T, S)
+    def for_call(self, num_queries: int, query_start: int = 0) -> "CrossCall":
+        """The inputs of one forward call over positions ``query_start … query_start+num_queries-1``."""
+        q_index = torch.arange(num_queries, device=self.slot_marker.device) + query_start  # (T,)
+        visible = self.slot_marker[:, None, :] <= q_index[None, :, None]  # (B, T, S)
+        return CrossCall(self.kv, visible)
+
+
+@dataclass
+class CrossCall:
+    """Handed to every block in one forward call: keys/values and the (B, T, S) visibility mask."""
+
+    kv: dict[int, tuple[torch.Tensor, torch.Tensor]]
+    visible: torch.Tensor
 
 
 def image_memory(features: torch.Tensor, marker_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

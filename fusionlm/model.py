@@ -12,7 +12,7 @@ from .config import ModelConfig
 from .connectors import build_connector
 from .encoders import build_encoder
 from .errors import SampleError
-from .fusion import CrossInputs, GatedCrossAttentionBlock, image_memory, scatter_image_features
+from .fusion import CrossCall, CrossInputs, GatedCrossAttentionBlock, image_memory, scatter_image_features
 from .llm import build_llm, decoder_layers
 
 
@@ -77,16 +77,15 @@ class FusionLM(nn.Module):
 
     def _cross_hook(self, index: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict):
-            cross: CrossInputs | None = kwargs.pop("cross_inputs", None)
+            cross: CrossCall | None = kwargs.pop("cross_inputs", None)
             block = self.cross_blocks[str(index)] if str(index) in self.cross_blocks else None
             if cross is None or block is None:
                 return args, kwargs
             if args:
                 hidden = args[0]
-                hidden = block(hidden, cross.kv[index], cross.visible(hidden.shape[1]))
+                hidden = block(hidden, cross.kv[index], cross.visible)
                 return (hidden, *args[1:]), kwargs
-            kwargs["hidden_states"] = block(kwargs["hidden_states"], cross.kv[index],
-                                            cross.visible(kwargs["hidden_states"].shape[1]))
+            kwargs["hidden_states"] = block(kwargs["hidden_states"], cross.kv[index], cross.visible)
             return args, kwargs
 
         return hook
@@ -149,8 +148,7 @@ class FusionLM(nn.Module):
             if image_mask.any():
                 embeds = scatter_image_features(embeds, image_mask, images.features)
         if images is not None and images.cross is not None:
-            cross = images.cross
-            extra["cross_inputs"] = CrossInputs(cross.kv, cross.slot_marker, query_start)
+            extra["cross_inputs"] = images.cross.for_call(input_ids.shape[1], query_start)
         out = self.llm(
             inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, use_cache=use_cache, **extra,

@@ -324,6 +324,17 @@ def test_one_non_finite_loss_skips_that_step_only(tmp_path, monkeypatch, value):
     assert not same_tensors(ck["step-000004"], ck["step-000003"])  # training goes on
 
 
+def test_non_finite_micro_batch_keeps_the_data_position(tmp_path, monkeypatch):
+    """A bad first micro-batch still draws the step's other micro-batches: every step consumes
+    grad_accum batches, so later steps see the data a resumed run would."""
+    config = from_dict(tiny_dict(stages=[stage("s", steps=4, grad_accum=2)]))
+    _poison_loss(monkeypatch, {3})  # the first micro-batch of step 2
+    train(config, tmp_path / "run", log=lambda *_: None)
+    rows = read_metrics(tmp_path / "run")
+    assert [r["samples_seen"] for r in rows] == [8, 16, 24, 32]
+    assert rows[1]["loss"] is None and all(r["loss"] is not None for i, r in enumerate(rows) if i != 1)
+
+
 def test_non_finite_every_step_stops_after_max_bad_steps(tmp_path, capsys, monkeypatch):
     recipe = write_recipe(tmp_path / "r.yaml", tiny_dict(stages=[stage("s", steps=6)]))
     _poison_loss(monkeypatch, None)

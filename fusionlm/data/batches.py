@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import torch
 
-from ..errors import FusionError, ImageError
+from ..errors import ConfigError, FusionError, ImageError
 from .chat import IGNORE, Encoded, SkipSample, encode
 from .images import image_to_pixels
 from .sample import Sample
@@ -87,16 +87,21 @@ def pad_right(encoded: list[Encoded], pad_id: int) -> tuple[torch.Tensor, torch.
     return ids, labels, mask
 
 
+def check_mixture(mixture: dict[str, float], source: SampleSource, *, key: str) -> None:
+    """Every task a mixture names must exist in the data."""
+    known = source.tasks()
+    unknown = [t for t in mixture if t not in known]
+    if unknown:
+        raise ConfigError(f"{key}: unknown task {unknown[0]!r} (this data has: {', '.join(known)})")
+
+
 class MixtureBatches(torch.utils.data.Dataset):
     """Map-style dataset: index k -> training batch k of one stage."""
 
     def __init__(self, source: SampleSource, mixture: dict[str, float], *, seed: int, stage: int,
                  batch_size: int, tokenizer, image_layout: list[int], max_length: int, images: ImageSpec,
                  split: str = "train"):
-        known = source.tasks()
-        unknown = [t for t in mixture if t not in known]
-        if unknown:
-            raise FusionError(f"stages.{stage}.mixture: unknown task {unknown[0]!r} (this data has: {', '.join(known)})")
+        check_mixture(mixture, source, key=f"stages.{stage}.mixture")
         self.source, self.split = source, split
         self.task_names = [t for t, w in mixture.items() if w > 0]
         self.weights = [mixture[t] for t in self.task_names]

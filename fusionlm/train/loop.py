@@ -16,10 +16,10 @@ from tqdm import tqdm
 
 from ..checkpoint import build_model, list_checkpoints, load_weights, save_model, WEIGHTS, TOKENIZER
 from ..config import RecipeConfig, StageConfig, save_config
-from ..data.batches import Batch, ImageSpec, MixtureBatches
+from ..data.batches import Batch, ImageSpec, MixtureBatches, check_mixture
 from ..data.sources import build_source, image_root
 from ..data.tokenizer import load_tokenizer, train_tokenizer
-from ..errors import CheckpointError, ConfigError, FusionError
+from ..errors import CheckpointError, FusionError
 from ..model import FusionLM
 from .objectives import loss_for
 from .stages import apply_trainable, param_groups, select_trainable
@@ -102,12 +102,9 @@ class Trainer:
     def _check_stages(self) -> None:
         """Every stage's parts and tasks, checked before step 0: a typo in the last stage must not
         surface only after the earlier stages have trained."""
-        known = self.source.tasks()
         for i, stage in enumerate(self.config.stages):
             select_trainable(self.model, stage.train, key=f"stages.{i}.train")
-            unknown = [t for t in stage.mixture if t not in known]
-            if unknown:
-                raise ConfigError(f"stages.{i}.mixture: unknown task {unknown[0]!r} (this data has: {', '.join(known)})")
+            check_mixture(stage.mixture, self.source, key=f"stages.{i}.mixture")
 
     def _tokenizer(self, ckpt: Path | None):
         tcfg = self.config.model.tokenizer
@@ -198,21 +195,26 @@ class Trainer:
 
     def _step(self, stage, batches, optimizer, scheduler, params) -> tuple[float | None, int]:
         """One optimizer step over ``grad_accum`` micro-batches; None loss = skipped (non-finite)."""
-        total, tokens, micro = 0.0, 0, 0
+        total, tokens, micro, finite = 0.0, 0, 0, True
         for _ in range(stage.grad_accum):
+            # Every micro-batch of the step is drawn, even after a bad one, so the data position
+            # stays steps x grad_accum and a resumed run sees the same batches.
             batch: Batch = next(batches)
             self._count(batch)
-            if not batch.sample_ids:
+            if not finite or not batch.sample_ids:
                 continue
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.train.bf16):
                 loss = loss_for(stage.objective)(self.model, batch) / stage.grad_accum
             if not torch.isfinite(loss):
-                optimizer.zero_grad(set_to_none=True)
-                return self._bad_step(), tokens
+                finite = False
+                continue
             loss.backward()
             total += float(loss.detach())
             tokens += batch.num_tokens
             micro += 1
+        if not finite:
+            optimizer.zero_grad(set_to_none=True)
+            return self._bad_step(), tokens
         if micro == 0:
             return None, tokens
         torch.nn.utils.clip_grad_norm_(params, self.config.train.grad_clip)
@@ -258,5 +260,5 @@ def train(config: RecipeConfig, out: str | Path, *, resume: bool = False, log=pr
     try:
         trainer = Trainer(config, out, resume=resume, log=log)
     except (OSError, KeyError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{out}: cannot resume ({exc})") from None
+        raise CheckpointError(f"{out}: cannot {'resume' if resume else 'start'} a run here ({exc})") from None
     return trainer.run()
