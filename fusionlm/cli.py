@@ -50,9 +50,7 @@ def _load(checkpoint: str):
     from .data.batches import ImageSpec
 
     model, tokenizer, config = load_model(checkpoint)
-    spec = ImageSpec(size=config.model.encoder.image_size, mean=model.encoder.mean, std=model.encoder.std,
-                     max_pixels=config.data.max_image_pixels)
-    return model, tokenizer, config, spec
+    return model, tokenizer, config, ImageSpec.for_model(model, config)
 
 
 def cmd_generate(args) -> None:
@@ -69,12 +67,12 @@ def cmd_generate(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from .data.sources import build_source, image_root
+    from .data.sources import build_source
     from .evaluate.harness import evaluate, markdown_table, write_results
 
     model, tokenizer, config, spec = _load(args.checkpoint)
     source = build_source(config.data, args.data)
-    spec.root = image_root(source)
+    spec.root = source.root
     results = evaluate(model, tokenizer, source, spec, split=args.split,
                        per_task=args.per_task or config.train.eval_per_task,
                        batch_size=config.train.eval_batch_size, progress=print)

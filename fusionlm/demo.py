@@ -23,8 +23,8 @@ def run_demo(out: str | Path, overrides: list[str] | None = None, *, recipe: str
     trained = time.perf_counter() - started
 
     model, tokenizer, config = load_model(out / "run")
-    spec = ImageSpec(size=config.model.encoder.image_size, mean=model.encoder.mean, std=model.encoder.std)
     source = build_source(config.data)
+    spec = ImageSpec.for_model(model, config, root=source.root)
     print(f"evaluating on the test split ({config.train.eval_per_task} samples per task)")
     results = evaluate(model, tokenizer, source, spec, split="test", per_task=config.train.eval_per_task,
                        batch_size=config.train.eval_batch_size, progress=print)

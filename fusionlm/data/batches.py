@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 
 import torch
 
@@ -23,7 +23,11 @@ from .sample import Sample
 
 
 class SampleSource(Protocol):
+    root: str | None  # the folder image paths are resolved against (None: images are in memory)
+
     def tasks(self) -> list[str]: ...
+
+    def corpus(self, per_task: int) -> Iterator[str]: ...
 
     def get(self, task: str, split: str, index: int) -> Sample: ...
 
@@ -68,6 +72,12 @@ class ImageSpec:
     std: tuple[float, float, float]
     root: str | None = None
     max_pixels: int = 40_000_000
+
+    @classmethod
+    def for_model(cls, model, config, *, root: str | None = None) -> "ImageSpec":
+        """The spec of a built model (its encoder's size and statistics) under a recipe's limits."""
+        return cls(size=config.model.encoder.image_size, mean=model.encoder.mean, std=model.encoder.std,
+                   root=root, max_pixels=config.data.max_image_pixels)
 
     def pixels(self, source: Any) -> torch.Tensor:
         return image_to_pixels(source, self.size, mean=self.mean, std=self.std, root=self.root,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 from ..config import DataConfig
@@ -15,8 +16,13 @@ from .synthetic import World
 class WorldSource:
     """The procedurally generated world: unlimited samples per task and split."""
 
+    root = None  # images are drawn in memory
+
     def __init__(self, image_size: int, seed: int):
         self.world = World(image_size=image_size, seed=seed)
+
+    def corpus(self, per_task: int) -> Iterator[str]:
+        return self.world.corpus(per_task)
 
     def tasks(self) -> list[str]:
         return list(TASKS)
@@ -45,6 +51,12 @@ class FileSource:
     def tasks(self) -> list[str]:
         return sorted(self.by_task)
 
+    def corpus(self, per_task: int) -> Iterator[str]:
+        """All of the file's text (``per_task`` is for generated sources; a file is read whole)."""
+        for items in self.by_task.values():
+            for s in items:
+                yield s.all_text()
+
     def get(self, task: str, split: str, index: int) -> Sample:
         items = self.by_task[task]
         return items[index % len(items)]
@@ -58,7 +70,3 @@ def build_source(config: DataConfig, path: str | None = None):
     if not Path(source).is_file():
         raise ConfigError(f"data.source: {source!r} is neither 'synthetic' nor an existing LLaVA JSON file")
     return FileSource(source, config.image_root)
-
-
-def image_root(source) -> str | None:
-    return getattr(source, "root", None)

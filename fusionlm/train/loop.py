@@ -17,10 +17,9 @@ from tqdm import tqdm
 from ..checkpoint import build_model, list_checkpoints, load_weights, save_model, WEIGHTS, TOKENIZER
 from ..config import RecipeConfig, StageConfig, save_config
 from ..data.batches import Batch, ImageSpec, MixtureBatches, check_mixture
-from ..data.sources import build_source, image_root
+from ..data.sources import build_source
 from ..data.tokenizer import load_tokenizer, train_tokenizer
 from ..errors import CheckpointError, FusionError
-from ..model import FusionLM
 from .objectives import loss_for
 from .stages import apply_trainable, param_groups, select_trainable
 
@@ -54,21 +53,6 @@ def lr_lambda(stage: StageConfig):
     return factor
 
 
-def corpus_for(source, per_task: int):
-    if hasattr(source, "world"):
-        yield from source.world.corpus(per_task)
-    else:
-        for items in source.by_task.values():
-            for s in items:
-                yield s.all_text()
-
-
-def image_spec(model: FusionLM, config: RecipeConfig, source) -> ImageSpec:
-    enc = model.encoder
-    return ImageSpec(size=config.model.encoder.image_size, mean=enc.mean, std=enc.std,
-                     root=image_root(source), max_pixels=config.data.max_image_pixels)
-
-
 class Trainer:
     def __init__(self, config: RecipeConfig, out: str | Path, *, resume: bool = False, log=print):
         self.config, self.out, self.log = config, Path(out), log
@@ -95,7 +79,7 @@ class Trainer:
             self.resume_state = torch.load(ckpt / OPTIMIZER_STATE, weights_only=True)
             log(f"resuming from {ckpt} (step {self.progress.step})")
         save_config(config, self.out / "config.yaml")
-        self.images = image_spec(self.model, config, self.source)
+        self.images = ImageSpec.for_model(self.model, config, root=self.source.root)
         self.metrics_path = self.out / "metrics.jsonl"
         self._trim_metrics()
 
@@ -112,7 +96,7 @@ class Trainer:
             return load_tokenizer(ckpt / TOKENIZER)
         if tcfg.path:
             return load_tokenizer(tcfg.path)
-        tok = train_tokenizer(corpus_for(self.source, tcfg.corpus_per_task), tcfg.vocab_size)
+        tok = train_tokenizer(self.source.corpus(tcfg.corpus_per_task), tcfg.vocab_size)
         tok.save_pretrained(str(self.out / TOKENIZER))
         return tok
 
