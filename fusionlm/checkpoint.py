@@ -16,27 +16,50 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import RecipeConfig, load_config, save_config
-from .data.sample import IMAGE_TOKEN
-from .data.tokenizer import END, IMAGE_NEWLINE, PAD, load_tokenizer
+from .config import RecipeConfig, TokenizerConfig, load_config, save_config
+from .data.chat import end_of_turn
+from .data.layout import SpecialIds
+from .data.tokenizer import load_tokenizer
 from .errors import CheckpointError, ConfigError
-from .model import FusionLM, SpecialIds
+from .model import FusionLM
 
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.yaml", "tokenizer"
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
-def build_model(config: RecipeConfig, tokenizer) -> FusionLM:
-    """A model for ``config``; the LLM's vocabulary is sized from ``tokenizer`` (recorded in the config)."""
+def special_ids(tokenizer, tcfg: TokenizerConfig, *, need_newline: bool) -> SpecialIds:
+    """The ids of the image, newline, pad and end-of-turn tokens; the end token is recorded in ``tcfg``."""
+    tcfg.end_token = tcfg.end_token or end_of_turn(tokenizer)
+    vocab = tokenizer.get_vocab()
+    wanted = {"image_token": tcfg.image_token, "end_token": tcfg.end_token}
+    if need_newline:
+        wanted["newline_token"] = tcfg.newline_token
+    for key, token in wanted.items():
+        if token not in vocab:
+            raise ConfigError(f"model.tokenizer.{key}: the tokenizer has no token {token!r}")
+    newline = vocab.get(tcfg.newline_token, vocab[tcfg.image_token])
+    if tokenizer.pad_token_id is None:
+        raise ConfigError("model.tokenizer: the tokenizer has no padding token")
+    return SpecialIds(image=vocab[tcfg.image_token], newline=newline, pad=tokenizer.pad_token_id,
+                      end=vocab[tcfg.end_token])
+
+
+def build_model(config: RecipeConfig, tokenizer, *, pretrained: bool = True) -> FusionLM:
+    """A model for ``config`` and ``tokenizer``.
+
+    A random LLM's vocabulary is sized from the tokenizer (recorded in the config); a pretrained
+    or recorded one keeps its own, grown if the tokenizer gained tokens (the image token).
+    ``pretrained=False`` builds ``hf`` parts from their recorded architecture without their
+    weights (a checkpoint's weights are loaded next).
+    """
     llm = config.model.llm
-    if llm.vocab_size is not None and llm.vocab_size != len(tokenizer) and not llm.hf:
-        raise ConfigError(f"model.llm.vocab_size: {llm.vocab_size}, but the tokenizer has {len(tokenizer)} tokens")
-    llm.vocab_size = len(tokenizer)
-    ids = SpecialIds(
-        image=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), newline=tokenizer.convert_tokens_to_ids(IMAGE_NEWLINE),
-        pad=tokenizer.convert_tokens_to_ids(PAD), end=tokenizer.convert_tokens_to_ids(END),
-    )
-    return FusionLM(config.model, ids)
+    own = llm.hf is None and llm.arch is None
+    if own:
+        if llm.vocab_size is not None and llm.vocab_size != len(tokenizer):
+            raise ConfigError(f"model.llm.vocab_size: {llm.vocab_size}, but the tokenizer has {len(tokenizer)} tokens")
+        llm.vocab_size = len(tokenizer)
+    ids = special_ids(tokenizer, config.model.tokenizer, need_newline=config.model.fusion.kind == "fuyu")
+    return FusionLM(config.model, ids, pretrained=pretrained, vocab_size=None if own else len(tokenizer))
 
 
 def _unique_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -120,6 +143,14 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def required_tokens(config: RecipeConfig) -> list[str] | None:
+    """Tokens a checkpoint's tokenizer must have: fusionlm's own set, or the image tokens of an LLM's own."""
+    tcfg = config.model.tokenizer
+    if config.model.llm.hf is None and config.model.llm.arch is None:
+        return None
+    return [tcfg.image_token] + ([tcfg.newline_token] if config.model.fusion.kind == "fuyu" else [])
+
+
 def load_model(path: str | Path) -> tuple[FusionLM, object, RecipeConfig]:
     """(model, tokenizer, config) from a checkpoint or a run directory; the model is in eval mode."""
     ckpt = resolve_checkpoint(path)
@@ -127,8 +158,8 @@ def load_model(path: str | Path) -> tuple[FusionLM, object, RecipeConfig]:
         if not (ckpt / name).exists():
             raise CheckpointError(f"{ckpt}: incomplete checkpoint, {name} is missing")
     config = load_config(ckpt / CONFIG)
-    tokenizer = load_tokenizer(ckpt / TOKENIZER)
-    model = build_model(config, tokenizer)
+    tokenizer = load_tokenizer(ckpt / TOKENIZER, required_tokens(config))
+    model = build_model(config, tokenizer, pretrained=False)
     load_weights(model, ckpt / WEIGHTS)
     model.eval()
     return model, tokenizer, config

@@ -34,6 +34,11 @@ class EncoderConfig:
     intermediate_size: int = 128
     feature_layer: int = -1  # index into the tower's hidden states; LLaVA takes -2
     drop_cls: bool = True  # drop the CLS token (towers that have one, e.g. CLIP)
+    dtype: str = "float32"  # dtype the tower's weights are loaded and kept in
+    allow_custom_code: bool = False  # let a checkpoint's own Python code (auto_map) run
+    preprocess: str = "letterbox"  # letterbox (square, padded) | hf (the checkpoint's image processor)
+    processor: dict[str, Any] | None = None  # the image processor's settings (recorded from `hf` or import)
+    arch: dict[str, Any] | None = None  # the tower's full transformers config (recorded; rebuilds it offline)
 
 
 @dataclass
@@ -59,6 +64,9 @@ class LLMConfig:
     vocab_size: int | None = None  # filled in from the tokenizer when the model is built
     tie_embeddings: bool = True
     init_std: float = 0.02  # std of the random init (transformers' initializer_range)
+    dtype: str = "float32"  # dtype the weights are loaded and kept in
+    allow_custom_code: bool = False  # let a checkpoint's own Python code (auto_map) run
+    arch: dict[str, Any] | None = None  # the LLM's full transformers config (recorded; rebuilds it offline)
 
 
 @dataclass
@@ -68,15 +76,22 @@ class FusionConfig:
     kind: str = "unified"
     every_n: int = 2  # cross_attention: a gated block before every Nth decoder layer
     first_layer: int = 0  # cross_attention: index of the first layer that gets a block
+    # cross_attention: which images a text token sees. ``preceding``: every image before it;
+    # ``latest``: only the most recent one (a run of adjacent images counts as one), as in
+    # Flamingo and Llama 3.2 Vision.
+    visibility: str = "preceding"
 
 
 @dataclass
 class TokenizerConfig:
     """Tokenizer: trained on the synthetic world's corpus unless ``path`` names a saved one."""
 
-    path: str | None = None
-    vocab_size: int = 800
+    path: str | None = None  # a saved tokenizer; default: the LLM's own (``llm.hf``) or a new one
+    vocab_size: int = 800  # a newly trained tokenizer's size
     corpus_per_task: int = 300
+    image_token: str = "<image>"  # the token an image's positions hold (added if the tokenizer lacks it)
+    newline_token: str = "<image_newline>"  # fuyu: ends each row of patches
+    end_token: str | None = None  # end of a turn; default: read off the chat template
 
 
 @dataclass
@@ -106,6 +121,7 @@ class TrainConfig:
     """Run-wide settings."""
 
     seed: int = 0
+    init_from: str | None = None  # start from this fusionlm checkpoint's model, tokenizer and weights
     checkpoint_every: int = 0  # optimizer steps; 0 = only at the end of each stage
     keep_checkpoints: int = 2
     bf16: bool = False  # bf16 autocast for the forward pass
@@ -151,6 +167,8 @@ def _type_name(tp: Any) -> str:
 
 def _convert(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp`` and build nested dataclasses."""
+    if tp is Any:
+        return value
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -309,6 +327,13 @@ def load_config(path: str | Path) -> RecipeConfig:
 # ----------------------------------------------------------------------------- semantic checks
 
 FUSION_KINDS = ("unified", "cross_attention", "fuyu")
+DTYPES = ("float32", "bfloat16", "float16")
+CHOICES = {  # dotted key -> allowed values, checked by ``validate``
+    "model.encoder.dtype": DTYPES,
+    "model.llm.dtype": DTYPES,
+    "model.encoder.preprocess": ("letterbox", "hf"),
+    "model.fusion.visibility": ("preceding", "latest"),
+}
 TRAINABLE_GROUPS = ("encoder", "connector", "llm", "cross_attention", "all")
 
 
@@ -317,6 +342,12 @@ def validate(config: RecipeConfig) -> RecipeConfig:
     fusion = config.model.fusion
     if fusion.kind not in FUSION_KINDS:
         raise ConfigError(f"model.fusion.kind: unknown fusion {fusion.kind!r} (known: {', '.join(FUSION_KINDS)})")
+    for dotted, allowed in CHOICES.items():
+        value = config
+        for part in dotted.split("."):
+            value = getattr(value, part)
+        if value not in allowed:
+            raise ConfigError(f"{dotted}: {value!r} is not one of {', '.join(allowed)}")
     if fusion.every_n < 1:
         raise ConfigError("model.fusion.every_n: must be >= 1")
     enc = config.model.encoder

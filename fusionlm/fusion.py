@@ -98,23 +98,30 @@ class GatedCrossAttentionBlock(nn.Module):
 
 @dataclass
 class CrossInputs:
-    """What Method B's blocks need, computed once per request.
+    """What Method B needs, computed once per request.
 
     Attributes:
-        kv: per block (keyed by decoder-layer index) the projected image keys/values.
+        kv: per block (keyed by decoder-layer index) the projected image keys/values; empty when
+            the LLM has cross-attention layers of its own (Llama 3.2 Vision), which get ``memory``.
         slot_marker: (B, S) sequence index of the marker of the image each memory slot belongs
-            to (``NO_IMAGE`` for padding slots); a text position sees a slot iff its own index is
-            at or after that marker (Flamingo's per-image causal masking).
+            to (``NO_IMAGE`` for padding slots); a text position sees a slot only at or after it.
+        slot_until: (B, S) the position from which that image is hidden again (``NO_IMAGE``:
+            never), for the ``latest`` visibility rule.
+        slot_valid: (B, S) False for slots no text may see (padding tiles of a tiled image).
+        memory: (B, S, D) the image tokens themselves.
     """
 
     kv: dict[int, tuple[torch.Tensor, torch.Tensor]]
     slot_marker: torch.Tensor
+    slot_until: torch.Tensor
+    slot_valid: torch.Tensor
+    memory: torch.Tensor | None = None
 
     def for_call(self, num_queries: int, query_start: int = 0) -> "CrossCall":
         """The inputs of one forward call over positions ``query_start … query_start+num_queries-1``."""
-        q_index = torch.arange(num_queries, device=self.slot_marker.device) + query_start  # (T,)
-        visible = self.slot_marker[:, None, :] <= q_index[None, :, None]  # (B, T, S)
-        return CrossCall(self.kv, visible)
+        q = (torch.arange(num_queries, device=self.slot_marker.device) + query_start)[None, :, None]  # (1, T, 1)
+        visible = (self.slot_marker[:, None, :] <= q) & (q < self.slot_until[:, None, :])  # (B, T, S)
+        return CrossCall(self.kv, visible & self.slot_valid[:, None, :])
 
 
 @dataclass
@@ -125,25 +132,57 @@ class CrossCall:
     visible: torch.Tensor
 
 
-def image_memory(features: torch.Tensor, marker_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def image_memory(features: torch.Tensor, marker_mask: torch.Tensor, *, visibility: str = "preceding",
+                 valid: torch.Tensor | None = None, pad: torch.Tensor | None = None) -> CrossInputs:
     """Group the batch's images by row for cross-attention.
 
     Args:
         features: (I, N, D) connector outputs, images in row-major order of their markers.
         marker_mask: (B, T) bool, True at each image's marker token.
+        visibility: ``preceding`` (a token sees every earlier image) or ``latest`` (only the most
+            recent image, a run of adjacent markers counting as one: Flamingo, Llama 3.2 Vision).
+        valid: (I, N) bool, False for tokens no text may see (padding tiles).
+        pad: (N, D) what fills the slots of a row with fewer images (default zeros).
     Returns:
-        memory (B, M*N, D) zero-padded, and slot_marker (B, M*N) as in ``CrossInputs``.
+        ``CrossInputs`` without keys/values: memory (B, M*N, D) and the per-slot bookkeeping.
     """
     n_img, n_tok, dim = features.shape
     rows, cols = marker_mask.nonzero(as_tuple=True)  # each (I,), row-major
     if rows.numel() != n_img:
         raise SampleError(f"the batch has {rows.numel()} image markers but {n_img} images")
-    b = marker_mask.shape[0]
+    b, t = marker_mask.shape
     counts = marker_mask.sum(1)  # (B,)
     m = int(counts.max()) if n_img else 0
     slot = torch.arange(n_img, device=features.device) - (counts.cumsum(0) - counts)[rows]  # (I,) index within row
-    memory = features.new_zeros(b, m, n_tok, dim)  # (B, M, N, D)
-    memory[rows, slot] = features
+    memory = features.new_zeros(b, m, n_tok, dim) if pad is None else pad.expand(b, m, n_tok, dim).clone()
+    memory[rows, slot] = features  # (B, M, N, D)
     marker = torch.full((b, m), NO_IMAGE, dtype=torch.long, device=features.device)  # (B, M)
     marker[rows, slot] = cols
-    return memory.reshape(b, m * n_tok, dim), marker.repeat_interleave(n_tok, dim=1)  # (B, M*N, D), (B, M*N)
+    until = torch.full((b, m), NO_IMAGE, dtype=torch.long, device=features.device)  # (B, M)
+    if visibility == "latest":
+        for r in range(b):
+            pos = cols[rows == r].tolist()
+            end = NO_IMAGE  # the last image (and the run of markers before it) stays visible
+            for j in range(len(pos) - 1, -1, -1):
+                if j + 1 < len(pos) and pos[j + 1] != pos[j] + 1:
+                    end = pos[j + 1]  # hidden from the next (non-adjacent) image's marker on
+                until[r, j] = end
+    ok = torch.zeros(b, m, n_tok, dtype=torch.bool, device=features.device)  # (B, M, N)
+    ok[rows, slot] = True if valid is None else valid
+    return CrossInputs(
+        kv={}, slot_marker=marker.repeat_interleave(n_tok, dim=1), slot_until=until.repeat_interleave(n_tok, dim=1),
+        slot_valid=ok.reshape(b, m * n_tok), memory=memory.reshape(b, m * n_tok, dim),
+    )
+
+
+def native_cross_masks(visible: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Llama 3.2 Vision's own cross-attention inputs from a (B, T, S) visibility mask.
+
+    Returns the additive mask (B, 1, T, S) and the row mask (B, 1, T, 1). As in transformers'
+    Mllama, a text row that sees no image gets an all-zero additive mask (it attends to every
+    slot, gated) and its cross-attention MLP output is zeroed by the row mask.
+    """
+    row = visible.any(-1)[:, None, :, None].to(dtype)  # (B, 1, T, 1)
+    mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
+    mask = mask.masked_fill(~visible, torch.finfo(dtype).min)[:, None]  # (B, 1, T, S)
+    return mask * row, row

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .data.batches import ImageSpec
+from .data.processing import ImageBatch, ImageSpec
 from .data.chat import SkipSample, encode
 from .data.sample import IMAGE_TOKEN, Sample
 from .errors import SampleError
@@ -69,21 +69,23 @@ def generate(model: FusionLM, tokenizer, requests: list[Request], images: ImageS
         ImageError: an image that cannot be read.
     """
     max_length = max_length or model.config.llm.max_length
-    layout = model.image_layout()
+    tokens = model.config.tokenizer
     rows, pixels = [], []
     for req in requests:
+        inputs = [images.process(img) for img in req.images]
         try:
-            enc = encode(req.sample(), tokenizer, layout, max_length=max_length, add_generation_prompt=True)
+            enc = encode(req.sample(), tokenizer, [model.layout.tokens(i.grid) for i in inputs], max_length=max_length,
+                         image_token=tokens.image_token, end_token=tokens.end_token, add_generation_prompt=True)
         except SkipSample as exc:  # too long: a request is refused, never silently dropped
             raise SampleError(str(exc)) from None
         rows.append(enc.input_ids)
-        pixels.extend(images.pixels(img) for img in req.images)
+        pixels.extend(inputs)
     ids, mask = left_pad(rows, tokenizer.pad_token_id)  # (B, T)
     budget = min(max_new_tokens, max_length - ids.shape[1])
     if budget <= 0:
         raise SampleError(f"the prompt takes {ids.shape[1]} tokens, leaving no room in the context of {max_length}")
-    pixel_values = torch.stack(pixels) if pixels else None  # (I, 3, H, W)
-    ctx = model.encode_images(pixel_values, ids) if pixel_values is not None else None
+    batch = ImageBatch.collate(pixels)
+    ctx = model.encode_images(batch, ids) if batch is not None else None
     generator = torch.Generator().manual_seed(seed) if temperature > 0 else None
     end = model.ids.end
     never = torch.tensor(sorted({model.ids.image, model.ids.newline}))

@@ -10,10 +10,14 @@ from torch import nn
 
 from .config import ModelConfig
 from .connectors import build_connector
+from .data.layout import ImageLayout, SpecialIds
+from .data.processing import ImageBatch
 from .encoders import build_encoder
-from .errors import SampleError
-from .fusion import CrossCall, CrossInputs, GatedCrossAttentionBlock, image_memory, scatter_image_features
-from .llm import build_llm, decoder_layers
+from .errors import ConfigError, SampleError
+from .fusion import (
+    CrossCall, CrossInputs, GatedCrossAttentionBlock, image_memory, native_cross_masks, scatter_image_features,
+)
+from .llm import build_llm, decoder_layers, dims, is_mllama_text
 
 
 @dataclass
@@ -35,41 +39,39 @@ class Output:
     past_key_values: object | None = None
 
 
-@dataclass
-class SpecialIds:
-    image: int
-    newline: int
-    pad: int
-    end: int
-
-
 class FusionLM(nn.Module):
     """A multimodal LLM in one of the fusion designs of ``config.fusion.kind``."""
 
-    def __init__(self, config: ModelConfig, ids: SpecialIds):
+    def __init__(self, config: ModelConfig, ids: SpecialIds, *, pretrained: bool = True, vocab_size: int | None = None):
+        """``pretrained``: load ``hf`` parts' weights (False when a checkpoint's weights follow).
+        ``vocab_size``: grow the LLM's embeddings to at least this many rows (added tokens)."""
         super().__init__()
         self.config = config
         self.ids = ids
         self.fusion = config.fusion.kind
-        self.encoder = build_encoder(config.encoder)
-        self.llm = build_llm(config.llm, pad_token_id=ids.pad)
+        self.encoder = build_encoder(config.encoder, pretrained=pretrained)
+        self.llm = build_llm(config.llm, pad_token_id=ids.pad, pretrained=pretrained)
+        if vocab_size is not None and vocab_size > self.llm.get_input_embeddings().weight.shape[0]:
+            self.llm.resize_token_embeddings(vocab_size, mean_resizing=False)
+            if config.llm.arch is not None:
+                config.llm.arch["vocab_size"] = self.llm.config.vocab_size
         width = self.llm.config.hidden_size
         self.connector = build_connector(config.connector, self.encoder.out_dim, width, self.encoder.grid)
         self.cross_blocks = nn.ModuleDict()
-        if self.fusion == "cross_attention":
+        self.native_cross = is_mllama_text(self.llm)  # the LLM brings its own cross-attention layers
+        if self.native_cross and self.fusion != "cross_attention":
+            raise ConfigError("model.fusion.kind: a Llama 3.2 Vision decoder needs fusion 'cross_attention'")
+        if self.fusion == "cross_attention" and not self.native_cross:
             self._add_cross_attention()
 
     # ------------------------------------------------------------------ Method B wiring
 
     def _add_cross_attention(self) -> None:
-        hf = self.llm.config
+        d = dims(self.llm.config)
         layers = decoder_layers(self.llm)
         f = self.config.fusion
         for i in range(f.first_layer, len(layers), f.every_n):
-            self.cross_blocks[str(i)] = GatedCrossAttentionBlock(
-                hf.hidden_size, hf.num_attention_heads,
-                getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads, hf.intermediate_size,
-            )
+            self.cross_blocks[str(i)] = GatedCrossAttentionBlock(d.hidden, d.heads, d.kv_heads, d.ffn)
         # The LLM stays an unmodified module (its state-dict names are the original ones); each
         # block runs just before its layer, on inputs handed over in that call's kwargs.
         for i, layer in enumerate(layers):
@@ -93,29 +95,61 @@ class FusionLM(nn.Module):
     # ------------------------------------------------------------------ tokens per image
 
     @property
+    def layout(self) -> ImageLayout:
+        return ImageLayout(self.fusion, self.ids.image, self.ids.newline)
+
+    @property
     def tokens_per_image(self) -> int:
-        """Decoder positions one image takes (1 marker for Method B)."""
+        """Decoder positions an image of the configured size takes (1 marker for Method B)."""
         return len(self.image_layout())
 
-    def image_layout(self) -> list[int]:
-        """Token ids that stand for one image in the decoder sequence."""
-        if self.fusion == "cross_attention":
-            return [self.ids.image]
-        rows, cols = self.connector.grid
-        if self.fusion == "fuyu":
-            return ([self.ids.image] * cols + [self.ids.newline]) * rows
-        return [self.ids.image] * (rows * cols)
+    def image_layout(self, grid: tuple[int, int] | None = None) -> list[int]:
+        """Token ids that stand for one image whose encoder grid is ``grid`` (default: the configured size)."""
+        return self.layout.tokens(grid or self.encoder.grid)
 
     # ------------------------------------------------------------------ forward
 
-    def encode_images(self, pixel_values: torch.Tensor, input_ids: torch.Tensor) -> ImageContext:
-        """Pixels (I, 3, H, W) of the images of ``input_ids`` (B, T) -> what the decoder needs."""
-        features = self.connector(self.encoder(pixel_values))  # (I, N, D)
+    def image_features(self, images: ImageBatch) -> torch.Tensor:
+        """Connector outputs (I, N, D); images with fewer tokens are zero-padded to N."""
+        return self.connector(self.encoder(images))  # (I, N, D)
+
+    def encode_images(self, images: ImageBatch | torch.Tensor, input_ids: torch.Tensor) -> ImageContext:
+        """The images of ``input_ids`` (B, T), in order -> what the decoder needs."""
+        if isinstance(images, torch.Tensor):
+            images = ImageBatch.of(images, self.encoder.grid)
+        features = self.image_features(images)  # (I, N, D)
         if self.fusion != "cross_attention":
+            counts = images.token_counts()
+            if any(c != features.shape[1] for c in counts):  # images of different sizes: drop the padding
+                features = torch.cat([f[:c] for f, c in zip(features, counts)])[None]  # (1, ΣN, D)
             return ImageContext(features=features)
-        memory, slot_marker = image_memory(features, input_ids == self.ids.image)  # (B, S, D), (B, S)
-        kv = {int(i): block.project_kv(memory) for i, block in self.cross_blocks.items()}
-        return ImageContext(cross=CrossInputs(kv=kv, slot_marker=slot_marker))
+        markers = input_ids == self.ids.image  # (B, T)
+        valid, pad = self._tile_slots(images, features, markers)
+        cross = image_memory(features, markers, visibility=self.config.fusion.visibility, valid=valid, pad=pad)
+        if not self.native_cross:
+            cross.kv = {int(i): block.project_kv(cross.memory) for i, block in self.cross_blocks.items()}
+        return ImageContext(cross=cross)
+
+    def _tile_slots(self, images: ImageBatch, features: torch.Tensor, markers: torch.Tensor):
+        """Tiled images: which tokens are real tiles, and what fills a row's missing images.
+
+        Like transformers' Mllama, a missing image is the encoding of a blank one (it is never
+        visible, but a text row that sees no image attends to every slot).
+        """
+        mask = images.extras.get("aspect_ratio_mask")  # (I, tiles)
+        if mask is None:
+            return None, None
+        per_tile = features.shape[1] // mask.shape[1]
+        valid = mask.bool().repeat_interleave(per_tile, dim=1)  # (I, tiles*P)
+        counts = markers.sum(1)
+        if bool((counts == counts.max()).all()):
+            return valid, None
+        blank_mask = torch.zeros_like(mask[:1])
+        blank_mask[:, 0] = 1
+        blank = ImageBatch(torch.zeros_like(images.pixel_values[:1]), images.grids[:1],
+                           {"aspect_ratio_ids": torch.zeros_like(images.extras["aspect_ratio_ids"][:1]),
+                            "aspect_ratio_mask": blank_mask})
+        return valid, self.image_features(blank)[0]  # (tiles*P, D)
 
     def forward(
         self,
@@ -123,7 +157,7 @@ class FusionLM(nn.Module):
         *,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        pixel_values: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | ImageBatch | None = None,
         images: ImageContext | None = None,
         labels: torch.Tensor | None = None,
         past_key_values: object | None = None,
@@ -132,11 +166,12 @@ class FusionLM(nn.Module):
     ) -> Output:
         """Args:
             input_ids: (B, T) with image layouts already expanded.
-            pixel_values: (I, 3, H, W) images of the batch in order; or pass ``images``.
+            pixel_values: the batch's images in order (an ``ImageBatch``, or (I, 3, H, W) of the
+                configured size); or pass ``images``, already encoded.
             labels: (B, T), -100 where no loss is taken; the shift happens here.
             query_start: sequence index of input_ids[:, 0] (the KV-cache length when decoding).
         """
-        if images is None and pixel_values is not None and pixel_values.shape[0] > 0:
+        if images is None and pixel_values is not None and len(pixel_values) > 0:
             images = self.encode_images(pixel_values, input_ids)
         embeds = self.llm.get_input_embeddings()(input_ids)  # (B, T, D)
         image_mask = input_ids == self.ids.image  # (B, T)
@@ -148,7 +183,14 @@ class FusionLM(nn.Module):
             if image_mask.any():
                 embeds = scatter_image_features(embeds, image_mask, images.features)
         if images is not None and images.cross is not None:
-            extra["cross_inputs"] = images.cross.for_call(input_ids.shape[1], query_start)
+            call = images.cross.for_call(input_ids.shape[1], query_start)
+            if self.native_cross:
+                mask, row = native_cross_masks(call.visible, embeds.dtype)
+                extra.update(cross_attention_mask=mask, full_text_row_masked_out_mask=row)
+                if past_key_values is None or query_start == 0:  # else the cache holds the image keys/values
+                    extra["cross_attention_states"] = images.cross.memory.to(embeds.dtype)
+            else:
+                extra["cross_inputs"] = call
         out = self.llm(
             inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, use_cache=use_cache, **extra,
@@ -166,4 +208,8 @@ class FusionLM(nn.Module):
     def part_of(self, name: str) -> str:
         """Which part a parameter belongs to: encoder, connector, llm or cross_attention."""
         head = name.split(".", 1)[0]
+        if self.native_cross and head == "llm":
+            parts = name.split(".")
+            if parts[1:3] == ["model", "layers"] and int(parts[3]) in self.llm.config.cross_attention_layers:
+                return "cross_attention"
         return {"cross_blocks": "cross_attention"}.get(head, head)

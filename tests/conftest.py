@@ -62,7 +62,8 @@ def tiny_config_fixture() -> Callable[[str], RecipeConfig]:
 
 
 def spec_for(model: FusionLM) -> ImageSpec:
-    return ImageSpec(size=model.config.encoder.image_size, mean=model.encoder.mean, std=model.encoder.std)
+    return ImageSpec(size=model.config.encoder.image_size, mean=model.encoder.mean, std=model.encoder.std,
+                     grid=model.encoder.grid)
 
 
 @pytest.fixture
@@ -82,9 +83,11 @@ def make_batch(model: FusionLM, tokenizer, samples: list[Sample]) -> Batch:
     spec = spec_for(model)
     encoded, pixels = [], []
     for s in samples:
-        encoded.append(encode(s, tokenizer, model.image_layout(), max_length=model.config.llm.max_length))
-        pixels.extend(spec.pixels(img) for img in s.images)
-    return collate(encoded, pixels, [s.task for s in samples], [], tokenizer.pad_token_id, spec.size)
+        inputs = [spec.process(img) for img in s.images]
+        encoded.append(encode(s, tokenizer, [model.layout.tokens(i.grid) for i in inputs],
+                              max_length=model.config.llm.max_length, end_token=model.config.tokenizer.end_token))
+        pixels.extend(inputs)
+    return collate(encoded, pixels, [s.task for s in samples], [], tokenizer.pad_token_id)
 
 
 @pytest.fixture(name="make_batch")

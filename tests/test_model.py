@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+from fusionlm.data.processing import ImageBatch
 from safetensors.torch import load_file, save_file
 
 from conftest import FUSIONS, tiny_config
@@ -42,7 +44,7 @@ def test_forward_backward_reaches_every_part(fusion, make_model, make_batch, for
     model = make_model(fusion)
     batch = make_batch(model, MIXED)
     n_images = sum(len(world.sample(t, "train", i).images) for t, i in MIXED)
-    assert n_images >= 5 and batch.pixel_values.shape[0] == n_images  # 1 + 2 (price) + 0 + interleaved
+    assert n_images >= 5 and batch.num_images == n_images  # 1 + 2 (price) + 0 + interleaved
     per_image = {"unified": 16, "cross_attention": 1, "fuyu": 16}[fusion]  # a 4x4 grid, or one marker
     assert int((batch.input_ids == model.ids.image).sum()) == n_images * per_image
     out = forward(model, batch)
@@ -105,7 +107,7 @@ def test_cross_attention_second_image_is_invisible_before_its_marker(make_model,
     _open_gates(model)
     batch = make_batch(model, [("price", 0)])
     first, second = _markers(batch, model.ids.image, 0)
-    other = batch.pixel_values.clone()
+    other = batch.images.pixel_values.clone()
     other[1] = torch.randn(other[1].shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         a = model(batch.input_ids, pixel_values=batch.pixel_values).logits[0]
@@ -127,7 +129,7 @@ def test_image_features_land_on_image_positions(fusion, make_model, make_batch):
     model.llm.register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True)
     with torch.no_grad():
         model(batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values)
-        features = model.connector(model.encoder(batch.pixel_values))  # (3, N, D)
+        features = model.image_features(batch.images)  # (3, N, D)
         tokens = model.llm.get_input_embeddings()(batch.input_ids)
     embeds = seen["inputs_embeds"]  # (B, T, D)
     image = batch.input_ids == model.ids.image
@@ -141,7 +143,7 @@ def test_pixels_change_logits_from_the_image_on(fusion, make_model, make_batch):
     model = make_model(fusion)
     batch = make_batch(model, [("color", 0)])
     first = _markers(batch, model.ids.image, 0)[0]
-    other = batch.pixel_values + 0.5 * torch.randn(batch.pixel_values.shape, generator=torch.Generator().manual_seed(0))
+    other = batch.images.pixel_values + 0.5 * torch.randn(batch.images.pixel_values.shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         a = model(batch.input_ids, pixel_values=batch.pixel_values).logits[0]
         b = model(batch.input_ids, pixel_values=other).logits[0]
@@ -155,7 +157,7 @@ def test_pixels_change_logits_from_the_image_on(fusion, make_model, make_batch):
 def test_image_count_mismatch_is_a_sample_error(fusion, count, make_model, make_batch):
     model = make_model(fusion)
     batch = make_batch(model, [("color", 0)])  # one image
-    pixels = batch.pixel_values.repeat(count, 1, 1, 1)  # (count, 3, H, W)
+    pixels = batch.images.pixel_values.repeat(count, 1, 1, 1)  # (count, 3, H, W)
     with pytest.raises(SampleError, match=r"image"):
         model(batch.input_ids, pixel_values=pixels)
     if count == 0:
@@ -186,13 +188,15 @@ def test_patch_encoder_is_a_row_major_patchify():
     enc = build_encoder(EncoderConfig(kind="patches", image_size=8, patch_size=4))
     assert enc.grid == (2, 2) and enc.out_dim == 48
     x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
-    out = enc(x)  # (2, 4, 48)
+    out = enc(ImageBatch.of(x, enc.grid))  # (2, 4, 48)
+    # Fuyu's order within a patch: (row, col, channel)
     expected = torch.stack([
-        torch.stack([x[i, :, r * 4:(r + 1) * 4, c * 4:(c + 1) * 4].reshape(-1) for r in range(2) for c in range(2)])
+        torch.stack([x[i, :, r * 4:(r + 1) * 4, c * 4:(c + 1) * 4].permute(1, 2, 0).reshape(-1)
+                     for r in range(2) for c in range(2)])
         for i in range(2)
     ])
     assert torch.equal(out, expected)
-    assert out[0, 1, 0] == 4  # patch (0, 1) starts at pixel (0, 4) of channel 0
+    assert out[0, 1, 0] == 4 and out[0, 1, 1] == 68  # patch (0, 1) starts at pixel (0, 4): channel 0, then 1 (64 + 4)
 
 
 # ----------------------------------------------------------------------------- registries

@@ -18,8 +18,11 @@ import torch
 
 from ..errors import ConfigError, FusionError, ImageError
 from .chat import IGNORE, Encoded, SkipSample, encode
-from .images import image_to_pixels
+from .layout import ImageLayout
+from .processing import ImageBatch, ImageInput, ImageSpec
 from .sample import Sample
+
+__all__ = ["Batch", "ImageSpec", "MixtureBatches", "Skip", "collate", "check_mixture", "stable_seed"]
 
 
 class SampleSource(Protocol):
@@ -49,10 +52,18 @@ class Batch:
     input_ids: torch.Tensor  # (B, T)
     labels: torch.Tensor  # (B, T), IGNORE where no loss
     attention_mask: torch.Tensor  # (B, T)
-    pixel_values: torch.Tensor  # (I, 3, H, W), the batch's images in order
+    images: ImageBatch | None  # the batch's images in order (None: no image)
     sample_ids: list[str]
     tasks: list[str]
     skipped: list[Skip] = field(default_factory=list)
+
+    @property
+    def pixel_values(self) -> ImageBatch | None:
+        return self.images
+
+    @property
+    def num_images(self) -> int:
+        return 0 if self.images is None else len(self.images)
 
     @property
     def num_tokens(self) -> int:
@@ -61,27 +72,6 @@ class Batch:
     @property
     def num_target_tokens(self) -> int:
         return int((self.labels != IGNORE).sum())
-
-
-@dataclass
-class ImageSpec:
-    """How images become pixels for a model: the one loader, at the encoder's size and stats."""
-
-    size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    root: str | None = None
-    max_pixels: int = 40_000_000
-
-    @classmethod
-    def for_model(cls, model, config, *, root: str | None = None) -> "ImageSpec":
-        """The spec of a built model (its encoder's size and statistics) under a recipe's limits."""
-        return cls(size=config.model.encoder.image_size, mean=model.encoder.mean, std=model.encoder.std,
-                   root=root, max_pixels=config.data.max_image_pixels)
-
-    def pixels(self, source: Any) -> torch.Tensor:
-        return image_to_pixels(source, self.size, mean=self.mean, std=self.std, root=self.root,
-                               max_pixels=self.max_pixels)  # (3, S, S)
 
 
 def pad_right(encoded: list[Encoded], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -109,14 +99,15 @@ class MixtureBatches(torch.utils.data.Dataset):
     """Map-style dataset: index k -> training batch k of one stage."""
 
     def __init__(self, source: SampleSource, mixture: dict[str, float], *, seed: int, stage: int,
-                 batch_size: int, tokenizer, image_layout: list[int], max_length: int, images: ImageSpec,
-                 split: str = "train"):
+                 batch_size: int, tokenizer, layout: ImageLayout, max_length: int, images: ImageSpec,
+                 image_token: str, end_token: str, split: str = "train"):
         check_mixture(mixture, source, key=f"stages.{stage}.mixture")
         self.source, self.split = source, split
         self.task_names = [t for t, w in mixture.items() if w > 0]
         self.weights = [mixture[t] for t in self.task_names]
         self.seed, self.stage, self.batch_size = seed, stage, batch_size
-        self.tokenizer, self.layout, self.max_length, self.images = tokenizer, image_layout, max_length, images
+        self.tokenizer, self.layout, self.max_length, self.images = tokenizer, layout, max_length, images
+        self.image_token, self.end_token = image_token, end_token
 
     def __len__(self) -> int:
         return 2**31 - 1  # batches are generated on demand
@@ -132,8 +123,9 @@ class MixtureBatches(torch.utils.data.Dataset):
             sample = None
             try:
                 sample = self.sample_at(number)
-                enc = encode(sample, self.tokenizer, self.layout, max_length=self.max_length)
-                pix = [self.images.pixels(img) for img in sample.images]
+                pix = [self.images.process(img) for img in sample.images]
+                enc = encode(sample, self.tokenizer, [self.layout.tokens(p.grid) for p in pix],
+                             max_length=self.max_length, image_token=self.image_token, end_token=self.end_token)
             except SkipSample as exc:
                 skipped.append(Skip(sample.id, exc.reason, str(exc)))
                 continue
@@ -146,14 +138,13 @@ class MixtureBatches(torch.utils.data.Dataset):
             encoded.append(enc)
             pixels.extend(pix)
             tasks.append(sample.task)
-        return collate(encoded, pixels, tasks, skipped, self.tokenizer.pad_token_id, self.images.size)
+        return collate(encoded, pixels, tasks, skipped, self.tokenizer.pad_token_id)
 
 
-def collate(encoded: list[Encoded], pixels: list[torch.Tensor], tasks: list[str], skipped: list[Skip],
-            pad_id: int, image_size: int) -> Batch:
+def collate(encoded: list[Encoded], images: list[ImageInput], tasks: list[str], skipped: list[Skip],
+            pad_id: int) -> Batch:
     if not encoded:
         empty = torch.zeros((0, 1), dtype=torch.long)
-        return Batch(empty, empty, empty, torch.zeros(0, 3, image_size, image_size), [], [], skipped)
+        return Batch(empty, empty, empty, None, [], [], skipped)
     ids, labels, mask = pad_right(encoded, pad_id)
-    pix = torch.stack(pixels) if pixels else torch.zeros(0, 3, image_size, image_size)
-    return Batch(ids, labels, mask, pix, [e.sample_id for e in encoded], tasks, skipped)
+    return Batch(ids, labels, mask, ImageBatch.collate(images), [e.sample_id for e in encoded], tasks, skipped)

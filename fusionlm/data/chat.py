@@ -1,18 +1,20 @@
-"""Samples -> token ids and labels, following the tokenizer's chat template piece by piece.
+"""Samples -> token ids and labels, through the tokenizer's own chat template.
 
-Loss is taken only where the model should produce text: assistant turns (and their end token) in
-chats, all text in documents; never on prompts or image tokens. Each ``<image>`` becomes the
-model's image layout (N image tokens for Method A, rows + newlines for Fuyu, one marker for B).
+Loss is taken only where the model should produce text: assistant turns (and the token that ends
+them) in chats, all text in documents; never on prompts or image tokens. Which characters belong
+to an assistant turn is read off the template itself: the turn is what rendering it adds after
+the conversation up to it plus the generation prompt. So any template works (fusionlm's own,
+Llama 3's, Qwen2's…) as long as rendering a conversation extends rendering its beginning.
+Each image placeholder becomes that image's layout (N image tokens, rows + newlines, or a marker).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
-from ..errors import FusionError, SampleError
+from ..errors import ConfigError, FusionError, SampleError
 from .sample import IMAGE_TOKEN, Sample
-from .tokenizer import ASSISTANT, END
 
 IGNORE = -100
 
@@ -41,46 +43,88 @@ def check_placeholders(sample: Sample) -> None:
         )
 
 
-def segments(sample: Sample, *, add_generation_prompt: bool = False) -> list[tuple[str, bool]]:
-    """The rendered text in (piece, trained) pieces; joined it equals the chat template's output."""
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def render(sample: Sample, tokenizer, *, image_token: str = IMAGE_TOKEN, end_token: str,
+           add_generation_prompt: bool = False) -> tuple[str, list[tuple[int, int]]]:
+    """The sample as text, and the character spans that are trained."""
     if sample.kind == "document":
-        return [(sample.text + END, True)]
-    pieces: list[tuple[str, bool]] = []
-    for m in sample.messages:
-        role = m["role"]
-        if role == "assistant":
-            pieces.append((f"{ASSISTANT}\n", False))
-            pieces.append((m["content"] + END, True))
-            pieces.append(("\n", False))
-        else:
-            pieces.append((f"<|{role}|>\n{m['content']}{END}\n", False))
-    if add_generation_prompt:
-        pieces.append((f"{ASSISTANT}\n", False))
-    return pieces
+        bos = tokenizer.bos_token or ""
+        text = bos + sample.text.replace(IMAGE_TOKEN, image_token) + end_token
+        return text, [(len(bos), len(text))]
+    messages = [{"role": m["role"], "content": m["content"].replace(IMAGE_TOKEN, image_token)}
+                for m in sample.messages]
+    full = _render(tokenizer, messages, add_generation_prompt)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = _render(tokenizer, messages[:i], True) if i else ""
+        upto = _render(tokenizer, messages[: i + 1], False)
+        if not (upto.startswith(before) and full.startswith(upto)):
+            raise ConfigError(
+                "the tokenizer's chat template renders a conversation differently from its beginning, so the "
+                "assistant turns cannot be located; give the LLM a template without that (model.tokenizer.path)"
+            )
+        end = len(upto.rstrip())  # the turn and its end token, not the whitespace after it
+        spans.append((len(before), end))
+    return full, spans
 
 
-def encode(sample: Sample, tokenizer, image_layout: list[int], *, max_length: int,
+def encode(sample: Sample, tokenizer, layouts: Sequence[list[int]] | list[int], *, max_length: int,
+           image_token: str = IMAGE_TOKEN, end_token: str | None = None,
            add_generation_prompt: bool = False) -> Encoded:
     """Token ids and labels for one sample.
 
+    Args:
+        layouts: the token ids of each image, in order (or one list used for every image).
+        image_token: the tokenizer's image token (the sample's ``<image>`` placeholders become it).
+        end_token: what ends a turn (documents end with it); default the tokenizer's eos.
     Raises:
         SampleError: the placeholders don't match the images (a data error, found before training).
         SkipSample: too long for the context (never cut inside an image), or nothing to learn.
     """
     check_placeholders(sample)
-    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    if layouts and isinstance(layouts[0], int):
+        layouts = [layouts] * len(sample.images)
+    text, spans = render(sample, tokenizer, image_token=image_token, end_token=end_token or tokenizer.eos_token,
+                         add_generation_prompt=add_generation_prompt)
+    image_id = tokenizer.convert_tokens_to_ids(image_token)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids: list[int] = []
     labels: list[int] = []
-    for text, trained in segments(sample, add_generation_prompt=add_generation_prompt):
-        for tok in tokenizer(text, add_special_tokens=False)["input_ids"]:
-            if tok == image_id:
-                ids.extend(image_layout)
-                labels.extend([IGNORE] * len(image_layout))
-            else:
-                ids.append(tok)
-                labels.append(tok if trained else IGNORE)
+    n_image = 0
+    for tok, (start, _) in zip(enc["input_ids"], enc["offset_mapping"]):
+        if tok == image_id:
+            layout = layouts[n_image]
+            n_image += 1
+            ids.extend(layout)
+            labels.extend([IGNORE] * len(layout))
+            continue
+        ids.append(tok)
+        labels.append(tok if any(s <= start < e for s, e in spans) else IGNORE)
     if len(ids) > max_length:
         raise SkipSample(sample.id, "too_long", f"{len(ids)} tokens with images, over the context of {max_length}")
     if not add_generation_prompt and all(label == IGNORE for label in labels[1:]):
         raise SkipSample(sample.id, "no_target", "no token to learn from")
     return Encoded(sample.id, ids, labels, list(sample.images))
+
+
+def end_of_turn(tokenizer) -> str:
+    """The token that ends an assistant turn in this tokenizer's chat template (else its eos)."""
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
+    try:
+        text = _render(tokenizer, messages, False)
+    except Exception:  # a template that needs more than this (a system turn…): fall back
+        text = ""
+    at = text.rfind("ok")
+    if at >= 0:
+        rest = text[at + 2:].lstrip()
+        for token in tokenizer.all_special_tokens + list(tokenizer.get_added_vocab()):
+            if rest.startswith(token):
+                return token
+    if tokenizer.eos_token is None:
+        raise ConfigError("the tokenizer has no end-of-turn token; set model.tokenizer.end_token")
+    return tokenizer.eos_token

@@ -48,12 +48,13 @@ def wrap(tok: Tokenizer) -> PreTrainedTokenizerFast:
     return fast
 
 
-def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
+def load_tokenizer(path: str | Path, required: list[str] | None = None) -> PreTrainedTokenizerFast:
+    """A saved tokenizer; ``required``: tokens it must have (default: all of fusionlm's own)."""
     path = Path(path)
     if not (path / "tokenizer.json").is_file():
         raise ConfigError(f"{path}: no tokenizer.json here")
     tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
-    missing = [t for t in SPECIAL_TOKENS if t not in tok.get_vocab()]
+    missing = [t for t in (SPECIAL_TOKENS if required is None else required) if t not in tok.get_vocab()]
     if missing:
         raise ConfigError(f"{path}: tokenizer lacks the special tokens {missing}")
     return tok
@@ -61,3 +62,35 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
 
 def special_id(tokenizer: PreTrainedTokenizerFast, token: str) -> int:
     return tokenizer.convert_tokens_to_ids(token)
+
+
+# ----------------------------------------------------------------------------- any LLM's tokenizer
+
+
+def prepare_tokenizer(tok, *, image_token: str, newline_token: str, need_newline: bool):
+    """Make an LLM's own tokenizer ready for images: placeholder tokens, padding, a chat template.
+
+    Missing image tokens are added as special tokens (the caller resizes the embeddings). A
+    tokenizer without a chat template gets fusionlm's, with its role tokens added.
+    """
+    wanted = [image_token] + ([newline_token] if need_newline else [])
+    vocab = tok.get_vocab()
+    new = [t for t in wanted if t not in vocab]
+    if not tok.chat_template:
+        new += [t for t in (USER, ASSISTANT, SYSTEM, END) if t not in vocab]
+        tok.chat_template = CHAT_TEMPLATE
+    if new:
+        tok.add_special_tokens({"additional_special_tokens": new}, replace_extra_special_tokens=False)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else PAD
+        if tok.pad_token == PAD and PAD not in tok.get_vocab():
+            tok.add_special_tokens({"pad_token": PAD})
+    return tok
+
+
+def load_any_tokenizer(source: str | Path, *, allow_custom_code: bool = False):
+    """A saved or pretrained tokenizer (a directory or a hub id), without running its own code."""
+    try:
+        return AutoTokenizer.from_pretrained(str(source), trust_remote_code=allow_custom_code)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{source}: cannot load a tokenizer ({str(exc).splitlines()[0]})") from None

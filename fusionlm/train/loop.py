@@ -14,11 +14,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..checkpoint import build_model, list_checkpoints, load_weights, save_model, WEIGHTS, TOKENIZER
-from ..config import RecipeConfig, StageConfig, save_config
+from ..checkpoint import (
+    CONFIG, TOKENIZER, WEIGHTS, build_model, list_checkpoints, load_weights, required_tokens, resolve_checkpoint,
+    save_model,
+)
+from ..config import RecipeConfig, StageConfig, load_config, save_config
 from ..data.batches import Batch, ImageSpec, MixtureBatches, check_mixture
 from ..data.sources import build_source
-from ..data.tokenizer import load_tokenizer, train_tokenizer
+from ..data.tokenizer import load_any_tokenizer, load_tokenizer, prepare_tokenizer, train_tokenizer
 from ..errors import CheckpointError, FusionError
 from .objectives import loss_for
 from .stages import apply_trainable, param_groups, select_trainable
@@ -67,12 +70,19 @@ class Trainer:
             if not found:
                 log(f"{self.out}: no complete checkpoint to resume from; starting afresh")
             ckpt = found[-1] if found else None
-        self.tokenizer = self._tokenizer(ckpt)
+        init = Path(config.train.init_from) if config.train.init_from and ckpt is None else None
+        if init is not None:
+            init = resolve_checkpoint(init)
+            config.model = load_config(init / CONFIG).model  # the model is the checkpoint's, as saved
+            log(f"starting from the weights of {init}")
+        self.tokenizer = self._tokenizer(ckpt or init)
         torch.manual_seed(config.train.seed)
         random.seed(config.train.seed)
-        self.model = build_model(config, self.tokenizer)
+        self.model = build_model(config, self.tokenizer, pretrained=ckpt is None and init is None)
         self._check_stages()
         self.resume_state = None
+        if init is not None:
+            load_weights(self.model, init / WEIGHTS)
         if ckpt is not None:
             load_weights(self.model, ckpt / WEIGHTS)
             self.progress = Progress(**json.loads((ckpt / TRAINER_STATE).read_text()))
@@ -91,11 +101,16 @@ class Trainer:
             check_mixture(stage.mixture, self.source, key=f"stages.{i}.mixture")
 
     def _tokenizer(self, ckpt: Path | None):
-        tcfg = self.config.model.tokenizer
+        """The checkpoint's tokenizer; else a saved one; else the LLM's own; else one trained on the data."""
+        tcfg, llm = self.config.model.tokenizer, self.config.model.llm
         if ckpt is not None:
-            return load_tokenizer(ckpt / TOKENIZER)
-        if tcfg.path:
+            return load_tokenizer(ckpt / TOKENIZER, required_tokens(self.config))
+        if tcfg.path and llm.hf is None:
             return load_tokenizer(tcfg.path)
+        if tcfg.path or llm.hf:
+            tok = load_any_tokenizer(tcfg.path or llm.hf, allow_custom_code=llm.allow_custom_code)
+            return prepare_tokenizer(tok, image_token=tcfg.image_token, newline_token=tcfg.newline_token,
+                                     need_newline=self.config.model.fusion.kind == "fuyu")
         tok = train_tokenizer(self.source.corpus(tcfg.corpus_per_task), tcfg.vocab_size)
         tok.save_pretrained(str(self.out / TOKENIZER))
         return tok
@@ -135,8 +150,9 @@ class Trainer:
     def _batches(self, index: int, stage: StageConfig, start: int):
         dataset = MixtureBatches(
             self.source, stage.mixture, seed=self.config.train.seed, stage=index, batch_size=stage.batch_size,
-            tokenizer=self.tokenizer, image_layout=self.model.image_layout(),
-            max_length=self.config.model.llm.max_length, images=self.images,
+            tokenizer=self.tokenizer, layout=self.model.layout, max_length=self.config.model.llm.max_length,
+            images=self.images, image_token=self.config.model.tokenizer.image_token,
+            end_token=self.config.model.tokenizer.end_token,
         )
         order = range(start * stage.grad_accum, stage.steps * stage.grad_accum)
         workers = self.config.data.loader_workers

@@ -31,12 +31,12 @@ def lm_loss(model: FusionLM, batch: Batch) -> torch.Tensor:
 def contrastive_loss(model: FusionLM, batch: Batch) -> torch.Tensor:
     """Symmetric InfoNCE between each sample's image and its target text (one image per sample)."""
     n = batch.input_ids.shape[0]
-    if batch.pixel_values.shape[0] != n:
+    if batch.num_images != n:
         raise ConfigError(
             f"the contrastive objective needs exactly one image per sample; a batch of {n} samples "
-            f"has {batch.pixel_values.shape[0]} images (use single-image tasks such as caption)"
+            f"has {batch.num_images} images (use single-image tasks such as caption)"
         )
-    image = model.connector(model.encoder(batch.pixel_values)).mean(1)  # (B, D)
+    image = model.image_features(batch.images).mean(1)  # (B, D)
     targets = (batch.labels != IGNORE) & (batch.labels != model.ids.end)  # (B, T)
     embeds = model.llm.get_input_embeddings()(batch.input_ids)  # (B, T, D)
     text = (embeds * targets.unsqueeze(-1)).sum(1) / targets.sum(1, keepdim=True).clamp(min=1)  # (B, D)

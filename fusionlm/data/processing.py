@@ -1,0 +1,161 @@
+"""Images -> encoder inputs: one ``ImageInput`` per image, ``ImageBatch`` per batch.
+
+Every image goes through the one loader (``images.load_image``: checks, limits, RGB). Then either
+fusionlm's own ``letterbox`` (square, padded, the synthetic world's default) or the checkpoint's
+own transformers image processor (``hf``: resize, crop, normalisation, tiling exactly as that
+model was trained), run on its Pillow backend. An image's token grid travels with its pixels,
+since with tiles or native sizes (Fuyu) it differs from image to image.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError
+from .images import DEFAULT_MAX_PIXELS, fit_square, load_image, to_pixels
+
+
+@dataclass
+class ImageInput:
+    """One image ready for its encoder.
+
+    Attributes:
+        pixels: (3, H, W); (tiles, 3, h, w) for a tiled tower; (N, p*p*3) patches for Fuyu.
+        grid: (rows, cols) of the encoder's output tokens for this image.
+        extras: other per-image inputs of the encoder (e.g. ``aspect_ratio_ids``).
+    """
+
+    pixels: torch.Tensor
+    grid: tuple[int, int]
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class ImageBatch:
+    """The images of a batch, in the order of their placeholders (row-major over the batch)."""
+
+    pixel_values: torch.Tensor  # stacked (I, ...) or, for patch lists, concatenated (ΣN, p*p*3)
+    grids: list[tuple[int, int]]
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # each (I, ...)
+
+    def __len__(self) -> int:
+        return len(self.grids)
+
+    @classmethod
+    def collate(cls, inputs: list[ImageInput]) -> "ImageBatch | None":
+        if not inputs:
+            return None
+        grids = [inp.grid for inp in inputs]
+        extras = {k: torch.stack([inp.extras[k] for inp in inputs]) for k in inputs[0].extras}
+        if inputs[0].pixels.dim() == 2:  # patch lists of different lengths
+            return cls(torch.cat([inp.pixels for inp in inputs]), grids, extras)
+        return cls(torch.stack([inp.pixels for inp in inputs]), grids, extras)
+
+    @classmethod
+    def of(cls, pixel_values: torch.Tensor, grid: tuple[int, int]) -> "ImageBatch":
+        """Images of one fixed size, each giving ``grid`` tokens."""
+        return cls(pixel_values, [grid] * pixel_values.shape[0])
+
+    def token_counts(self) -> list[int]:
+        return [r * c for r, c in self.grids]
+
+    def pad_tokens(self, flat: torch.Tensor) -> torch.Tensor:
+        """(ΣN, D) tokens of images in order -> (I, N_max, D), zero-padded."""
+        counts = self.token_counts()
+        out = flat.new_zeros(len(counts), max(counts), flat.shape[-1])  # (I, N_max, D)
+        for i, part in enumerate(flat.split(counts)):
+            out[i, : part.shape[0]] = part
+        return out
+
+    def to(self, device: torch.device | str) -> "ImageBatch":
+        return ImageBatch(self.pixel_values.to(device), self.grids, {k: v.to(device) for k, v in self.extras.items()})
+
+
+def hf_image_processor(settings: dict[str, Any]):
+    """A transformers image processor (its Pillow backend) from its saved settings."""
+    import transformers
+
+    name = settings.get("image_processor_type")
+    if not name:
+        raise ConfigError("model.encoder.processor: no image_processor_type in the processor settings")
+    base = name.removesuffix("Fast").removesuffix("Pil")
+    cls = getattr(transformers, f"{base}Pil", None) or getattr(transformers, base, None)
+    if cls is None:
+        raise ConfigError(f"model.encoder.processor: transformers has no image processor {name!r}")
+    return cls.from_dict({k: v for k, v in settings.items() if k != "image_processor_type"})
+
+
+def processor_settings(processor) -> dict[str, Any]:
+    """What the recipe records of an image processor: its JSON settings (YAML-safe)."""
+    return json.loads(processor.to_json_string())
+
+
+@dataclass
+class ImageSpec:
+    """How images become encoder inputs for one model."""
+
+    size: int  # letterbox: the square side
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    root: str | None = None
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    grid: tuple[int, int] | None = None  # the encoder's token grid for a fixed-size image
+    hf: Any = None  # a transformers image processor; None: letterbox
+
+    @classmethod
+    def for_model(cls, model, config, *, root: str | None = None) -> "ImageSpec":
+        """The spec of a built model (its encoder's size, statistics, processor) under a recipe's limits."""
+        enc = config.model.encoder
+        hf = None
+        if enc.preprocess == "hf":
+            if not enc.processor:
+                raise ConfigError("model.encoder.processor: preprocess is 'hf' but no processor settings are recorded")
+            hf = hf_image_processor(enc.processor)
+        return cls(size=enc.image_size, mean=model.encoder.mean, std=model.encoder.std, root=root,
+                   max_pixels=config.data.max_image_pixels, grid=model.encoder.grid, hf=hf)
+
+    def pixels(self, source: Any) -> torch.Tensor:
+        return self.process(source).pixels
+
+    def process(self, source: Any) -> ImageInput:
+        img = load_image(source, root=self.root, max_pixels=self.max_pixels)
+        if self.hf is None:
+            return ImageInput(to_pixels(fit_square(img, self.size), self.size, mean=self.mean, std=self.std),
+                              self._grid())
+        kind = type(self.hf).__name__
+        if kind.startswith("Mllama"):
+            return self._mllama(img)
+        if kind.startswith("Fuyu"):
+            return self._fuyu(img)
+        out = self.hf(images=[img], return_tensors="pt")
+        return ImageInput(out["pixel_values"][0], self._grid())  # (3, H, W)
+
+    def _grid(self) -> tuple[int, int]:
+        if self.grid is None:
+            raise ConfigError("ImageSpec: no token grid (build it with ImageSpec.for_model)")
+        return self.grid
+
+    def _mllama(self, img) -> ImageInput:
+        out = self.hf(images=[[img]], return_tensors="pt")
+        return ImageInput(
+            out["pixel_values"][0, 0],  # (tiles, 3, h, w), padded to the maximum number of tiles
+            self._grid(),
+            {"aspect_ratio_ids": out["aspect_ratio_ids"][0, 0], "aspect_ratio_mask": out["aspect_ratio_mask"][0, 0]},
+        )
+
+    def _fuyu(self, img) -> ImageInput:
+        """Fuyu: fit into the canvas, pad, keep only the patches that cover the image itself."""
+        out = self.hf(images=[img])
+        image = np.asarray(out["images"][0][0])  # (3, H_canvas, W_canvas), normalised
+        p = self.hf.patch_size
+        ph, pw = (p["height"], p["width"]) if isinstance(p, dict) else (p.height, p.width)
+        h = min(image.shape[-2], math.ceil(int(out["image_unpadded_heights"][0][0]) / ph) * ph)
+        w = min(image.shape[-1], math.ceil(int(out["image_unpadded_widths"][0][0]) / pw) * pw)
+        patches = self.hf.patchify_image(image[:, :h, :w])  # (N, ph*pw*3), row-major
+        return ImageInput(torch.as_tensor(np.ascontiguousarray(patches), dtype=torch.float32), (h // ph, w // pw))

@@ -1,0 +1,69 @@
+"""Pretrained parts: a hub id or a local directory, loaded the same way for every part.
+
+A part built from ``hf`` records its full transformers config in the recipe (``arch``), so a saved
+checkpoint is rebuilt from its own ``config.yaml`` with no download and no original files.
+Checkpoints that ship their own Python code (``auto_map``) are refused unless the part's
+``allow_custom_code`` is set.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import AutoConfig, PretrainedConfig
+
+from .errors import ConfigError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return DTYPES[name]
+
+
+def check_custom_code(source: str, *, allow: bool, key: str) -> None:
+    """Refuse a checkpoint whose config points at code of its own, unless ``allow``."""
+    try:
+        raw, _ = PretrainedConfig.get_config_dict(source)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{key}: cannot read a transformers config from {source!r} ({_first_line(exc)})") from None
+    if raw.get("auto_map") and not allow:
+        raise ConfigError(
+            f"{key}: {source!r} ships its own model code (auto_map: {sorted(raw['auto_map'])}); "
+            f"fusionlm does not run it unless you set {key.rsplit('.', 1)[0]}.allow_custom_code: true"
+        )
+
+
+def load_pretrained(model_cls: Any, source: str, *, dtype: str, allow_custom_code: bool, key: str):
+    """``model_cls.from_pretrained(source)`` with the part's dtype, errors naming the recipe key."""
+    check_custom_code(source, allow=allow_custom_code, key=key)
+    try:
+        return model_cls.from_pretrained(source, dtype=torch_dtype(dtype), trust_remote_code=allow_custom_code)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{key}: cannot load {source!r} ({_first_line(exc)})") from None
+
+
+def config_from_arch(arch: dict[str, Any], *, key: str) -> PretrainedConfig:
+    """A transformers config from a recorded ``arch`` dict."""
+    data = dict(arch)
+    model_type = data.pop("model_type", None)
+    if not model_type:
+        raise ConfigError(f"{key}: the recorded architecture has no model_type")
+    try:
+        return AutoConfig.for_model(model_type, **data)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{key}: cannot rebuild a {model_type!r} config ({_first_line(exc)})") from None
+
+
+def arch_of(config: PretrainedConfig) -> dict[str, Any]:
+    """What ``arch`` records of a loaded part: its config as a plain dict."""
+    data = config.to_dict()
+    for noise in ("transformers_version", "_name_or_path", "dtype", "torch_dtype"):
+        data.pop(noise, None)
+    return data
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
