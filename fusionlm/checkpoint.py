@@ -106,17 +106,22 @@ def load_weights(model: torch.nn.Module, file: str | Path) -> None:
         state = load_file(str(file))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{file}: not a readable safetensors file ({exc})") from None
+    load_state(model, state, str(file))
+
+
+def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """Copy ``state`` into ``model``: every weight present, none unknown, every shape right."""
     expected = model.state_dict()
     wanted = _unique_state(model)
     missing = [k for k in wanted if k not in state]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
         what = f"missing key {missing[0]!r}" if missing else f"unexpected key {unexpected[0]!r}"
-        raise CheckpointError(f"{file}: {what} ({len(missing)} missing, {len(unexpected)} unexpected)")
+        raise CheckpointError(f"{where}: {what} ({len(missing)} missing, {len(unexpected)} unexpected)")
     for name, tensor in state.items():
         if tuple(tensor.shape) != tuple(expected[name].shape):
             raise CheckpointError(
-                f"{file}: {name} has shape {tuple(tensor.shape)}, the model expects {tuple(expected[name].shape)}"
+                f"{where}: {name} has shape {tuple(tensor.shape)}, the model expects {tuple(expected[name].shape)}"
             )
     with torch.no_grad():
         for name, tensor in state.items():

@@ -1,4 +1,4 @@
-"""The `fusionlm` command: data | train | generate | eval | demo | recipes.
+"""The `fusionlm` command: data | train | generate | eval | demo | import | export | recipes.
 
 User errors (a bad file, key or sample) print one line naming it and exit with status 2; nothing
 already written is touched.
@@ -39,7 +39,7 @@ def cmd_train(args) -> None:
     from .config import load_recipe
     from .train.loop import train
 
-    config = load_recipe(args.recipe, args.set)
+    config = load_recipe(args.recipe, args.set + ([f"train.init_from={args.init}"] if args.init else []))
     progress = train(config, args.out, resume=args.resume)
     print(f"done: {progress.step} steps, {progress.samples_trained} samples trained, skipped {progress.skipped}; "
           f"checkpoints in {Path(args.out) / 'checkpoints'}")
@@ -88,6 +88,18 @@ def cmd_demo(args) -> None:
     run_demo(args.out, args.set)
 
 
+def cmd_import(args) -> None:
+    from .interop import import_checkpoint
+
+    import_checkpoint(args.source, args.out, dtype=args.dtype, allow_custom_code=args.allow_custom_code)
+
+
+def cmd_export(args) -> None:
+    from .interop import export_checkpoint
+
+    export_checkpoint(args.checkpoint, args.out, args.format)
+
+
 def cmd_recipes(args) -> None:
     from .config import shipped_recipes
 
@@ -112,6 +124,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True)
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a dotted key")
     t.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --out")
+    t.add_argument("--init", metavar="CHECKPOINT", help="start from this checkpoint's model and weights "
+                   "(e.g. an imported LLaVA); the same as --set train.init_from=CHECKPOINT")
     t.set_defaults(fn=cmd_train)
 
     g = sub.add_parser("generate", help="answer a prompt about images")
@@ -136,6 +150,19 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--out", default="runs/demo")
     m.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     m.set_defaults(fn=cmd_demo)
+
+    i = sub.add_parser("import", help="convert a transformers LLaVA / Mllama / Fuyu checkpoint to a fusionlm one")
+    i.add_argument("source", help="a checkpoint directory or a hub id")
+    i.add_argument("out")
+    i.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    i.add_argument("--allow-custom-code", action="store_true", help="let the checkpoint's own code (auto_map) run")
+    i.set_defaults(fn=cmd_import)
+
+    x = sub.add_parser("export", help="write a fusionlm checkpoint in a transformers format")
+    x.add_argument("checkpoint", help="a checkpoint or a run directory (its latest checkpoint)")
+    x.add_argument("out")
+    x.add_argument("--format", required=True, choices=["llava", "mllama", "fuyu"])
+    x.set_defaults(fn=cmd_export)
 
     r = sub.add_parser("recipes", help="list the shipped recipes")
     r.set_defaults(fn=cmd_recipes)

@@ -47,6 +47,8 @@ class ConnectorConfig:
 
     kind: str = "mlp"
     hidden_size: int | None = None  # MLP width; default: the LLM width
+    act: str = "gelu"  # MLP activation, a transformers ACT2FN name
+    bias: bool = True
 
 
 @dataclass

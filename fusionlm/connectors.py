@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.activations import ACT2FN
 
 from .config import ConnectorConfig
+from .errors import ConfigError
 from .registry import Registry
 
 CONNECTORS: Registry[type["Connector"]] = Registry("connector", "model.connector.kind")
@@ -28,7 +30,7 @@ class LinearConnector(Connector):
 
     def __init__(self, config: ConnectorConfig, in_dim: int, out_dim: int, grid: tuple[int, int]):
         super().__init__(config, in_dim, out_dim, grid)
-        self.proj = nn.Linear(in_dim, out_dim)
+        self.proj = nn.Linear(in_dim, out_dim, bias=config.bias)
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         return self.proj(feats)  # (I, N, D_llm)
@@ -36,18 +38,20 @@ class LinearConnector(Connector):
 
 @CONNECTORS.register("mlp")
 class MLPConnector(Connector):
-    """Two layers with a GELU between them (LLaVA-1.5)."""
+    """Two layers with an activation (GELU by default) between them (LLaVA-1.5)."""
 
     def __init__(self, config: ConnectorConfig, in_dim: int, out_dim: int, grid: tuple[int, int]):
         super().__init__(config, in_dim, out_dim, grid)
         hidden = config.hidden_size or out_dim
-        self.linear_1 = nn.Linear(in_dim, hidden)
-        self.act = nn.GELU()
-        self.linear_2 = nn.Linear(hidden, out_dim)
+        self.linear_1 = nn.Linear(in_dim, hidden, bias=config.bias)
+        self.act = ACT2FN[config.act]
+        self.linear_2 = nn.Linear(hidden, out_dim, bias=config.bias)
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         return self.linear_2(self.act(self.linear_1(feats)))  # (I, N, D_llm)
 
 
 def build_connector(config: ConnectorConfig, in_dim: int, out_dim: int, grid: tuple[int, int]) -> Connector:
+    if config.act not in ACT2FN:
+        raise ConfigError(f"model.connector.act: unknown activation {config.act!r} (e.g. gelu, silu, relu)")
     return CONNECTORS.get(config.kind)(config, in_dim, out_dim, grid)

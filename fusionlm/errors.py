@@ -23,3 +23,7 @@ class SampleError(FusionError):
 
 class CheckpointError(FusionError):
     """A checkpoint is missing, incomplete, or holds unexpected keys or shapes."""
+
+
+class ExportError(FusionError):
+    """A model's structure does not fit the checkpoint format it is being exported to."""

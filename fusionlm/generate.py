@@ -57,11 +57,17 @@ def next_tokens(logits: torch.Tensor, temperature: float, top_p: float, generato
     return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=generator).squeeze(-1)
 
 
+def generate(model: FusionLM, tokenizer, requests: list[Request], images: ImageSpec, **kwargs) -> list[str]:
+    """Answers for a batch of requests, in order (``generate_ids``' tokens, decoded)."""
+    out = generate_ids(model, tokenizer, requests, images, **kwargs)
+    return out
+
+
 @torch.no_grad()
-def generate(model: FusionLM, tokenizer, requests: list[Request], images: ImageSpec, *, max_new_tokens: int = 32,
-             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, use_cache: bool = True,
-             max_length: int | None = None) -> list[str]:
-    """Answers for a batch of requests, in order.
+def generate_ids(model: FusionLM, tokenizer, requests: list[Request], images: ImageSpec, *, max_new_tokens: int = 32,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, use_cache: bool = True,
+                 max_length: int | None = None) -> list[list[int]]:
+    """The new token ids of each request, without the end-of-turn token.
 
     Raises:
         SampleError: a prompt whose ``<image>`` count differs from its images, or that does not
@@ -117,4 +123,4 @@ def generate(model: FusionLM, tokenizer, requests: list[Request], images: ImageS
         step_ids = token[:, None]  # (B, 1)
         seq = torch.cat([seq, step_ids], dim=1)
         mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
-    return [tokenizer.decode(t, skip_special_tokens=True).strip() for t in out]
+    return out

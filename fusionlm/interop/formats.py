@@ -1,0 +1,152 @@
+"""What every checkpoint format shares: the registry, weight renaming, and the import/export flows."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoImageProcessor, GenerationConfig, PretrainedConfig, PreTrainedModel
+
+from ..checkpoint import build_model, load_model, load_state, save_model
+from ..config import ModelConfig, RecipeConfig
+from ..data.processing import processor_settings
+from ..data.tokenizer import load_any_tokenizer, prepare_tokenizer
+from ..errors import CheckpointError, ConfigError, ExportError
+from ..hub import check_custom_code, torch_dtype
+from ..model import FusionLM
+from ..registry import Registry
+
+
+class Format:
+    """One transformers model class, both ways.
+
+    ``renames`` pairs a prefix of fusionlm's weight names with the format's, first match wins.
+    """
+
+    name: str
+    model_type: str
+    renames: list[tuple[str, str]]
+
+    def hf_class(self) -> type[PreTrainedModel]:
+        raise NotImplementedError
+
+    # --- import
+    def recipe(self, hf_config: PretrainedConfig, processor: dict[str, Any] | None, tokenizer) -> ModelConfig:
+        """The model section of a recipe that rebuilds this checkpoint."""
+        raise NotImplementedError
+
+    # --- export
+    def check(self, model: FusionLM) -> None:
+        """Raise ``ExportError`` saying what of ``model`` does not fit this format."""
+        raise NotImplementedError
+
+    def hf_config(self, model: FusionLM) -> PretrainedConfig:
+        raise NotImplementedError
+
+    def processor(self, model: FusionLM, tokenizer):
+        """The transformers processor to save next to the exported weights."""
+        raise NotImplementedError
+
+    # --- weights
+    def to_ours(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {rename(k, [(theirs, ours) for ours, theirs in self.renames]): v for k, v in state.items()}
+
+    def to_theirs(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {rename(k, self.renames): v for k, v in state.items()}
+
+
+def rename(name: str, pairs: list[tuple[str, str]]) -> str:
+    for old, new in pairs:
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
+
+
+class FormatRegistry(Registry[Format]):
+    def for_model_type(self, model_type: str, source: str) -> Format:
+        for name in self.names():
+            fmt = self.get(name)
+            if fmt.model_type == model_type:
+                return fmt
+        known = ", ".join(f"{self.get(n).model_type} ({n})" for n in self.names())
+        raise ConfigError(f"{source}: cannot import a {model_type!r} checkpoint (known model types: {known})")
+
+
+FORMATS = FormatRegistry("format", "--format")
+
+
+def register(fmt: Format) -> Format:
+    FORMATS.register(fmt.name)(fmt)
+    return fmt
+
+
+# ----------------------------------------------------------------------------- import
+
+
+def import_checkpoint(source: str, out: str | Path, *, dtype: str = "float32", allow_custom_code: bool = False,
+                      log=print) -> Path:
+    """Convert a transformers checkpoint (a directory or a hub id) into a fusionlm checkpoint at ``out``."""
+    if Path(source).is_dir() and not (Path(source) / "config.json").is_file():
+        what = " (it is a fusionlm checkpoint already)" if (Path(source) / "config.yaml").is_file() else ""
+        raise ConfigError(f"{source}: no transformers config.json here{what}")
+    check_custom_code(source, allow=allow_custom_code, key="import")
+    raw, _ = PretrainedConfig.get_config_dict(source)
+    fmt = FORMATS.for_model_type(raw.get("model_type", "?"), source)
+    log(f"{source}: a {fmt.name} checkpoint; loading it with transformers' {fmt.hf_class().__name__}")
+    hf = fmt.hf_class().from_pretrained(source, dtype=torch_dtype(dtype), trust_remote_code=allow_custom_code)
+    tokenizer = load_any_tokenizer(source, allow_custom_code=allow_custom_code)
+    config = RecipeConfig(model=fmt.recipe(hf.config, _image_processor(source), tokenizer))
+    config.model.encoder.dtype = config.model.llm.dtype = dtype
+    tcfg = config.model.tokenizer
+    tokenizer = prepare_tokenizer(tokenizer, image_token=tcfg.image_token, newline_token=tcfg.newline_token,
+                                  need_newline=config.model.fusion.kind == "fuyu")
+    model = build_model(config, tokenizer, pretrained=False)
+    load_state(model, fmt.to_ours(hf.state_dict()), source)
+    path = save_model(model.eval(), tokenizer, config, out)
+    log(f"wrote {path}")
+    return path
+
+
+def _image_processor(source: str) -> dict[str, Any] | None:
+    try:
+        return processor_settings(AutoImageProcessor.from_pretrained(source, backend="pil"))
+    except (OSError, ValueError):
+        return None  # no preprocessor_config.json: images are letterboxed
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, format_name: str, *, log=print) -> Path:
+    """Write ``checkpoint`` as a directory transformers' class for ``format_name`` loads."""
+    fmt = FORMATS.get(format_name)
+    model, tokenizer, _ = load_model(checkpoint)
+    fmt.check(model)
+    hf = fmt.hf_class()(fmt.hf_config(model))
+    state = fmt.to_theirs(model.state_dict())
+    expected = hf.state_dict()
+    missing = [k for k in expected if k not in state]
+    extra = [k for k in state if k not in expected]
+    if missing or extra:
+        what = f"{missing[0]!r} has no counterpart" if missing else f"{extra[0]!r} has no place in {format_name}"
+        raise ExportError(f"{checkpoint}: {what} ({len(missing)} missing, {len(extra)} left over)")
+    try:
+        load_state(hf, state, f"{format_name} export")
+    except CheckpointError as exc:
+        raise ExportError(str(exc)) from None
+    hf.tie_weights()
+    ids = model.ids
+    hf.generation_config = GenerationConfig(eos_token_id=ids.end, pad_token_id=ids.pad)
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    hf.save_pretrained(str(tmp))
+    fmt.processor(model, tokenizer).save_pretrained(str(tmp))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    log(f"wrote {out} ({format_name}: load it with transformers' {fmt.hf_class().__name__}.from_pretrained)")
+    return out

@@ -1,0 +1,70 @@
+"""Tiny random transformers checkpoints, written with ``save_pretrained`` (never downloaded).
+
+Each builder returns the directory; the tokenizer is a small byte-level BPE trained here with
+the format's special tokens, so every id the model sees is real.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+CORPUS = [
+    "What color is the square? The square is red.", "Describe the image in one sentence.",
+    "A small blue circle next to a green triangle.", "How many shapes are there? There are three shapes.",
+    "USER: ASSISTANT: the answer is yes no maybe left right top bottom",
+] * 20
+
+
+def tiny_tokenizer(specials: list[str], *, vocab_size: int = 300, **named) -> PreTrainedTokenizerFast:
+    """A BPE tokenizer whose first ids are ``specials``; ``named`` maps roles (bos_token…) to them."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS, trainer=trainer)
+    rest = [s for s in specials if s not in named.values()]
+    return PreTrainedTokenizerFast(tokenizer_object=tok, additional_special_tokens=rest, **named)
+
+
+LLAVA_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}USER: {{ m['content'] }} {% else %}ASSISTANT: "
+    "{{ m['content'] }}</s>{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+def llava_checkpoint(path: Path, *, tower: str = "clip", feature_layer: int = -2, strategy: str = "default",
+                     kv_heads: int = 2, image_size: int = 32, seed: int = 0) -> Path:
+    from transformers import (
+        CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
+        LlavaProcessor, SiglipImageProcessorPil, SiglipVisionConfig,
+    )
+
+    tokenizer = tiny_tokenizer(["<unk>", "<s>", "</s>", "<pad>", "<image>"], unk_token="<unk>", bos_token="<s>",
+                               eos_token="</s>", pad_token="<pad>")
+    tokenizer.chat_template = LLAVA_TEMPLATE
+    vision_kw = dict(image_size=image_size, patch_size=8, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                     intermediate_size=64)
+    if tower == "clip":
+        vision = CLIPVisionConfig(**vision_kw)
+        images = CLIPImageProcessorPil(size={"shortest_edge": image_size},
+                                       crop_size={"height": image_size, "width": image_size})
+    else:
+        vision = SiglipVisionConfig(**vision_kw)
+        images = SiglipImageProcessorPil(size={"height": image_size, "width": image_size})
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=256,
+                       pad_token_id=tokenizer.pad_token_id, bos_token_id=1, eos_token_id=2)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                         vision_feature_layer=feature_layer, vision_feature_select_strategy=strategy)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    model.save_pretrained(path)
+    extra = 1 if tower == "clip" else 0
+    LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy=strategy,
+                   chat_template=LLAVA_TEMPLATE, num_additional_image_tokens=extra).save_pretrained(path)
+    return Path(path)
