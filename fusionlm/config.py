@@ -139,6 +139,9 @@ class StageConfig:
     """One training stage: what trains, on which mixture, for how long."""
 
     name: str = "stage"
+    # This stage only makes a part that a real run downloads (``llm`` or ``encoder``): it is
+    # skipped when that part is pretrained (its ``hf`` is set, or the run starts from ``init_from``).
+    stand_in_for: str | None = None
     objective: str = "lm"  # lm (next-token loss on targets) | contrastive (image-text alignment)
     train: list[str] = field(default_factory=lambda: ["connector"])
     mixture: dict[str, float] = field(default_factory=lambda: {"caption": 1.0})
@@ -374,6 +377,8 @@ def validate(config: RecipeConfig) -> RecipeConfig:
             raise ConfigError(f"stages.{i}.lr_scale: unknown part {bad[0]!r} (parts: {', '.join(TRAINABLE_GROUPS[:-1])})")
         if stage.objective not in ("lm", "contrastive"):
             raise ConfigError(f"stages.{i}.objective: unknown objective {stage.objective!r} (known: lm, contrastive)")
+        if stage.stand_in_for not in (None, "llm", "encoder"):
+            raise ConfigError(f"stages.{i}.stand_in_for: {stage.stand_in_for!r} is not one of llm, encoder")
         if not stage.train:
             raise ConfigError(f"stages.{i}.train: name at least one part ({', '.join(TRAINABLE_GROUPS)}) or a glob")
     return config

@@ -15,7 +15,7 @@ from transformers import (
 )
 
 from .config import EncoderConfig
-from .data.processing import ImageBatch
+from .data.processing import ImageBatch, pretrained_processor
 from .errors import ConfigError
 from .hub import arch_of, config_from_arch, load_pretrained, torch_dtype
 from .registry import Registry
@@ -26,6 +26,7 @@ ENCODERS: Registry[type["ImageEncoder"]] = Registry("encoder", "model.encoder.ki
 class ImageEncoder(nn.Module):
     out_dim: int
     grid: tuple[int, int]
+    image_size: int  # the side of a letterboxed input
     has_cls: bool = False
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
@@ -57,10 +58,13 @@ class _HFVisionTower(ImageEncoder):
             self.tower = load_pretrained(self.model_cls, config.hf, dtype=config.dtype,
                                          allow_custom_code=config.allow_custom_code, key="model.encoder.hf")
             config.arch = arch_of(self.tower.config)
+            if config.preprocess == "hf" and config.processor is None:
+                config.processor = pretrained_processor(config.hf)
         else:
             self.tower = self.model_cls._from_config(self._tiny_config(config), dtype=torch_dtype(config.dtype))
         vision = self.tower.config
         self.out_dim = vision.hidden_size
+        self.image_size = vision.image_size  # the tower's own: a pretrained one may differ from the recipe's
         side = vision.image_size // vision.patch_size
         self.grid = (side, side)
 
@@ -149,6 +153,7 @@ class PatchEncoder(ImageEncoder):
     def __init__(self, config: EncoderConfig, *, pretrained: bool = True):
         super().__init__(config)
         p = config.patch_size
+        self.image_size = config.image_size
         self.out_dim = 3 * p * p
         side = config.image_size // p
         self.grid = (side, side)

@@ -60,7 +60,7 @@ def next_tokens(logits: torch.Tensor, temperature: float, top_p: float, generato
 def generate(model: FusionLM, tokenizer, requests: list[Request], images: ImageSpec, **kwargs) -> list[str]:
     """Answers for a batch of requests, in order (``generate_ids``' tokens, decoded)."""
     out = generate_ids(model, tokenizer, requests, images, **kwargs)
-    return out
+    return [tokenizer.decode(t, skip_special_tokens=True).strip() for t in out]
 
 
 @torch.no_grad()

@@ -68,3 +68,53 @@ def llava_checkpoint(path: Path, *, tower: str = "clip", feature_layer: int = -2
     LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy=strategy,
                    chat_template=LLAVA_TEMPLATE, num_additional_image_tokens=extra).save_pretrained(path)
     return Path(path)
+
+
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+
+def llm_checkpoint(path: Path, family: str = "llama", *, chat_template: bool = True, seed: int = 0) -> Path:
+    """A tiny pretrained-style causal LM with its own tokenizer (no image token in it)."""
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
+
+    tokenizer = tiny_tokenizer(["<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"],
+                               bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
+    if chat_template:
+        tokenizer.chat_template = LLAMA3_TEMPLATE
+    n = len(tokenizer)
+    if family == "gpt2":
+        config = GPT2Config(vocab_size=n, n_embd=64, n_layer=4, n_head=4, n_positions=256, bos_token_id=0,
+                            eos_token_id=1)
+    else:
+        cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[family]
+        config = cls(vocab_size=n, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                     num_key_value_heads=2, max_position_embeddings=256, bos_token_id=0, eos_token_id=1,
+                     tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return Path(path)
+
+
+def tower_checkpoint(path: Path, kind: str = "siglip", *, image_size: int = 32, seed: int = 0) -> Path:
+    """A tiny pretrained-style vision tower with its image processor."""
+    from transformers import (
+        CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel, SiglipImageProcessorPil, SiglipVisionConfig,
+        SiglipVisionModel,
+    )
+
+    kw = dict(image_size=image_size, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+              intermediate_size=64)
+    torch.manual_seed(seed)
+    if kind == "siglip":
+        SiglipVisionModel(SiglipVisionConfig(**kw)).save_pretrained(path)
+        SiglipImageProcessorPil(size={"height": image_size, "width": image_size}).save_pretrained(path)
+    else:
+        CLIPVisionModel(CLIPVisionConfig(**kw)).save_pretrained(path)
+        CLIPImageProcessorPil(size={"shortest_edge": image_size},
+                              crop_size={"height": image_size, "width": image_size}).save_pretrained(path)
+    return Path(path)

@@ -91,6 +91,17 @@ def hf_image_processor(settings: dict[str, Any]):
     return cls.from_dict({k: v for k, v in settings.items() if k != "image_processor_type"})
 
 
+def pretrained_processor(source: str) -> dict[str, Any]:
+    """The settings of a checkpoint's own image processor (a directory or a hub id)."""
+    from transformers import AutoImageProcessor
+
+    try:
+        return processor_settings(AutoImageProcessor.from_pretrained(source, backend="pil"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"model.encoder.preprocess: {source!r} has no image processor to use "
+                          f"({str(exc).splitlines()[0]}); use preprocess: letterbox") from None
+
+
 def processor_settings(processor) -> dict[str, Any]:
     """What the recipe records of an image processor: its JSON settings (YAML-safe)."""
     return json.loads(processor.to_json_string())
@@ -117,7 +128,7 @@ class ImageSpec:
             if not enc.processor:
                 raise ConfigError("model.encoder.processor: preprocess is 'hf' but no processor settings are recorded")
             hf = hf_image_processor(enc.processor)
-        return cls(size=enc.image_size, mean=model.encoder.mean, std=model.encoder.std, root=root,
+        return cls(size=model.encoder.image_size, mean=model.encoder.mean, std=model.encoder.std, root=root,
                    max_pixels=config.data.max_image_pixels, grid=model.encoder.grid, hf=hf)
 
     def pixels(self, source: Any) -> torch.Tensor:

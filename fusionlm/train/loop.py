@@ -161,8 +161,16 @@ class Trainer:
         return iter(torch.utils.data.DataLoader(dataset, sampler=order, batch_size=None, num_workers=workers,
                                                 prefetch_factor=4, persistent_workers=False))
 
+    def pretrained(self, part: str) -> bool:
+        """Whether ``part`` (llm or encoder) came pretrained: from ``hf`` or from ``init_from``."""
+        section = getattr(self.config.model, part)
+        return bool(section.hf or self.config.train.init_from)
+
     def _run_stage(self, index: int) -> None:
         stage = self.config.stages[index]
+        if stage.stand_in_for and self.pretrained(stage.stand_in_for):
+            self.log(f"stage {index} ({stage.name}): skipped, the {stage.stand_in_for} is pretrained")
+            return
         self.log(f"stage {index} ({stage.name}): {stage.steps} steps, training {', '.join(stage.train)}")
         params = apply_trainable(self.model, stage.train, key=f"stages.{index}.train", log=self.log)
         groups = param_groups(self.model, params, stage.lr, stage.lr_scale)
