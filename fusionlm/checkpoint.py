@@ -21,6 +21,7 @@ from .data.chat import end_of_turn
 from .data.layout import SpecialIds
 from .data.tokenizer import load_tokenizer
 from .errors import CheckpointError, ConfigError
+from .device import resolve_device
 from .model import FusionLM
 
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.yaml", "tokenizer"
@@ -156,8 +157,9 @@ def required_tokens(config: RecipeConfig) -> list[str] | None:
     return [tcfg.image_token] + ([tcfg.newline_token] if config.model.fusion.kind == "fuyu" else [])
 
 
-def load_model(path: str | Path) -> tuple[FusionLM, object, RecipeConfig]:
-    """(model, tokenizer, config) from a checkpoint or a run directory; the model is in eval mode."""
+def load_model(path: str | Path, *, device: str = "cpu") -> tuple[FusionLM, object, RecipeConfig]:
+    """(model, tokenizer, config) from a checkpoint or a run directory; the model is in eval mode
+    on ``device`` (``auto``: a GPU when there is one)."""
     ckpt = resolve_checkpoint(path)
     for name in (CONFIG, TOKENIZER):
         if not (ckpt / name).exists():
@@ -166,5 +168,5 @@ def load_model(path: str | Path) -> tuple[FusionLM, object, RecipeConfig]:
     tokenizer = load_tokenizer(ckpt / TOKENIZER, required_tokens(config))
     model = build_model(config, tokenizer, pretrained=False)
     load_weights(model, ckpt / WEIGHTS)
-    model.eval()
+    model.eval().to(resolve_device(device))
     return model, tokenizer, config

@@ -49,7 +49,7 @@ def _load(checkpoint: str):
     from .checkpoint import load_model
     from .data.batches import ImageSpec
 
-    model, tokenizer, config = load_model(checkpoint)
+    model, tokenizer, config = load_model(checkpoint, device="auto")
     return model, tokenizer, config, ImageSpec.for_model(model, config)
 
 

@@ -126,6 +126,7 @@ class TrainConfig:
     init_from: str | None = None  # start from this fusionlm checkpoint's model, tokenizer and weights
     checkpoint_every: int = 0  # optimizer steps; 0 = only at the end of each stage
     keep_checkpoints: int = 2
+    device: str = "auto"  # auto (a GPU when there is one) | cpu | cuda | cuda:N | mps
     bf16: bool = False  # bf16 autocast for the forward pass
     grad_clip: float = 1.0
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops

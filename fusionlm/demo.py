@@ -22,7 +22,7 @@ def run_demo(out: str | Path, overrides: list[str] | None = None, *, recipe: str
     train(config, out / "run")
     trained = time.perf_counter() - started
 
-    model, tokenizer, config = load_model(out / "run")
+    model, tokenizer, config = load_model(out / "run", device="auto")
     source = build_source(config.data)
     spec = ImageSpec.for_model(model, config, root=source.root)
     print(f"evaluating on the test split ({config.train.eval_per_task} samples per task)")

@@ -15,6 +15,7 @@ from .data.processing import ImageBatch, ImageSpec
 from .data.chat import SkipSample, encode
 from .data.sample import IMAGE_TOKEN, Sample
 from .errors import SampleError
+from .device import model_device
 from .model import FusionLM
 
 
@@ -90,12 +91,14 @@ def generate_ids(model: FusionLM, tokenizer, requests: list[Request], images: Im
     budget = min(max_new_tokens, max_length - ids.shape[1])
     if budget <= 0:
         raise SampleError(f"the prompt takes {ids.shape[1]} tokens, leaving no room in the context of {max_length}")
+    device = model_device(model)
+    ids, mask = ids.to(device), mask.to(device)
     batch = ImageBatch.collate(pixels)
-    ctx = model.encode_images(batch, ids) if batch is not None else None
-    generator = torch.Generator().manual_seed(seed) if temperature > 0 else None
+    ctx = model.encode_images(batch.to(device), ids) if batch is not None else None
+    generator = torch.Generator(device).manual_seed(seed) if temperature > 0 else None
     end = model.ids.end
-    never = torch.tensor(sorted({model.ids.image, model.ids.newline}))
-    done = torch.zeros(len(rows), dtype=torch.bool)
+    never = torch.tensor(sorted({model.ids.image, model.ids.newline}), device=device)
+    done = torch.zeros(len(rows), dtype=torch.bool, device=device)
     out: list[list[int]] = [[] for _ in rows]
     seq, past = ids, None
     step_ids = ids
@@ -108,16 +111,18 @@ def generate_ids(model: FusionLM, tokenizer, requests: list[Request], images: Im
             past = result.past_key_values
         else:
             result = model(seq, attention_mask=mask, position_ids=position_ids, images=ctx)
-        # An image token has no image behind it: generating one would break the next step.
-        logits = result.logits[:, -1].index_fill(-1, never, float("-inf"))  # (B, V)
+        # An image token has no image behind it: generating one would break the next step. (Llama 3.2
+        # Vision's lies past the LM head's rows: it cannot be generated at all.)
+        logits = result.logits[:, -1]  # (B, V)
+        logits = logits.index_fill(-1, never[never < logits.shape[-1]], float("-inf"))
         token = next_tokens(logits, temperature, top_p, generator)  # (B,)
         token = torch.where(done, torch.full_like(token, tokenizer.pad_token_id), token)
-        for i in range(len(rows)):
+        for i, t in enumerate(token.tolist()):
             if not done[i]:
-                if int(token[i]) == end:
+                if t == end:
                     done[i] = True
                 else:
-                    out[i].append(int(token[i]))
+                    out[i].append(t)
         if bool(done.all()):
             break
         step_ids = token[:, None]  # (B, 1)

@@ -61,6 +61,14 @@ class Batch:
     def pixel_values(self) -> ImageBatch | None:
         return self.images
 
+    def to(self, device: torch.device) -> "Batch":
+        if self.input_ids.device == device:
+            return self
+        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        return Batch(move(self.input_ids), move(self.labels), move(self.attention_mask),
+                     None if self.images is None else self.images.to(device), self.sample_ids, self.tasks,
+                     self.skipped)
+
     @property
     def num_images(self) -> int:
         return 0 if self.images is None else len(self.images)

@@ -21,6 +21,7 @@ from ..checkpoint import (
 from ..config import RecipeConfig, StageConfig, load_config, save_config
 from ..data.batches import Batch, ImageSpec, MixtureBatches, check_mixture
 from ..data.sources import build_source
+from ..device import resolve_device
 from ..data.tokenizer import load_any_tokenizer, load_tokenizer, prepare_tokenizer, train_tokenizer
 from ..errors import CheckpointError, FusionError
 from .objectives import loss_for
@@ -80,14 +81,16 @@ class Trainer:
         random.seed(config.train.seed)
         self.model = build_model(config, self.tokenizer, pretrained=ckpt is None and init is None)
         self._check_stages()
+        self.device = resolve_device(config.train.device)
         self.resume_state = None
         if init is not None:
             load_weights(self.model, init / WEIGHTS)
         if ckpt is not None:
             load_weights(self.model, ckpt / WEIGHTS)
             self.progress = Progress(**json.loads((ckpt / TRAINER_STATE).read_text()))
-            self.resume_state = torch.load(ckpt / OPTIMIZER_STATE, weights_only=True)
+            self.resume_state = torch.load(ckpt / OPTIMIZER_STATE, weights_only=True, map_location="cpu")
             log(f"resuming from {ckpt} (step {self.progress.step})")
+        self.model.to(self.device)
         save_config(config, self.out / "config.yaml")
         self.images = ImageSpec.for_model(self.model, config, root=self.source.root)
         self.metrics_path = self.out / "metrics.jsonl"
@@ -211,7 +214,8 @@ class Trainer:
             self._count(batch)
             if not finite or not batch.sample_ids:
                 continue
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.train.bf16):
+            batch = batch.to(self.device)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.train.bf16):
                 loss = loss_for(stage.objective)(self.model, batch) / stage.grad_accum
             if not torch.isfinite(loss):
                 finite = False
