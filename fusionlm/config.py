@@ -9,6 +9,7 @@ is saved next to the weights, and a model is rebuilt from it alone.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -167,6 +168,9 @@ class RecipeConfig:
 # ----------------------------------------------------------------------------- dict <-> dataclass
 
 
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -205,6 +209,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         return {_convert(k, kt, key): _convert(v, vt, f"{key}.{k}") for k, v in value.items()}
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads 1e-2 (no dot) as a string
     if tp in (int, float) and isinstance(value, bool):
         raise ConfigError(f"{key}: expected {tp.__name__}, got bool {value!r}")
     if not isinstance(value, tp):

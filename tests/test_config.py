@@ -309,3 +309,12 @@ def test_cli_subprocess_exit_2_without_traceback(tmp_path):
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "model.connector.kind" in lines[0] and "'foo'" in lines[0], proc.stderr
+
+
+def test_exponent_floats_without_a_dot_are_floats():
+    """YAML 1.1 reads ``1e-2`` as a string; a float key takes it as 0.01 (in files and --set alike)."""
+    from fusionlm.config import from_dict
+
+    assert from_dict({"stages": [{"lr": "1e-2"}]}).stages[0].lr == 0.01
+    with pytest.raises(ConfigError, match=r"stages\.0\.lr: expected float, got str 'fast'"):
+        from_dict({"stages": [{"lr": "fast"}]})

@@ -173,3 +173,28 @@ def test_cli_import_and_export(tmp_path, capsys):
     assert (tmp_path / "back" / "config.json").is_file()
     assert main(["import", str(tmp_path / "ours"), str(tmp_path / "again")]) == 2  # a fusionlm dir: no config.json
     assert "no transformers config.json here (it is a fusionlm checkpoint already)" in capsys.readouterr().err
+
+
+def test_walkthrough_fine_tune_an_imported_llava_and_export_it_back(tmp_path, capsys):
+    """README walk-through 1, command by command: import, own data, fine-tune, generate, export."""
+    from helpers_train import weights
+
+    src = llava_checkpoint(tmp_path / "llava-hf")
+    assert main(["import", str(src), str(tmp_path / "llava")]) == 0
+    assert main(["data", "--out", str(tmp_path / "mydata"), "--n", "4", "--tasks", "color", "shape",
+                 "--image-size", "32"]) == 0
+    assert main(["train", "finetune", "--init", str(tmp_path / "llava"), "--out", str(tmp_path / "ft"),
+                 "--set", f"data.source={tmp_path / 'mydata' / 'data.json'}", "--set", "stages.0.steps=2",
+                 "--set", "stages.0.batch_size=2", "--set", "stages.0.grad_accum=1", "--set", "stages.0.lr=1e-2"]) == 0
+    before, after = weights(tmp_path / "llava"), weights(sorted((tmp_path / "ft" / "checkpoints").iterdir())[-1])
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("encoder."))  # frozen tower
+    assert not torch.equal(before["connector.linear_1.weight"], after["connector.linear_1.weight"])
+    image = tmp_path / "mydata" / "images" / sorted((tmp_path / "mydata" / "images").iterdir())[0].name
+    assert main(["generate", "--checkpoint", str(tmp_path / "ft"), "--image", str(image), "--prompt",
+                 "What color is it?", "--max-new-tokens", "3"]) == 0
+    assert main(["export", str(tmp_path / "ft"), str(tmp_path / "ft-hf"), "--format", "llava"]) == 0
+    back = LlavaForConditionalGeneration.from_pretrained(tmp_path / "ft-hf").eval()
+    model, tokenizer, _ = load_model(tmp_path / "ft")
+    inputs = processor_inputs(LlavaProcessor.from_pretrained(tmp_path / "ft-hf"), tokenizer, PROMPTS[:1])
+    with torch.no_grad():
+        assert (back(**inputs).logits - our_logits(model, inputs)).abs().max() <= TOL

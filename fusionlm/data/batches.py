@@ -95,12 +95,19 @@ def pad_right(encoded: list[Encoded], pad_id: int) -> tuple[torch.Tensor, torch.
     return ids, labels, mask
 
 
-def check_mixture(mixture: dict[str, float], source: SampleSource, *, key: str) -> None:
-    """Every task a mixture names must exist in the data."""
+ALL_TASKS = "*"  # in a mixture: every task of the data not named on its own, each with this weight
+
+
+def check_mixture(mixture: dict[str, float], source: SampleSource, *, key: str) -> dict[str, float]:
+    """Every task a mixture names must exist in the data; returns the mixture with ``*`` expanded."""
     known = source.tasks()
-    unknown = [t for t in mixture if t not in known]
+    unknown = [t for t in mixture if t not in known and t != ALL_TASKS]
     if unknown:
         raise ConfigError(f"{key}: unknown task {unknown[0]!r} (this data has: {', '.join(known)})")
+    expanded = {t: w for t, w in mixture.items() if t != ALL_TASKS}
+    if ALL_TASKS in mixture:
+        expanded.update({t: mixture[ALL_TASKS] for t in known if t not in mixture})
+    return expanded
 
 
 class MixtureBatches(torch.utils.data.Dataset):
@@ -109,7 +116,7 @@ class MixtureBatches(torch.utils.data.Dataset):
     def __init__(self, source: SampleSource, mixture: dict[str, float], *, seed: int, stage: int,
                  batch_size: int, tokenizer, layout: ImageLayout, max_length: int, images: ImageSpec,
                  image_token: str, end_token: str, split: str = "train"):
-        check_mixture(mixture, source, key=f"stages.{stage}.mixture")
+        mixture = check_mixture(mixture, source, key=f"stages.{stage}.mixture")
         self.source, self.split = source, split
         self.task_names = [t for t, w in mixture.items() if w > 0]
         self.weights = [mixture[t] for t in self.task_names]
