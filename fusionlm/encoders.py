@@ -45,6 +45,7 @@ class _HFVisionTower(ImageEncoder):
 
     model_cls: type
     config_cls: type
+    model_types: tuple[str, ...]  # checkpoints this kind loads: the tower alone or the full model
     extra_config: dict = {}  # config fields a fresh (random) tower of this kind sets
 
     def __init__(self, config: EncoderConfig, *, pretrained: bool = True):
@@ -56,7 +57,8 @@ class _HFVisionTower(ImageEncoder):
             self.tower = self.model_cls._from_config(arch, dtype=torch_dtype(config.dtype))
         elif config.hf:
             self.tower = load_pretrained(self.model_cls, config.hf, dtype=config.dtype,
-                                         allow_custom_code=config.allow_custom_code, key="model.encoder.hf")
+                                         allow_custom_code=config.allow_custom_code, key="model.encoder.hf",
+                                         model_types=self.model_types)
             config.arch = arch_of(self.tower.config)
             if config.preprocess == "hf" and config.processor is None:
                 config.processor = pretrained_processor(config.hf)
@@ -87,6 +89,7 @@ class _HFVisionTower(ImageEncoder):
 @ENCODERS.register("siglip")
 class SiglipEncoder(_HFVisionTower):
     config_cls, model_cls = SiglipVisionConfig, SiglipVisionModel
+    model_types = ("siglip_vision_model", "siglip")
 
     # A fresh tower has no use for the attention-pooling head: features are taken per patch.
     extra_config = {"vision_use_head": False}
@@ -95,6 +98,7 @@ class SiglipEncoder(_HFVisionTower):
 @ENCODERS.register("clip")
 class ClipEncoder(_HFVisionTower):
     config_cls, model_cls = CLIPVisionConfig, CLIPVisionModel
+    model_types = ("clip_vision_model", "clip")
 
     has_cls = True
     mean = (0.48145466, 0.4578275, 0.40821073)
@@ -113,6 +117,7 @@ class MllamaEncoder(_HFVisionTower):
     intermediate layers (``vision_output_dim`` wide), CLS included, one row per tile."""
 
     config_cls, model_cls = MllamaVisionConfig, MllamaVisionModel
+    model_types = ("mllama_vision_model", "mllama")
 
     def __init__(self, config: EncoderConfig, *, pretrained: bool = True):
         super().__init__(config, pretrained=pretrained)

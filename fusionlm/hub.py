@@ -22,8 +22,8 @@ def torch_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def check_custom_code(source: str, *, allow: bool, key: str) -> None:
-    """Refuse a checkpoint whose config points at code of its own, unless ``allow``."""
+def check_custom_code(source: str, *, allow: bool, key: str) -> dict[str, Any]:
+    """Refuse a checkpoint whose config points at code of its own, unless ``allow``; returns the config dict."""
     try:
         raw, _ = PretrainedConfig.get_config_dict(source)
     except (OSError, ValueError) as exc:
@@ -33,11 +33,20 @@ def check_custom_code(source: str, *, allow: bool, key: str) -> None:
             f"{key}: {source!r} ships its own model code (auto_map: {sorted(raw['auto_map'])}); "
             f"fusionlm does not run it unless you set {key.rsplit('.', 1)[0]}.allow_custom_code: true"
         )
+    return raw
 
 
-def load_pretrained(model_cls: Any, source: str, *, dtype: str, allow_custom_code: bool, key: str):
-    """``model_cls.from_pretrained(source)`` with the part's dtype, errors naming the recipe key."""
-    check_custom_code(source, allow=allow_custom_code, key=key)
+def load_pretrained(model_cls: Any, source: str, *, dtype: str, allow_custom_code: bool, key: str,
+                    model_types: tuple[str, ...] = ()):
+    """``model_cls.from_pretrained(source)`` with the part's dtype, errors naming the recipe key.
+
+    ``model_types``: the checkpoint model types this part accepts (empty: any).
+    """
+    raw = check_custom_code(source, allow=allow_custom_code, key=key)
+    found = raw.get("model_type")
+    if model_types and found not in model_types:
+        raise ConfigError(f"{key}: {source!r} is a {found!r} checkpoint, not one of {', '.join(model_types)} "
+                          f"(set {key.rsplit('.', 1)[0]}.kind to match it)")
     try:
         return model_cls.from_pretrained(source, dtype=torch_dtype(dtype), trust_remote_code=allow_custom_code)
     except (OSError, ValueError) as exc:

@@ -190,3 +190,30 @@ def test_parts_load_in_the_dtype_asked_for(parts):
                     {"hf": str(parts["llama"]), "dtype": "bfloat16"})
     model = build_model(config, tokenizer_for(config, parts["llama"]))
     assert model.llm.dtype == torch.bfloat16 and model.encoder.tower.dtype == torch.bfloat16
+
+
+def test_walkthrough_siglip_plus_small_llm_with_the_llama32_recipe(parts, tmp_path, capsys):
+    """README walk-through 2: a pretrained tower and LLM, cross-attention added, trained with llama32."""
+    from fusionlm.cli import main
+    from helpers_train import checkpoints, weights
+
+    run = tmp_path / "run"
+    common = ["--set", f"model.encoder.hf={parts['siglip']}", "--set", "model.encoder.preprocess=hf",
+              "--set", f"model.llm.hf={parts['llama']}", "--set", "stages.2.steps=2", "--set", "stages.2.batch_size=2",
+              "--set", "data.loader_workers=0"]
+    assert main(["train", "llama32", "--out", str(run), *common]) == 0
+    out = capsys.readouterr().out
+    assert "pretrain_llm): skipped" in out and "pretrain_encoder): skipped" in out
+    trained = weights(checkpoints(run)[-1])
+    original = AutoModelForCausalLM.from_pretrained(parts["llama"]).state_dict()
+    for name, tensor in original.items():  # the LLM stays frozen: the original weights, under their own names
+        if "embed_tokens" not in name and "lm_head" not in name:
+            assert torch.equal(trained[f"llm.{name}"], tensor), name
+    assert any(k.startswith("cross_blocks.") for k in trained)
+    image = tmp_path / "red.png"
+    torch_image().save(image)
+    assert main(["generate", "--checkpoint", str(run), "--image", str(image), "--prompt", "What color?",
+                 "--max-new-tokens", "2"]) == 0
+    wrong = ["--set", "model.encoder.kind=clip"]
+    assert main(["train", "llama32", "--out", str(tmp_path / "wrong"), *common, *wrong]) == 2
+    assert "is a 'siglip_vision_model' checkpoint, not one of clip_vision_model, clip" in capsys.readouterr().err
