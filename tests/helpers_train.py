@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from safetensors.torch import load_file
 
@@ -78,4 +79,4 @@ def weights(ckpt: Path) -> dict:
 def same_tensors(a: dict, b: dict, prefix: str = "") -> bool:
     keys = [k for k in a if k.startswith(prefix)]
     assert keys, f"no tensor starts with {prefix!r}"
-    return all(k in b and a[k].shape == b[k].shape and bool((a[k] == b[k]).all()) for k in keys)
+    return all(k in b and a[k].shape == b[k].shape and torch.equal(a[k].cpu(), b[k].cpu()) for k in keys)

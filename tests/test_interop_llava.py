@@ -1,6 +1,9 @@
 """LLaVA import/export: fusionlm's numbers equal transformers' LlavaForConditionalGeneration.
 
 Tiny random checkpoints are written here with ``save_pretrained``; nothing is downloaded.
+Processors are loaded on their Pillow backend, the one fusionlm runs (transformers' own default
+when torchvision is not installed; see experiments/device_check.py for how far its torchvision
+backend differs).
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ def pair(request, tmp_path_factory):
     ours = import_checkpoint(str(src), tmp / "ours", log=quiet)
     model, tokenizer, config = load_model(ours)
     hf = LlavaForConditionalGeneration.from_pretrained(src).eval()
-    return hf, LlavaProcessor.from_pretrained(src), model, tokenizer, config, src, ours
+    return hf, LlavaProcessor.from_pretrained(src, backend="pil"), model, tokenizer, config, src, ours
 
 
 def chat_text(tokenizer, prompt: str) -> str:
@@ -127,7 +130,7 @@ def test_export_round_trip_matches(pair, tmp_path):
     hf, processor, model, tokenizer, config, src, ours_dir = pair
     out = export_checkpoint(ours_dir, tmp_path / "llava", "llava", log=quiet)
     back = LlavaForConditionalGeneration.from_pretrained(out).eval()
-    back_processor = LlavaProcessor.from_pretrained(out)
+    back_processor = LlavaProcessor.from_pretrained(out, backend="pil")
     inputs = back_processor(text=[chat_text(tokenizer, p) for p, _ in PROMPTS[:2]], images=pictures()[:1] + pictures(),
                             padding=True, padding_side="left", return_tensors="pt")
     reference = processor_inputs(processor, tokenizer, PROMPTS[:2])
@@ -195,6 +198,6 @@ def test_walkthrough_fine_tune_an_imported_llava_and_export_it_back(tmp_path, ca
     assert main(["export", str(tmp_path / "ft"), str(tmp_path / "ft-hf"), "--format", "llava"]) == 0
     back = LlavaForConditionalGeneration.from_pretrained(tmp_path / "ft-hf").eval()
     model, tokenizer, _ = load_model(tmp_path / "ft")
-    inputs = processor_inputs(LlavaProcessor.from_pretrained(tmp_path / "ft-hf"), tokenizer, PROMPTS[:1])
+    inputs = processor_inputs(LlavaProcessor.from_pretrained(tmp_path / "ft-hf", backend="pil"), tokenizer, PROMPTS[:1])
     with torch.no_grad():
         assert (back(**inputs).logits - our_logits(model, inputs)).abs().max() <= TOL

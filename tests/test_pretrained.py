@@ -74,7 +74,7 @@ def test_pretrained_parts_train_and_reload_without_their_files(parts, tmp_path):
     assert "<image>" in tok.get_vocab() and tok.chat_template == original_template(llm_dir)
     assert trainer.model.llm.get_input_embeddings().weight.shape[0] == len(tok) == original.config.vocab_size + 1
     # The frozen LLM kept its own names and values (only the embedding grew by one row).
-    ours = trainer.model.llm.state_dict()
+    ours = {k: v.cpu() for k, v in trainer.model.llm.state_dict().items()}  # the run may be on a GPU
     for name, tensor in original.state_dict().items():
         if "embed_tokens" in name or "lm_head" in name:
             assert torch.equal(ours[name][: tensor.shape[0]], tensor)

@@ -7,4 +7,4 @@ names map onto ours, and what of a fusionlm model it can hold.
 """
 
 from .formats import FORMATS, export_checkpoint, import_checkpoint  # noqa: F401
-from . import llava  # noqa: F401,E402  (each registers its format)
+from . import fuyu, llava, mllama  # noqa: F401,E402  (each registers its format)

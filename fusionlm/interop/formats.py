@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoImageProcessor, GenerationConfig, PretrainedConfig, PreTrainedModel
+from transformers import GenerationConfig, PretrainedConfig, PreTrainedModel
 
 from ..checkpoint import build_model, load_model, load_state, save_model
 from ..config import ModelConfig, RecipeConfig
-from ..data.processing import processor_settings
+from ..data.processing import pretrained_processor
 from ..data.tokenizer import load_any_tokenizer, prepare_tokenizer
 from ..errors import CheckpointError, ConfigError, ExportError
 from ..hub import check_custom_code, torch_dtype
@@ -37,6 +37,11 @@ class Format:
     def recipe(self, hf_config: PretrainedConfig, processor: dict[str, Any] | None, tokenizer) -> ModelConfig:
         """The model section of a recipe that rebuilds this checkpoint."""
         raise NotImplementedError
+
+    def adapt_tokenizer(self, tokenizer, model: ModelConfig):
+        """The checkpoint's own tokenizer, made to encode prompts the way this format's processor
+        does (a chat template…), before fusionlm adds what it lacks. Default: as it is."""
+        return tokenizer
 
     # --- export
     def check(self, model: FusionLM) -> None:
@@ -101,8 +106,8 @@ def import_checkpoint(source: str, out: str | Path, *, dtype: str = "float32", a
     config = RecipeConfig(model=fmt.recipe(hf.config, _image_processor(source), tokenizer))
     config.model.encoder.dtype = config.model.llm.dtype = dtype
     tcfg = config.model.tokenizer
-    tokenizer = prepare_tokenizer(tokenizer, image_token=tcfg.image_token, newline_token=tcfg.newline_token,
-                                  need_newline=config.model.fusion.kind == "fuyu")
+    tokenizer = prepare_tokenizer(fmt.adapt_tokenizer(tokenizer, config.model), image_token=tcfg.image_token,
+                                  newline_token=tcfg.newline_token, need_newline=config.model.fusion.kind == "fuyu")
     model = build_model(config, tokenizer, pretrained=False)
     load_state(model, fmt.to_ours(hf.state_dict()), source)
     path = save_model(model.eval(), tokenizer, config, out)
@@ -112,9 +117,9 @@ def import_checkpoint(source: str, out: str | Path, *, dtype: str = "float32", a
 
 def _image_processor(source: str) -> dict[str, Any] | None:
     try:
-        return processor_settings(AutoImageProcessor.from_pretrained(source, backend="pil"))
-    except (OSError, ValueError):
-        return None  # no preprocessor_config.json: images are letterboxed
+        return pretrained_processor(source)
+    except ConfigError:
+        return None  # no image processor saved: images are letterboxed
 
 
 # ----------------------------------------------------------------------------- export

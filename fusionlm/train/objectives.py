@@ -41,7 +41,7 @@ def contrastive_loss(model: FusionLM, batch: Batch) -> torch.Tensor:
     embeds = model.llm.get_input_embeddings()(batch.input_ids)  # (B, T, D)
     text = (embeds * targets.unsqueeze(-1)).sum(1) / targets.sum(1, keepdim=True).clamp(min=1)  # (B, D)
     logits = F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T / TEMPERATURE  # (B, B)
-    labels = torch.arange(n)
+    labels = torch.arange(n, device=logits.device)
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
 
 
