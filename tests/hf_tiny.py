@@ -118,3 +118,24 @@ def tower_checkpoint(path: Path, kind: str = "siglip", *, image_size: int = 32, 
         CLIPImageProcessorPil(size={"shortest_edge": image_size},
                               crop_size={"height": image_size, "width": image_size}).save_pretrained(path)
     return Path(path)
+
+
+def noise_images(sizes: list[tuple[int, int]], seed: int = 0):
+    """Random RGB images of the given (width, height) sizes."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
+
+
+def import_pair(tmp: Path, source: Path, hf_class, processor_class) -> tuple:
+    """Import ``source`` into ``tmp/ours``: (transformers model, its processor on the Pillow backend,
+    our model, tokenizer, config, source dir, our dir)."""
+    from fusionlm.checkpoint import load_model
+    from fusionlm.interop import import_checkpoint
+
+    ours = import_checkpoint(str(source), tmp / "ours", log=lambda *_: None)
+    model, tokenizer, config = load_model(ours)
+    return (hf_class.from_pretrained(source).eval(), processor_class.from_pretrained(source, backend="pil"),
+            model, tokenizer, config, source, ours)

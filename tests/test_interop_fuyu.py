@@ -10,7 +10,6 @@ backend differs).
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -22,6 +21,7 @@ from fusionlm.data.processing import ImageBatch, ImageSpec
 from fusionlm.errors import ExportError
 from fusionlm.generate import Request, generate_ids, left_pad
 from fusionlm.interop import export_checkpoint, import_checkpoint
+from hf_tiny import import_pair, noise_images
 from hf_tiny_fuyu import CANVAS, PATCH, fuyu_checkpoint
 
 PROMPTS = ["What color is the square?", "Describe the image in one sentence.", "How many shapes are there?"]
@@ -51,19 +51,16 @@ def patchify_takes_tensors():
 
 
 def pictures() -> list[Image.Image]:
-    rng = np.random.default_rng(0)
-    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in SIZES]
+    return noise_images(SIZES)
 
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     """(transformers model, its processor, our model, tokenizer, config, our dir)."""
     tmp = tmp_path_factory.mktemp("fuyu")
-    src = fuyu_checkpoint(tmp / "src")
-    ours = import_checkpoint(str(src), tmp / "ours", log=quiet)
-    model, tokenizer, config = load_model(ours)
-    hf = FuyuForCausalLM.from_pretrained(src).eval()
-    return hf, FuyuProcessor.from_pretrained(src, backend="pil"), model, tokenizer, config, ours
+    hf, processor, model, tokenizer, config, _, ours = import_pair(tmp, fuyu_checkpoint(tmp / "src"), FuyuForCausalLM,
+                                                                   FuyuProcessor)
+    return hf, processor, model, tokenizer, config, ours
 
 
 def processor_inputs(processor, prompts=PROMPTS, images=None):

@@ -8,7 +8,6 @@ backend differs).
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -20,8 +19,8 @@ from fusionlm.data.chat import encode
 from fusionlm.data.processing import ImageBatch, ImageSpec
 from fusionlm.errors import ExportError
 from fusionlm.generate import Request, generate_ids
-from fusionlm.interop import export_checkpoint, import_checkpoint
-from hf_tiny import llava_checkpoint
+from fusionlm.interop import export_checkpoint
+from hf_tiny import import_pair, llava_checkpoint, noise_images
 
 VARIANTS = {
     "clip-layer-2-default-gqa": dict(tower="clip", feature_layer=-2, strategy="default", kv_heads=2),
@@ -38,20 +37,15 @@ def quiet(*_):
 
 
 def pictures() -> list[Image.Image]:
-    rng = np.random.default_rng(0)
-    sizes = [(40, 28), (24, 50)]  # (width, height): neither is square nor the tower's size
-    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
+    return noise_images([(40, 28), (24, 50)])  # (width, height): neither is square nor the tower's size
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def pair(request, tmp_path_factory):
     """(transformers model, its processor, our model, tokenizer, config, source dir, our dir)."""
     tmp = tmp_path_factory.mktemp(request.param)
-    src = llava_checkpoint(tmp / "src", **VARIANTS[request.param])
-    ours = import_checkpoint(str(src), tmp / "ours", log=quiet)
-    model, tokenizer, config = load_model(ours)
-    hf = LlavaForConditionalGeneration.from_pretrained(src).eval()
-    return hf, LlavaProcessor.from_pretrained(src, backend="pil"), model, tokenizer, config, src, ours
+    return import_pair(tmp, llava_checkpoint(tmp / "src", **VARIANTS[request.param]), LlavaForConditionalGeneration,
+                       LlavaProcessor)
 
 
 def chat_text(tokenizer, prompt: str) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import shutil
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -24,6 +23,7 @@ from fusionlm.data.processing import ImageBatch, ImageSpec
 from fusionlm.errors import ConfigError, ExportError
 from fusionlm.generate import Request, generate_ids, left_pad
 from fusionlm.interop import export_checkpoint, import_checkpoint
+from hf_tiny import import_pair, noise_images
 from hf_tiny_mllama import mllama_checkpoint
 
 # (prompt, images): one image cut into 2 tiles, two separated images (text sees only the latest),
@@ -45,20 +45,14 @@ def quiet(*_):
 
 
 def pictures() -> list[Image.Image]:
-    rng = np.random.default_rng(0)
-    sizes = [(40, 20), (15, 12), (18, 45), (60, 64)]  # (width, height): 1x2, 1x1, 3x1 and 2x2 tiles
-    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
+    return noise_images([(40, 20), (15, 12), (18, 45), (60, 64)])  # (width, height): 1x2, 1x1, 3x1, 2x2 tiles
 
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     """(transformers model, its processor, our model, tokenizer, config, source dir, our dir)."""
     tmp = tmp_path_factory.mktemp("mllama")
-    src = mllama_checkpoint(tmp / "src")
-    ours = import_checkpoint(str(src), tmp / "ours", log=quiet)
-    model, tokenizer, config = load_model(ours)
-    hf = MllamaForConditionalGeneration.from_pretrained(src).eval()
-    return hf, MllamaProcessor.from_pretrained(src, backend="pil"), model, tokenizer, config, src, ours
+    return import_pair(tmp, mllama_checkpoint(tmp / "src"), MllamaForConditionalGeneration, MllamaProcessor)
 
 
 def chat_text(tokenizer, prompt: str) -> str:
