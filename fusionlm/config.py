@@ -50,6 +50,9 @@ class ConnectorConfig:
     hidden_size: int | None = None  # MLP width; default: the LLM width
     act: str = "gelu"  # MLP activation, a transformers ACT2FN name
     bias: bool = True
+    num_tokens: int = 64  # avgpool / cabstractor / perceiver / qformer: image tokens out (about, for pooling)
+    depth: int = 2  # perceiver / qformer layers; cabstractor: residual blocks per stage
+    num_heads: int = 4  # perceiver / qformer attention heads
 
 
 @dataclass

@@ -7,6 +7,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from .config import ConnectorConfig
+from .data.layout import GridRule
 from .errors import ConfigError
 from .registry import Registry
 
@@ -14,10 +15,20 @@ CONNECTORS: Registry[type["Connector"]] = Registry("connector", "model.connector
 
 
 class Connector(nn.Module):
+    """Maps (I, N, D_in) features of images with encoder grids ``grids`` to (I, N', D_out) tokens.
+
+    ``grid_rule`` says how many tokens an image of a given encoder grid becomes; ``grid`` is the
+    output grid at the configured image size.
+    """
+
     def __init__(self, config: ConnectorConfig, in_dim: int, out_dim: int, grid: tuple[int, int]):
         super().__init__()
         self.config = config
-        self.grid = grid  # output token grid (rows, cols); the layouts of image tokens use it
+        self.grid = self.grid_rule(config).apply(grid)  # output grid (rows, cols) at the configured size
+
+    @classmethod
+    def grid_rule(cls, config: ConnectorConfig) -> GridRule:
+        return GridRule()
 
     @property
     def num_tokens(self) -> int:
@@ -32,7 +43,7 @@ class LinearConnector(Connector):
         super().__init__(config, in_dim, out_dim, grid)
         self.proj = nn.Linear(in_dim, out_dim, bias=config.bias)
 
-    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+    def forward(self, feats: torch.Tensor, grids: list[tuple[int, int]] | None = None) -> torch.Tensor:
         return self.proj(feats)  # (I, N, D_llm)
 
 
@@ -47,7 +58,7 @@ class MLPConnector(Connector):
         self.act = ACT2FN[config.act]
         self.linear_2 = nn.Linear(hidden, out_dim, bias=config.bias)
 
-    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+    def forward(self, feats: torch.Tensor, grids: list[tuple[int, int]] | None = None) -> torch.Tensor:
         return self.linear_2(self.act(self.linear_1(feats)))  # (I, N, D_llm)
 
 

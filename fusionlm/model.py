@@ -96,7 +96,8 @@ class FusionLM(nn.Module):
 
     @property
     def layout(self) -> ImageLayout:
-        return ImageLayout(self.fusion, self.ids.image, self.ids.newline)
+        rule = type(self.connector).grid_rule(self.config.connector)
+        return ImageLayout(self.fusion, self.ids.image, self.ids.newline, rule)
 
     @property
     def tokens_per_image(self) -> int:
@@ -111,20 +112,24 @@ class FusionLM(nn.Module):
 
     def image_features(self, images: ImageBatch) -> torch.Tensor:
         """Connector outputs (I, N, D); images with fewer tokens are zero-padded to N."""
-        return self.connector(self.encoder(images))  # (I, N, D)
+        return self.connector(self.encoder(images), images.grids)  # (I, N, D)
 
     def encode_images(self, images: ImageBatch | torch.Tensor, input_ids: torch.Tensor) -> ImageContext:
         """The images of ``input_ids`` (B, T), in order -> what the decoder needs."""
         if isinstance(images, torch.Tensor):
             images = ImageBatch.of(images, self.encoder.grid)
         features = self.image_features(images)  # (I, N, D)
+        counts = [r * c for r, c in map(self.layout.grid, images.grids)]  # real tokens of each image
+        ragged = any(c != features.shape[1] for c in counts)  # images of different sizes, zero-padded
         if self.fusion != "cross_attention":
-            counts = images.token_counts()
-            if any(c != features.shape[1] for c in counts):  # images of different sizes: drop the padding
+            if ragged:  # keep only the real tokens, in order
                 features = torch.cat([f[:c] for f, c in zip(features, counts)])[None]  # (1, ΣN, D)
             return ImageContext(features=features)
         markers = input_ids == self.ids.image  # (B, T)
         valid, pad = self._tile_slots(images, features, markers)
+        if valid is None and ragged:  # padding tokens are never visible
+            valid = torch.arange(features.shape[1], device=features.device)[None] < torch.tensor(
+                counts, device=features.device)[:, None]  # (I, N)
         cross = image_memory(features, markers, visibility=self.config.fusion.visibility, valid=valid, pad=pad)
         if not self.native_cross:
             cross.kv = {int(i): block.project_kv(cross.memory) for i, block in self.cross_blocks.items()}

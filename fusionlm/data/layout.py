@@ -9,7 +9,35 @@ The grid is per image: tiles and native sizes give different images different to
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class GridRule:
+    """How a connector maps an image's encoder grid to its output grid (plain data, so batches
+    built in worker processes know token counts without the model).
+
+    ``same``: unchanged (linear, MLP); ``fixed``: always ``value`` tokens, one row (Perceiver,
+    Q-Former); ``pool``: pooled to about ``value`` tokens, aspect kept (average pooling,
+    C-Abstractor); ``stride``: each side divided by ``value``, rounded up (2x2 merging).
+    """
+
+    kind: str = "same"
+    value: int = 0
+
+    def apply(self, grid: tuple[int, int]) -> tuple[int, int]:
+        rows, cols = grid
+        if self.kind == "fixed":
+            return (1, self.value)
+        if self.kind == "stride":
+            return (math.ceil(rows / self.value), math.ceil(cols / self.value))
+        if self.kind == "pool":
+            if rows * cols <= self.value:
+                return grid
+            scale = math.sqrt(self.value / (rows * cols))
+            return (max(1, round(rows * scale)), max(1, round(cols * scale)))
+        return grid
 
 
 @dataclass(frozen=True)
@@ -25,9 +53,15 @@ class ImageLayout:
     fusion: str
     image_id: int
     newline_id: int
+    rule: GridRule = GridRule()
 
-    def tokens(self, grid: tuple[int, int]) -> list[int]:
-        rows, cols = grid
+    def grid(self, encoder_grid: tuple[int, int]) -> tuple[int, int]:
+        """The connector's output grid for an image whose encoder grid is ``encoder_grid``."""
+        return self.rule.apply(encoder_grid)
+
+    def tokens(self, encoder_grid: tuple[int, int]) -> list[int]:
+        """The token ids that stand for an image whose encoder grid is ``encoder_grid``."""
+        rows, cols = self.grid(encoder_grid)
         if self.fusion == "cross_attention":
             return [self.image_id]
         if self.fusion == "fuyu":
