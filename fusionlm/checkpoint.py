@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import RecipeConfig, TokenizerConfig, load_config, save_config
+from .config import ModelConfig, RecipeConfig, TilingConfig, TokenizerConfig, load_config, save_config
 from .data.chat import end_of_turn
 from .data.layout import SpecialIds
 from .data.tokenizer import load_tokenizer
@@ -28,7 +28,24 @@ WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.yaml", "tokenizer"
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
-def special_ids(tokenizer, tcfg: TokenizerConfig, *, need_newline: bool) -> SpecialIds:
+TILE_TAG, THUMBNAIL_TAG = "<tile_{}>", "<tile_global_thumbnail>"  # NVLM's tile tags, as plain text
+
+
+def tile_tags(tokenizer, tiling: TilingConfig | None) -> tuple[tuple[int, ...], ...]:
+    """Token ids of the text tags that precede each tile and the thumbnail (NVLM-D)."""
+    if tiling is None or not tiling.max_tiles or tiling.marker != "tags":
+        return ()
+    texts = [TILE_TAG.format(k) for k in range(1, tiling.max_tiles + 1)] + [THUMBNAIL_TAG]
+    return tuple(tuple(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+
+
+def needs_newline(model: ModelConfig) -> bool:
+    """Whether the image-newline token is used: Fuyu's rows, or tiles marked by a newline."""
+    return model.fusion.kind == "fuyu" or (model.tiling.max_tiles > 0 and model.tiling.marker == "newline")
+
+
+def special_ids(tokenizer, tcfg: TokenizerConfig, *, need_newline: bool,
+                tiling: TilingConfig | None = None) -> SpecialIds:
     """The ids of the image, newline, pad and end-of-turn tokens; the end token is recorded in ``tcfg``."""
     tcfg.end_token = tcfg.end_token or end_of_turn(tokenizer)
     vocab = tokenizer.get_vocab()
@@ -42,7 +59,7 @@ def special_ids(tokenizer, tcfg: TokenizerConfig, *, need_newline: bool) -> Spec
     if tokenizer.pad_token_id is None:
         raise ConfigError("model.tokenizer: the tokenizer has no padding token")
     return SpecialIds(image=vocab[tcfg.image_token], newline=newline, pad=tokenizer.pad_token_id,
-                      end=vocab[tcfg.end_token])
+                      end=vocab[tcfg.end_token], tile_tags=tile_tags(tokenizer, tiling))
 
 
 def build_model(config: RecipeConfig, tokenizer, *, pretrained: bool = True) -> FusionLM:
@@ -59,7 +76,8 @@ def build_model(config: RecipeConfig, tokenizer, *, pretrained: bool = True) -> 
         if llm.vocab_size is not None and llm.vocab_size != len(tokenizer):
             raise ConfigError(f"model.llm.vocab_size: {llm.vocab_size}, but the tokenizer has {len(tokenizer)} tokens")
         llm.vocab_size = len(tokenizer)
-    ids = special_ids(tokenizer, config.model.tokenizer, need_newline=config.model.fusion.kind == "fuyu")
+    ids = special_ids(tokenizer, config.model.tokenizer, need_newline=needs_newline(config.model),
+                      tiling=config.model.tiling)
     return FusionLM(config.model, ids, pretrained=pretrained, vocab_size=None if own else len(tokenizer))
 
 
@@ -154,7 +172,7 @@ def required_tokens(config: RecipeConfig) -> list[str] | None:
     tcfg = config.model.tokenizer
     if config.model.llm.hf is None and config.model.llm.arch is None:
         return None
-    return [tcfg.image_token] + ([tcfg.newline_token] if config.model.fusion.kind == "fuyu" else [])
+    return [tcfg.image_token] + ([tcfg.newline_token] if needs_newline(config.model) else [])
 
 
 def load_model(path: str | Path, *, device: str = "cpu") -> tuple[FusionLM, object, RecipeConfig]:

@@ -101,12 +101,37 @@ class TokenizerConfig:
 
 
 @dataclass
+class TilingConfig:
+    """Dynamic high resolution (LLaVA-NeXT's AnyRes, NVLM's dynamic tiles): an image is cut into a
+    grid of encoder-sized tiles chosen from its aspect ratio, plus a downscaled thumbnail."""
+
+    max_tiles: int = 0  # 0: no tiling, the image is letterboxed whole
+    min_tiles: int = 1
+    thumbnail: bool = True  # add the whole image, downscaled, after its tiles
+    # How the LLM tells tiles apart: ``tags`` (NVLM: text ``<tile_k>`` / ``<tile_global_thumbnail>``
+    # before each tile's tokens), ``newline`` (an image-newline token after each tile), ``none``.
+    marker: str = "tags"
+
+
+@dataclass
+class VideoConfig:
+    """Video input (``<video>`` items, see ``data.video``): every clip is sampled to ``frames`` frames,
+    each encoded as an image; the connector outputs of each ``temporal_pool`` consecutive frames are
+    averaged into one image's worth of tokens, so a clip takes ``frames / temporal_pool`` image slots."""
+
+    frames: int = 8
+    temporal_pool: int = 1
+
+
+@dataclass
 class ModelConfig:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     connector: ConnectorConfig = field(default_factory=ConnectorConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    tiling: TilingConfig = field(default_factory=TilingConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
 
 
 @dataclass
@@ -341,13 +366,14 @@ def load_config(path: str | Path) -> RecipeConfig:
 
 # ----------------------------------------------------------------------------- semantic checks
 
-FUSION_KINDS = ("unified", "cross_attention", "fuyu")
+FUSION_KINDS = ("unified", "cross_attention", "fuyu", "hybrid")
 DTYPES = ("float32", "bfloat16", "float16")
 CHOICES = {  # dotted key -> allowed values, checked by ``validate``
     "model.encoder.dtype": DTYPES,
     "model.llm.dtype": DTYPES,
     "model.encoder.preprocess": ("letterbox", "hf"),
     "model.fusion.visibility": ("preceding", "latest"),
+    "model.tiling.marker": ("tags", "newline", "none"),
 }
 TRAINABLE_GROUPS = ("encoder", "connector", "llm", "cross_attention", "all")
 
@@ -363,6 +389,23 @@ def validate(config: RecipeConfig) -> RecipeConfig:
             value = getattr(value, part)
         if value not in allowed:
             raise ConfigError(f"{dotted}: {value!r} is not one of {', '.join(allowed)}")
+    tiling = config.model.tiling
+    if tiling.max_tiles < 0 or not 1 <= tiling.min_tiles:
+        raise ConfigError("model.tiling: max_tiles must be >= 0 and min_tiles >= 1")
+    if tiling.max_tiles and tiling.min_tiles > tiling.max_tiles:
+        raise ConfigError(f"model.tiling.min_tiles: {tiling.min_tiles} is more than max_tiles {tiling.max_tiles}")
+    if fusion.kind == "hybrid" and not (tiling.max_tiles and tiling.thumbnail):
+        raise ConfigError("model.fusion.kind: hybrid puts the thumbnail in the sequence and the tiles in "
+                          "cross-attention; set model.tiling.max_tiles >= 1 with thumbnail: true")
+    if tiling.max_tiles and config.model.encoder.kind in ("patches", "mllama"):
+        raise ConfigError(f"model.tiling: the {config.model.encoder.kind!r} encoder cuts images its own way; "
+                          f"leave max_tiles at 0")
+    video = config.model.video
+    if video.frames < 1 or video.temporal_pool < 1:
+        raise ConfigError(f"model.video: frames ({video.frames}) and temporal_pool ({video.temporal_pool}) must be >= 1")
+    if video.frames % video.temporal_pool:
+        raise ConfigError(f"model.video.temporal_pool: {video.temporal_pool} does not divide model.video.frames "
+                          f"{video.frames} (each pooled group is {video.temporal_pool} consecutive frames)")
     if fusion.every_n < 1:
         raise ConfigError("model.fusion.every_n: must be >= 1")
     enc = config.model.encoder

@@ -79,14 +79,15 @@ def generate_ids(model: FusionLM, tokenizer, requests: list[Request], images: Im
     tokens = model.config.tokenizer
     rows, pixels = [], []
     for req in requests:
-        inputs = [images.process(img) for img in req.images]
+        per_image = [images.process_all(img) for img in req.images]
         try:
-            enc = encode(req.sample(), tokenizer, [model.layout.tokens(i.grid) for i in inputs], max_length=max_length,
-                         image_token=tokens.image_token, end_token=tokens.end_token, add_generation_prompt=True)
+            enc = encode(req.sample(), tokenizer, [model.layout.image_tokens(p) for p in per_image],
+                         max_length=max_length, image_token=tokens.image_token, end_token=tokens.end_token,
+                         add_generation_prompt=True)
         except SkipSample as exc:  # too long: a request is refused, never silently dropped
             raise SampleError(str(exc)) from None
         rows.append(enc.input_ids)
-        pixels.extend(inputs)
+        pixels.extend(inp for inputs in per_image for inp in inputs)
     ids, mask = left_pad(rows, tokenizer.pad_token_id)  # (B, T)
     budget = min(max_new_tokens, max_length - ids.shape[1])
     if budget <= 0:

@@ -61,7 +61,7 @@ class FusionLM(nn.Module):
         self.native_cross = is_mllama_text(self.llm)  # the LLM brings its own cross-attention layers
         if self.native_cross and self.fusion != "cross_attention":
             raise ConfigError("model.fusion.kind: a Llama 3.2 Vision decoder needs fusion 'cross_attention'")
-        if self.fusion == "cross_attention" and not self.native_cross:
+        if self.fusion in ("cross_attention", "hybrid") and not self.native_cross:
             self._add_cross_attention()
 
     # ------------------------------------------------------------------ Method B wiring
@@ -97,7 +97,8 @@ class FusionLM(nn.Module):
     @property
     def layout(self) -> ImageLayout:
         rule = type(self.connector).grid_rule(self.config.connector)
-        return ImageLayout(self.fusion, self.ids.image, self.ids.newline, rule)
+        marker = self.config.tiling.marker if self.config.tiling.max_tiles else "none"
+        return ImageLayout(self.fusion, self.ids.image, self.ids.newline, rule, marker, self.ids.tile_tags)
 
     @property
     def tokens_per_image(self) -> int:
@@ -121,6 +122,8 @@ class FusionLM(nn.Module):
         features = self.image_features(images)  # (I, N, D)
         counts = [r * c for r, c in map(self.layout.grid, images.grids)]  # real tokens of each image
         ragged = any(c != features.shape[1] for c in counts)  # images of different sizes, zero-padded
+        if self.fusion == "hybrid":
+            return self._hybrid(images, features, counts, input_ids)
         if self.fusion != "cross_attention":
             if ragged:  # keep only the real tokens, in order
                 features = torch.cat([f[:c] for f, c in zip(features, counts)])[None]  # (1, ΣN, D)
@@ -134,6 +137,33 @@ class FusionLM(nn.Module):
         if not self.native_cross:
             cross.kv = {int(i): block.project_kv(cross.memory) for i, block in self.cross_blocks.items()}
         return ImageContext(cross=cross)
+
+    def _hybrid(self, images: ImageBatch, features: torch.Tensor, counts: list[int],
+                input_ids: torch.Tensor) -> ImageContext:
+        """NVLM-H: each image's thumbnail tokens go into the sequence (as in Method A); its tiles
+        are reached through the gated cross-attention, visible from the thumbnail's first token on."""
+        thumbs = [i for i, role in enumerate(images.roles) if role == "thumbnail"]
+        if len(thumbs) != len(images.roles) - images.roles.count("tile"):
+            raise SampleError("hybrid fusion needs every image as tiles followed by a thumbnail")
+        starts = [0] + [t + 1 for t in thumbs[:-1]]
+        thumb = torch.cat([features[t, : counts[t]] for t in thumbs])[None]  # (1, ΣN_thumb, D)
+        tiles = [torch.cat([features[i, : counts[i]] for i in range(s, t)]) for s, t in zip(starts, thumbs)]
+        width = max(len(x) for x in tiles)
+        memory = features.new_zeros(len(tiles), width, features.shape[-1])  # (J, M, D)
+        valid = torch.zeros(len(tiles), width, dtype=torch.bool, device=features.device)  # (J, M)
+        for j, x in enumerate(tiles):
+            memory[j, : len(x)], valid[j, : len(x)] = x, True
+        # the marker of image j: the first of its thumbnail tokens
+        positions = (input_ids == self.ids.image).flatten().nonzero().squeeze(1)  # (ΣN_thumb,)
+        if positions.numel() != thumb.shape[1]:
+            raise SampleError(f"the batch has {positions.numel()} image-token positions but its {len(thumbs)} "
+                              f"thumbnails give {thumb.shape[1]} tokens")
+        first = torch.tensor([0] + [counts[t] for t in thumbs[:-1]], device=positions.device).cumsum(0)
+        markers = torch.zeros_like(input_ids, dtype=torch.bool).flatten()
+        markers[positions[first]] = True
+        cross = image_memory(memory, markers.view_as(input_ids), visibility=self.config.fusion.visibility, valid=valid)
+        cross.kv = {int(i): block.project_kv(cross.memory) for i, block in self.cross_blocks.items()}
+        return ImageContext(features=thumb, cross=cross)
 
     def _tile_slots(self, images: ImageBatch, features: torch.Tensor, markers: torch.Tensor):
         """Tiled images: which tokens are real tiles, and what fills a row's missing images.

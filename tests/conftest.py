@@ -62,8 +62,9 @@ def tiny_config_fixture() -> Callable[[str], RecipeConfig]:
 
 
 def spec_for(model: FusionLM) -> ImageSpec:
+    tiling = model.config.tiling if model.config.tiling.max_tiles else None
     return ImageSpec(size=model.config.encoder.image_size, mean=model.encoder.mean, std=model.encoder.std,
-                     grid=model.encoder.grid)
+                     grid=model.encoder.grid, tiling=tiling)
 
 
 @pytest.fixture
@@ -83,10 +84,10 @@ def make_batch(model: FusionLM, tokenizer, samples: list[Sample]) -> Batch:
     spec = spec_for(model)
     encoded, pixels = [], []
     for s in samples:
-        inputs = [spec.process(img) for img in s.images]
-        encoded.append(encode(s, tokenizer, [model.layout.tokens(i.grid) for i in inputs],
+        per_image = [spec.process_all(img) for img in s.images]
+        encoded.append(encode(s, tokenizer, [model.layout.image_tokens(p) for p in per_image],
                               max_length=model.config.llm.max_length, end_token=model.config.tokenizer.end_token))
-        pixels.extend(inputs)
+        pixels.extend(inp for inputs in per_image for inp in inputs)
     return collate(encoded, pixels, [s.task for s in samples], [], tokenizer.pad_token_id)
 
 

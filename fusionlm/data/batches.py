@@ -138,9 +138,10 @@ class MixtureBatches(torch.utils.data.Dataset):
             sample = None
             try:
                 sample = self.sample_at(number)
-                pix = [self.images.process(img) for img in sample.images]
-                enc = encode(sample, self.tokenizer, [self.layout.tokens(p.grid) for p in pix],
+                per_image = [self.images.process_all(img) for img in sample.images]
+                enc = encode(sample, self.tokenizer, [self.layout.image_tokens(p) for p in per_image],
                              max_length=self.max_length, image_token=self.image_token, end_token=self.end_token)
+                pix = [inp for inputs in per_image for inp in inputs]
             except SkipSample as exc:
                 skipped.append(Skip(sample.id, exc.reason, str(exc)))
                 continue

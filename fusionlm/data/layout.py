@@ -46,6 +46,7 @@ class SpecialIds:
     newline: int
     pad: int
     end: int  # ends a turn: generation stops here
+    tile_tags: tuple[tuple[int, ...], ...] = ()  # tiling with tags: ids of <tile_1>… then the thumbnail's
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,8 @@ class ImageLayout:
     image_id: int
     newline_id: int
     rule: GridRule = GridRule()
+    marker: str = "none"  # tiles: tags | newline | none (see TilingConfig)
+    tags: tuple[tuple[int, ...], ...] = ()
 
     def grid(self, encoder_grid: tuple[int, int]) -> tuple[int, int]:
         """The connector's output grid for an image whose encoder grid is ``encoder_grid``."""
@@ -67,3 +70,24 @@ class ImageLayout:
         if self.fusion == "fuyu":
             return ([self.image_id] * cols + [self.newline_id]) * rows
         return [self.image_id] * (rows * cols)
+
+    def image_tokens(self, inputs: list) -> list[int]:
+        """The token ids of one image from all its encoder inputs (``ImageInput``s: the image
+        itself, or its tiles then its thumbnail).
+
+        Method A: every input's tokens, each tile marked (tag before or newline after). Method B:
+        one marker per input. Hybrid: only the thumbnail's tokens (tiles go through cross-attention).
+        """
+        if self.fusion == "hybrid":
+            inputs = [inp for inp in inputs if inp.role == "thumbnail"]
+        out: list[int] = []
+        tiles = 0
+        for inp in inputs:
+            marked = inp.role != "image" and self.fusion != "cross_attention"
+            if marked and self.marker == "tags":
+                out.extend(self.tags[-1] if inp.role == "thumbnail" else self.tags[tiles])
+            out.extend(self.tokens(inp.grid))
+            if marked and self.marker == "newline":
+                out.append(self.newline_id)
+            tiles += inp.role == "tile"
+        return out

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -19,6 +19,7 @@ import torch
 
 from ..errors import ConfigError
 from .images import DEFAULT_MAX_PIXELS, fit_square, load_image, to_pixels
+from .tiling import cut_tiles, tile_grid
 
 
 @dataclass
@@ -29,11 +30,14 @@ class ImageInput:
         pixels: (3, H, W); (tiles, 3, h, w) for a tiled tower; (N, p*p*3) patches for Fuyu.
         grid: (rows, cols) of the encoder's output tokens for this image.
         extras: other per-image inputs of the encoder (e.g. ``aspect_ratio_ids``).
+        role: ``image``; or, for a tiled image, ``tile`` / ``thumbnail`` (its tiles come first,
+            then its thumbnail).
     """
 
     pixels: torch.Tensor
     grid: tuple[int, int]
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    role: str = "image"
 
 
 @dataclass
@@ -43,6 +47,7 @@ class ImageBatch:
     pixel_values: torch.Tensor  # stacked (I, ...) or, for patch lists, concatenated (ΣN, p*p*3)
     grids: list[tuple[int, int]]
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # each (I, ...)
+    roles: list[str] = field(default_factory=list)  # each input's role (empty: all whole images)
 
     def __len__(self) -> int:
         return len(self.grids)
@@ -53,9 +58,10 @@ class ImageBatch:
             return None
         grids = [inp.grid for inp in inputs]
         extras = {k: torch.stack([inp.extras[k] for inp in inputs]) for k in inputs[0].extras}
+        roles = [inp.role for inp in inputs] if any(inp.role != "image" for inp in inputs) else []
         if inputs[0].pixels.dim() == 2:  # patch lists of different lengths
-            return cls(torch.cat([inp.pixels for inp in inputs]), grids, extras)
-        return cls(torch.stack([inp.pixels for inp in inputs]), grids, extras)
+            return cls(torch.cat([inp.pixels for inp in inputs]), grids, extras, roles)
+        return cls(torch.stack([inp.pixels for inp in inputs]), grids, extras, roles)
 
     @classmethod
     def of(cls, pixel_values: torch.Tensor, grid: tuple[int, int]) -> "ImageBatch":
@@ -74,7 +80,8 @@ class ImageBatch:
         return out
 
     def to(self, device: torch.device | str) -> "ImageBatch":
-        return ImageBatch(self.pixel_values.to(device), self.grids, {k: v.to(device) for k, v in self.extras.items()})
+        return ImageBatch(self.pixel_values.to(device), self.grids, {k: v.to(device) for k, v in self.extras.items()},
+                          self.roles)
 
 
 def hf_image_processor(settings: dict[str, Any]):
@@ -118,6 +125,7 @@ class ImageSpec:
     max_pixels: int = DEFAULT_MAX_PIXELS
     grid: tuple[int, int] | None = None  # the encoder's token grid for a fixed-size image
     hf: Any = None  # a transformers image processor; None: letterbox
+    tiling: Any = None  # a TilingConfig with max_tiles >= 1: images are cut into tiles (+ thumbnail)
 
     @classmethod
     def for_model(cls, model, config, *, root: str | None = None) -> "ImageSpec":
@@ -128,14 +136,30 @@ class ImageSpec:
             if not enc.processor:
                 raise ConfigError("model.encoder.processor: preprocess is 'hf' but no processor settings are recorded")
             hf = hf_image_processor(enc.processor)
+        tiling = config.model.tiling if config.model.tiling.max_tiles else None
         return cls(size=model.encoder.image_size, mean=model.encoder.mean, std=model.encoder.std, root=root,
-                   max_pixels=config.data.max_image_pixels, grid=model.encoder.grid, hf=hf)
+                   max_pixels=config.data.max_image_pixels, grid=model.encoder.grid, hf=hf, tiling=tiling)
 
     def pixels(self, source: Any) -> torch.Tensor:
         return self.process(source).pixels
 
-    def process(self, source: Any) -> ImageInput:
+    def process_all(self, source: Any) -> list[ImageInput]:
+        """All encoder inputs of one image: itself; or, when tiling, its tiles then its thumbnail."""
+        if self.tiling is None:
+            return [self.process(source)]
         img = load_image(source, root=self.root, max_pixels=self.max_pixels)
+        t = self.tiling
+        grid = tile_grid(img.width, img.height, max_tiles=t.max_tiles, min_tiles=t.min_tiles, tile=self.size)
+        inputs = [replace(self._from_image(tile), role="tile") for tile in cut_tiles(img, grid, self.size)]
+        if t.thumbnail:
+            inputs.append(replace(self._from_image(img), role="thumbnail"))
+        return inputs
+
+    def process(self, source: Any) -> ImageInput:
+        """One image as one encoder input (no tiling)."""
+        return self._from_image(load_image(source, root=self.root, max_pixels=self.max_pixels))
+
+    def _from_image(self, img) -> ImageInput:
         if self.hf is None:
             return ImageInput(to_pixels(fit_square(img, self.size), self.size, mean=self.mean, std=self.std),
                               self._grid())

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, PretrainedConfig, PreTrainedModel
 
-from ..checkpoint import build_model, load_model, load_state, save_model
+from ..checkpoint import build_model, load_model, load_state, needs_newline, save_model
 from ..config import ModelConfig, RecipeConfig
 from ..data.processing import pretrained_processor
 from ..data.tokenizer import load_any_tokenizer, prepare_tokenizer
@@ -107,7 +107,7 @@ def import_checkpoint(source: str, out: str | Path, *, dtype: str = "float32", a
     config.model.encoder.dtype = config.model.llm.dtype = dtype
     tcfg = config.model.tokenizer
     tokenizer = prepare_tokenizer(fmt.adapt_tokenizer(tokenizer, config.model), image_token=tcfg.image_token,
-                                  newline_token=tcfg.newline_token, need_newline=config.model.fusion.kind == "fuyu")
+                                  newline_token=tcfg.newline_token, need_newline=needs_newline(config.model))
     model = build_model(config, tokenizer, pretrained=False)
     load_state(model, fmt.to_ours(hf.state_dict()), source)
     path = save_model(model.eval(), tokenizer, config, out)

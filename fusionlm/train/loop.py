@@ -15,8 +15,8 @@ import torch
 from tqdm import tqdm
 
 from ..checkpoint import (
-    CONFIG, TOKENIZER, WEIGHTS, build_model, list_checkpoints, load_weights, required_tokens, resolve_checkpoint,
-    save_model,
+    CONFIG, TOKENIZER, WEIGHTS, build_model, list_checkpoints, load_weights, needs_newline, required_tokens,
+    resolve_checkpoint, save_model,
 )
 from ..config import RecipeConfig, StageConfig, load_config, save_config
 from ..data.batches import Batch, ImageSpec, MixtureBatches, check_mixture
@@ -113,7 +113,7 @@ class Trainer:
         if tcfg.path or llm.hf:
             tok = load_any_tokenizer(tcfg.path or llm.hf, allow_custom_code=llm.allow_custom_code)
             return prepare_tokenizer(tok, image_token=tcfg.image_token, newline_token=tcfg.newline_token,
-                                     need_newline=self.config.model.fusion.kind == "fuyu")
+                                     need_newline=needs_newline(self.config.model))
         tok = train_tokenizer(self.source.corpus(tcfg.corpus_per_task), tcfg.vocab_size)
         tok.save_pretrained(str(self.out / TOKENIZER))
         return tok
