@@ -1,4 +1,4 @@
-"""The `fusionlm` command: data | train | generate | eval | demo | import | export | recipes.
+"""The `fusionlm` command: data | train | generate | eval | demo | import | export | info | recipes.
 
 User errors (a bad file, key or sample) print one line naming it and exit with status 2; nothing
 already written is touched.
@@ -100,6 +100,15 @@ def cmd_export(args) -> None:
     export_checkpoint(args.checkpoint, args.out, args.format)
 
 
+def cmd_info(args) -> None:
+    from .config import load_recipe
+    from .info import report
+
+    for recipe in args.recipe:
+        print(report(load_recipe(recipe, args.set), name=str(recipe)).markdown())
+        print()
+
+
 def cmd_recipes(args) -> None:
     from .config import shipped_recipes
 
@@ -110,7 +119,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fusionlm", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("data", help="write synthetic-world samples as PNGs + a LLaVA-style JSON")
+    d = sub.add_parser("data", help="write synthetic-world samples as PNGs (motion clips as GIFs) + a LLaVA-style JSON")
     d.add_argument("--out", required=True)
     d.add_argument("--n", type=int, default=10, help="samples per task")
     d.add_argument("--split", default="train", choices=["train", "val", "test"])
@@ -163,6 +172,11 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("out")
     x.add_argument("--format", required=True, choices=["llava", "mllama", "fuyu"])
     x.set_defaults(fn=cmd_export)
+
+    n = sub.add_parser("info", help="parameters, image tokens and FLOPs per part of one or more recipes")
+    n.add_argument("recipe", nargs="+", help="recipe YAML paths or shipped recipe names")
+    n.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a dotted key")
+    n.set_defaults(fn=cmd_info)
 
     r = sub.add_parser("recipes", help="list the shipped recipes")
     r.set_defaults(fn=cmd_recipes)

@@ -104,18 +104,12 @@ class Trainer:
             check_mixture(stage.mixture, self.source, key=f"stages.{i}.mixture")
 
     def _tokenizer(self, ckpt: Path | None):
-        """The checkpoint's tokenizer; else a saved one; else the LLM's own; else one trained on the data."""
-        tcfg, llm = self.config.model.tokenizer, self.config.model.llm
+        """The checkpoint's tokenizer, else ``make_tokenizer``'s (a newly trained one is saved too)."""
         if ckpt is not None:
             return load_tokenizer(ckpt / TOKENIZER, required_tokens(self.config))
-        if tcfg.path and llm.hf is None:
-            return load_tokenizer(tcfg.path)
-        if tcfg.path or llm.hf:
-            tok = load_any_tokenizer(tcfg.path or llm.hf, allow_custom_code=llm.allow_custom_code)
-            return prepare_tokenizer(tok, image_token=tcfg.image_token, newline_token=tcfg.newline_token,
-                                     need_newline=needs_newline(self.config.model))
-        tok = train_tokenizer(self.source.corpus(tcfg.corpus_per_task), tcfg.vocab_size)
-        tok.save_pretrained(str(self.out / TOKENIZER))
+        tok = make_tokenizer(self.config, self.source)
+        if self.config.model.tokenizer.path is None and self.config.model.llm.hf is None:
+            tok.save_pretrained(str(self.out / TOKENIZER))
         return tok
 
     def _trim_metrics(self) -> None:
@@ -266,6 +260,18 @@ class Trainer:
                "samples_seen": p.samples_seen, "samples_trained": p.samples_trained, "skipped": dict(p.skipped)}
         with open(self.metrics_path, "a") as fh:
             fh.write(json.dumps(row) + "\n")
+
+
+def make_tokenizer(config: RecipeConfig, source):
+    """A saved tokenizer; else the LLM's own (made ready for images); else one trained on the data."""
+    tcfg, llm = config.model.tokenizer, config.model.llm
+    if tcfg.path and llm.hf is None:
+        return load_tokenizer(tcfg.path)
+    if tcfg.path or llm.hf:
+        tok = load_any_tokenizer(tcfg.path or llm.hf, allow_custom_code=llm.allow_custom_code)
+        return prepare_tokenizer(tok, image_token=tcfg.image_token, newline_token=tcfg.newline_token,
+                                 need_newline=needs_newline(config.model))
+    return train_tokenizer(source.corpus(tcfg.corpus_per_task), tcfg.vocab_size)
 
 
 def train(config: RecipeConfig, out: str | Path, *, resume: bool = False, log=print) -> Progress:

@@ -1,0 +1,187 @@
+"""What a recipe costs, before training it: ``fusionlm info RECIPE``.
+
+Parameters per part, image tokens per image (in the encoder and in the decoder sequence), the
+decoder length of a typical sample, and FLOPs per sample per part. Forward FLOPs are counted on
+a real forward pass over typical samples of the recipe's data (``torch.utils.flop_counter``), one
+sample at a time so that no padding is counted; training FLOPs per stage follow from them: a part
+that trains costs about 3× its forward (forward, activation gradients, weight gradients), a frozen
+part that gradients must pass through 2×, a frozen part with nothing trainable before it 1×; a
+``contrastive`` stage runs no decoder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from .checkpoint import build_model
+from .config import RecipeConfig
+from .errors import ConfigError
+from .data.batches import check_mixture, collate
+from .data.chat import SkipSample, encode
+from .data.processing import ImageSpec
+from .data.sources import build_source
+from .encoders import ENCODERS
+from .hub import arch_of, check_custom_code
+from .train.loop import make_tokenizer
+from .train.stages import select_trainable
+
+PARTS = ("encoder", "connector", "cross_attention", "llm")  # in the order data flows through them
+SAMPLES_PER_TASK = 4
+
+
+@dataclass
+class Report:
+    name: str
+    design: str
+    params: dict[str, int]
+    encoder_tokens: int  # per image (all tiles) at the data's image size
+    decoder_tokens: int  # positions one image takes in the decoder sequence
+    sample_length: float  # mean decoder length of a typical sample
+    images_per_sample: float  # encoder inputs (images, tiles, thumbnails) of a typical sample
+    forward: dict[str, float]  # FLOPs per sample per part
+    training: dict[str, dict[str, float]] = field(default_factory=dict)  # stage -> part -> FLOPs per sample
+
+    def markdown(self) -> str:
+        lines = [f"## {self.name} ({self.design})", "",
+                 f"image tokens per image: {self.encoder_tokens} from the encoder, {self.decoder_tokens} "
+                 f"positions in the decoder sequence",
+                 f"typical sample: {self.sample_length:.0f} decoder tokens, {self.images_per_sample:.2f} encoder inputs "
+                 f"(images or tiles)", "",
+                 "| part | parameters | forward MFLOPs/sample | " + " | ".join(
+                     f"train MFLOPs/sample: {s}" for s in self.training) + " |",
+                 "| --- | ---: | ---: | " + " | ".join("---:" for _ in self.training) + " |"]
+        for part in (*PARTS, "total"):
+            if part != "total" and not self.params.get(part):
+                continue
+            params = sum(self.params.values()) if part == "total" else self.params[part]
+            fwd = sum(self.forward.values()) if part == "total" else self.forward.get(part, 0.0)
+            train = [sum(t.values()) if part == "total" else t.get(part, 0.0) for t in self.training.values()]
+            lines.append(f"| {part} | {params:,} | {fwd / 1e6:,.2f} | " + " | ".join(f"{x / 1e6:,.2f}" for x in train)
+                         + " |")
+        return "\n".join(lines)
+
+
+def shapes_only(config: RecipeConfig) -> None:
+    """Record the architecture of ``hf`` parts from their configs alone: nothing is downloaded but
+    the config files, and the weights stay random."""
+    llm, enc = config.model.llm, config.model.encoder
+    if llm.hf and llm.arch is None:
+        raw = check_custom_code(llm.hf, allow=llm.allow_custom_code, key="model.llm.hf")
+        from transformers import AutoConfig
+
+        llm.arch = arch_of(AutoConfig.for_model(**raw))
+    if enc.hf and enc.arch is None:
+        check_custom_code(enc.hf, allow=enc.allow_custom_code, key="model.encoder.hf")
+        enc.arch = arch_of(ENCODERS.get(enc.kind).config_cls.from_pretrained(enc.hf))
+        if enc.preprocess == "hf" and enc.processor is None:
+            from .data.processing import pretrained_processor
+
+            enc.processor = pretrained_processor(enc.hf)
+
+
+def report(config: RecipeConfig, name: str = "recipe") -> Report:
+    shapes_only(config)
+    source = build_source(config.data)
+    tokenizer = make_tokenizer(config, source)
+    torch.manual_seed(0)
+    model = build_model(config, tokenizer, pretrained=False).eval()
+    spec = ImageSpec.for_model(model, config, root=source.root)
+    params = {part: 0 for part in PARTS}
+    for pname, p in model.named_parameters():
+        params[model.part_of(pname)] += p.numel()
+    batches = typical_batches(model, tokenizer, config, source, spec)
+    n = len(batches)
+    forward = {part: 0.0 for part in PARTS}
+    for batch in batches:  # one sample at a time: no padding is counted
+        for part, flops in forward_flops(model, batch).items():
+            forward[part] += flops / n
+    image = next((img for s in _typical_samples(config, source) for img in s.images), None)
+    enc_tokens = dec_tokens = 0
+    if image is not None:
+        inputs = spec.process_all(image)
+        enc_tokens = sum(r * c for r, c in (i.grid for i in inputs))
+        dec_tokens = len(model.layout.image_tokens(inputs))
+    out = Report(name=name, design=config.model.fusion.kind, params=params, encoder_tokens=enc_tokens,
+                 decoder_tokens=dec_tokens, sample_length=sum(b.num_tokens for b in batches) / n,
+                 images_per_sample=sum(b.num_images for b in batches) / n, forward=forward)
+    for i, stage in enumerate(config.stages):
+        chosen = select_trainable(model, stage.train, key=f"stages.{i}.train")
+        trains = {model.part_of(p) for p in chosen}
+        runs = PARTS if stage.objective == "lm" else ("encoder", "connector")  # contrastive: no decoder pass
+        out.training[stage.name] = {part: forward.get(part, 0.0) * _multiplier(part, trains) if part in runs else 0.0
+                                    for part in PARTS}
+    return out
+
+
+def _multiplier(part: str, trains: set[str]) -> float:
+    if part in trains:
+        return 3.0
+    upstream = PARTS[: PARTS.index(part)]
+    if part == "llm":
+        upstream = ("encoder", "connector", "cross_attention")
+    return 2.0 if any(u in trains for u in upstream) else 1.0
+
+
+def _typical_samples(config: RecipeConfig, source):
+    stage = config.stages[-1]
+    mixture = check_mixture(stage.mixture, source, key=f"stages.{len(config.stages) - 1}.mixture")
+    for task, weight in mixture.items():
+        if weight > 0:
+            for i in range(SAMPLES_PER_TASK):
+                yield source.get(task, "train", i)
+
+
+def typical_batches(model, tokenizer, config: RecipeConfig, source, spec: ImageSpec) -> list:
+    """The last stage's mixture, a few samples of each task, encoded as training encodes them,
+    each as a batch of one."""
+    batches = []
+    tcfg = config.model.tokenizer
+    for sample in _typical_samples(config, source):
+        per_image = [spec.process_all(img) for img in sample.images]
+        try:
+            enc = encode(sample, tokenizer, [model.layout.image_tokens(p) for p in per_image],
+                         max_length=config.model.llm.max_length, image_token=tcfg.image_token,
+                         end_token=tcfg.end_token)
+        except SkipSample:
+            continue
+        pixels = [inp for p in per_image for inp in p]
+        batches.append(collate([enc], pixels, [sample.task], [], tokenizer.pad_token_id))
+    if not batches:
+        raise ConfigError("no sample of the last stage's mixture fits the context (model.llm.max_length)")
+    return batches
+
+
+@torch.no_grad()
+def forward_flops(model, batch) -> dict[str, float]:
+    """FLOPs of one forward pass per part. Cross-attention blocks run inside the LLM's layers, so
+    their share is counted apart and taken out of the LLM's."""
+    out: dict[str, float] = {}
+    ctx = None
+    if batch.images is not None:
+        with FlopCounterMode(display=False) as counter:
+            ctx = model.encode_images(batch.images, batch.input_ids)
+        counts = counter.get_flop_counts()  # called outside FusionLM.forward: named by their own class
+        for part, module in (("encoder", model.encoder), ("connector", model.connector)):
+            out[part] = float(sum(counts.get(type(module).__name__, {}).values()))
+        # the rest is the one-off projection of image keys/values for the cross-attention blocks
+        out["cross_attention"] = float(sum(counts.get("Global", {}).values())) - out["encoder"] - out["connector"]
+    with FlopCounterMode(display=False) as counter:
+        model(batch.input_ids, attention_mask=batch.attention_mask, images=ctx)
+    decoder = _by_part(counter, model)
+    if model.native_cross:  # Llama 3.2 Vision: the cross-attention layers are the LLM's own
+        counts = counter.get_flop_counts()
+        decoder["cross_attention"] = float(sum(sum(counts.get(f"FusionLM.llm.model.layers.{i}", {}).values())
+                                               for i in model.llm.config.cross_attention_layers))
+    out["cross_attention"] = out.get("cross_attention", 0.0) + decoder.get("cross_attention", 0.0)
+    out["llm"] = decoder.get("llm", 0.0) - decoder.get("cross_attention", 0.0)
+    return out
+
+
+def _by_part(counter: FlopCounterMode, model) -> dict[str, float]:
+    counts = counter.get_flop_counts()
+    total = lambda key: float(sum(counts.get(key, {}).values()))  # noqa: E731
+    return {"llm": total("FusionLM.llm"),
+            "cross_attention": sum(total(f"FusionLM.cross_blocks.{name}") for name in model.cross_blocks)}
