@@ -86,7 +86,8 @@ def test_unknown_objective_and_lr_scale_part_are_config_errors():
 @pytest.mark.parametrize("name", shipped_recipes())
 def test_every_shipped_recipe_trains_with_falling_loss(name, tmp_path):
     """Each recipe's stages run at tiny scale; the loss of its last stage falls."""
-    config = load_recipe(name, TINY_OVERRIDES + ["model.encoder.patch_size=4"])
+    tiny = [o for o in TINY_OVERRIDES if not o.startswith("model.llm.max_length")]  # tiled recipes need room
+    config = load_recipe(name, tiny + ["model.encoder.patch_size=4"])
     for s in config.stages:
         s.steps, s.warmup_steps, s.batch_size = 2, 1, 4
     last = config.stages[-1]

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from ..data.batches import Batch
 from ..data.chat import IGNORE
+from ..data.processing import ImageBatch
 from ..errors import ConfigError
 from ..model import FusionLM
 
@@ -31,18 +32,31 @@ def lm_loss(model: FusionLM, batch: Batch) -> torch.Tensor:
 def contrastive_loss(model: FusionLM, batch: Batch) -> torch.Tensor:
     """Symmetric InfoNCE between each sample's image and its target text (one image per sample)."""
     n = batch.input_ids.shape[0]
-    if batch.num_images != n:
+    images = whole_images(batch.images)
+    count = 0 if images is None else len(images)
+    if count != n:
         raise ConfigError(
             f"the contrastive objective needs exactly one image per sample; a batch of {n} samples "
-            f"has {batch.num_images} images (use single-image tasks such as caption)"
+            f"has {count} images (use single-image tasks such as caption)"
         )
-    image = model.image_features(batch.images).mean(1)  # (B, D)
+    image = model.image_features(images).mean(1)  # (B, D)
     targets = (batch.labels != IGNORE) & (batch.labels != model.ids.end)  # (B, T)
     embeds = model.llm.get_input_embeddings()(batch.input_ids)  # (B, T, D)
     text = (embeds * targets.unsqueeze(-1)).sum(1) / targets.sum(1, keepdim=True).clamp(min=1)  # (B, D)
     logits = F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T / TEMPERATURE  # (B, B)
     labels = torch.arange(n, device=logits.device)
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+
+
+def whole_images(images: ImageBatch | None) -> ImageBatch | None:
+    """The inputs that show each image whole: all of them, or with tiling only the thumbnails."""
+    if images is None or not images.roles:
+        return images
+    keep = [i for i, role in enumerate(images.roles) if role == "thumbnail"]
+    if not keep:
+        raise ConfigError("the contrastive objective with tiling compares whole images: set model.tiling.thumbnail")
+    return ImageBatch(images.pixel_values[keep], [images.grids[i] for i in keep],
+                      {k: v[keep] for k, v in images.extras.items()})
 
 
 def loss_for(objective: str):
