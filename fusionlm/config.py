@@ -40,6 +40,9 @@ class EncoderConfig:
     preprocess: str = "letterbox"  # letterbox (square, padded) | hf (the checkpoint's image processor)
     processor: dict[str, Any] | None = None  # the image processor's settings (recorded from `hf` or import)
     arch: dict[str, Any] | None = None  # the tower's full transformers config (recorded; rebuilds it offline)
+    # CLIP / SigLIP used above the size they were built for (MM1: 378 -> 672): images are
+    # letterboxed at this side and the tower interpolates its position embeddings; None: its own size.
+    resolution: int | None = None
 
 
 @dataclass
@@ -47,7 +50,7 @@ class ConnectorConfig:
     """Encoder features -> LLM width. ``kind`` names an entry of ``connectors.CONNECTORS``."""
 
     kind: str = "mlp"
-    hidden_size: int | None = None  # MLP width; default: the LLM width
+    hidden_size: int | None = None  # the connector's own width (MLP, C-Abstractor, Perceiver, Q-Former); default: the LLM's
     act: str = "gelu"  # MLP activation, a transformers ACT2FN name
     bias: bool = True
     num_tokens: int = 64  # avgpool / cabstractor / perceiver / qformer: image tokens out (about, for pooling)
@@ -397,7 +400,7 @@ def validate(config: RecipeConfig) -> RecipeConfig:
     if fusion.kind == "hybrid" and not (tiling.max_tiles and tiling.thumbnail):
         raise ConfigError("model.fusion.kind: hybrid puts the thumbnail in the sequence and the tiles in "
                           "cross-attention; set model.tiling.max_tiles >= 1 with thumbnail: true")
-    if tiling.max_tiles and config.model.encoder.kind in ("patches", "mllama"):
+    if tiling.max_tiles and config.model.encoder.kind in ("patches", "mllama", "qwen2vl"):
         raise ConfigError(f"model.tiling: the {config.model.encoder.kind!r} encoder cuts images its own way; "
                           f"leave max_tiles at 0")
     video = config.model.video

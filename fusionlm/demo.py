@@ -10,8 +10,8 @@ from .checkpoint import load_model
 from .config import load_recipe
 from .data.batches import ImageSpec
 from .data.sources import build_source
-from .evaluate.harness import evaluate, markdown_table, write_results
-from .train.loop import train
+from .evaluate.harness import EVAL_TASKS, evaluate, markdown_table, write_results
+from .train.loop import train, trained_tasks
 
 
 def run_demo(out: str | Path, overrides: list[str] | None = None, *, recipe: str = "demo") -> dict:
@@ -26,8 +26,9 @@ def run_demo(out: str | Path, overrides: list[str] | None = None, *, recipe: str
     source = build_source(config.data)
     spec = ImageSpec.for_model(model, config, root=source.root)
     print(f"evaluating on the test split ({config.train.eval_per_task} samples per task)")
+    tasks = [t for t in EVAL_TASKS if t in trained_tasks(config, source)]  # what the recipe taught
     results = evaluate(model, tokenizer, source, spec, split="test", per_task=config.train.eval_per_task,
-                       batch_size=config.train.eval_batch_size, progress=print)
+                       batch_size=config.train.eval_batch_size, tasks=tasks, progress=print)
     wall = time.perf_counter() - started
 
     example = next(r for r in results if r.task == "shape").examples[0]

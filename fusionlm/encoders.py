@@ -11,8 +11,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import (
-    CLIPVisionConfig, CLIPVisionModel, MllamaVisionConfig, MllamaVisionModel, SiglipVisionConfig, SiglipVisionModel,
+    CLIPVisionConfig, CLIPVisionModel, MllamaVisionConfig, MllamaVisionModel, Qwen2VLVisionConfig, SiglipVisionConfig,
+    SiglipVisionModel,
 )
+from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 
 from .config import EncoderConfig
 from .data.processing import ImageBatch, pretrained_processor
@@ -30,10 +32,14 @@ class ImageEncoder(nn.Module):
     has_cls: bool = False
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    interpolates: bool = False  # can run above its own size (``resolution``) by interpolating position embeddings
 
     def __init__(self, config: EncoderConfig):
         super().__init__()
         self.config = config
+        if config.resolution is not None and not self.interpolates:
+            raise ConfigError(f"model.encoder.resolution: the {config.kind!r} encoder cannot interpolate its position "
+                              f"embeddings (clip and siglip can); leave it unset")
 
     @property
     def num_tokens(self) -> int:
@@ -47,6 +53,7 @@ class _HFVisionTower(ImageEncoder):
     config_cls: type
     model_types: tuple[str, ...]  # checkpoints this kind loads: the tower alone or the full model
     extra_config: dict = {}  # config fields a fresh (random) tower of this kind sets
+    loader: type | None = None  # what loads an ``hf`` checkpoint (default: model_cls)
 
     def __init__(self, config: EncoderConfig, *, pretrained: bool = True):
         super().__init__(config)
@@ -56,7 +63,7 @@ class _HFVisionTower(ImageEncoder):
                 raise ConfigError(f"model.encoder.arch: a {arch.model_type!r} tower, not one of kind {config.kind!r}")
             self.tower = self.model_cls._from_config(arch, dtype=torch_dtype(config.dtype))
         elif config.hf:
-            self.tower = load_pretrained(self.model_cls, config.hf, dtype=config.dtype,
+            self.tower = load_pretrained(self.loader or self.model_cls, config.hf, dtype=config.dtype,
                                          allow_custom_code=config.allow_custom_code, key="model.encoder.hf",
                                          model_types=self.model_types)
             config.arch = arch_of(self.tower.config)
@@ -64,11 +71,30 @@ class _HFVisionTower(ImageEncoder):
                 config.processor = pretrained_processor(config.hf)
         else:
             self.tower = self.model_cls._from_config(self._tiny_config(config), dtype=torch_dtype(config.dtype))
+        self._geometry(config)
+
+    def _geometry(self, config: EncoderConfig) -> None:
+        """``out_dim``, ``image_size`` and ``grid`` of the built tower."""
         vision = self.tower.config
         self.out_dim = vision.hidden_size
         self.image_size = vision.image_size  # the tower's own: a pretrained one may differ from the recipe's
-        side = vision.image_size // vision.patch_size
+        if config.resolution is not None:
+            self.image_size = self._resolution(config, vision.patch_size)
+        side = self.image_size // vision.patch_size
         self.grid = (side, side)
+
+    @staticmethod
+    def _resolution(config: EncoderConfig, patch: int) -> int:
+        """The letterbox side when the tower runs above its own size (checked against its patch)."""
+        side = config.resolution
+        if side < patch or side % patch:
+            raise ConfigError(f"model.encoder.resolution: {side} is not a positive multiple of the tower's "
+                              f"patch size {patch}")
+        if config.preprocess != "letterbox":
+            raise ConfigError("model.encoder.resolution: images are letterboxed at this size, but "
+                              f"model.encoder.preprocess is {config.preprocess!r} (the checkpoint's processor "
+                              "resizes to its own size); set preprocess: letterbox")
+        return side
 
     def _tiny_config(self, c: EncoderConfig):
         return self.config_cls(
@@ -79,7 +105,8 @@ class _HFVisionTower(ImageEncoder):
 
     def forward(self, images: ImageBatch) -> torch.Tensor:
         pixels = images.pixel_values.to(self.tower.dtype)  # (I, 3, H, W)
-        out = self.tower(pixel_values=pixels, output_hidden_states=True)
+        resized = {"interpolate_pos_encoding": True} if self.config.resolution is not None else {}
+        out = self.tower(pixel_values=pixels, output_hidden_states=True, **resized)
         feats = out.hidden_states[self.config.feature_layer]  # (I, [1+] N, D)
         if self.has_cls and self.config.drop_cls:
             feats = feats[:, 1:]  # (I, N, D)
@@ -90,6 +117,7 @@ class _HFVisionTower(ImageEncoder):
 class SiglipEncoder(_HFVisionTower):
     config_cls, model_cls = SiglipVisionConfig, SiglipVisionModel
     model_types = ("siglip_vision_model", "siglip")
+    interpolates = True
 
     # A fresh tower has no use for the attention-pooling head: features are taken per patch.
     extra_config = {"vision_use_head": False}
@@ -99,6 +127,7 @@ class SiglipEncoder(_HFVisionTower):
 class ClipEncoder(_HFVisionTower):
     config_cls, model_cls = CLIPVisionConfig, CLIPVisionModel
     model_types = ("clip_vision_model", "clip")
+    interpolates = True
 
     has_cls = True
     mean = (0.48145466, 0.4578275, 0.40821073)
@@ -144,6 +173,154 @@ class MllamaEncoder(_HFVisionTower):
             aspect_ratio_mask=images.extras["aspect_ratio_mask"][:, None],
         ).last_hidden_state  # (I, 1, tiles, P, D)
         return out.reshape(out.shape[0], -1, out.shape[-1])  # (I, tiles*P, D)
+
+
+class _Qwen2VLVisionLoader:
+    """Loads the Qwen2-VL vision tower from a tower checkpoint or from a full Qwen2-VL model (its
+    ``visual`` part; the LLM's weights are left on disk). A tower weight the checkpoint lacks is an
+    error, never a silent random init."""
+
+    @staticmethod
+    def from_pretrained(source: str, **kwargs):
+        tower, info = Qwen2VisionTransformerPretrainedModel.from_pretrained(
+            source, key_mapping={r"^model\.visual\.": "", r"^visual\.": ""}, output_loading_info=True, **kwargs)
+        if info["missing_keys"]:
+            missing = sorted(info["missing_keys"])
+            raise ValueError(f"it has no weights for {len(missing)} tower tensors, e.g. {missing[0]!r}")
+        return tower
+
+
+# What a recipe gives as model.encoder.processor to train a qwen2vl tower from scratch (patch_size,
+# merge_size and temporal_patch_size may be left out: they are the tower's).
+QWEN2VL_PROCESSOR_EXAMPLE = ("{image_processor_type: Qwen2VLImageProcessor, min_pixels: 1024, max_pixels: 8192, "
+                             "merge_size: 2, temporal_patch_size: 2}")
+
+
+@ENCODERS.register("qwen2vl")
+class Qwen2VLEncoder(_HFVisionTower):
+    """Qwen2-VL's vision transformer: native resolution, 2D rotary positions, 2x2 patch merging.
+
+    Each image enters at its own size and aspect: transformers' Qwen2-VL image processor
+    (``preprocess: hf``) only scales it into [min_pixels, max_pixels] and rounds its sides to
+    ``patch_size * merge_size``, then cuts it into flat patches (N, C*T*p*p) in merge-block order,
+    with its (t, h, w) patch grid. The ViT has no absolute position embedding (2D RoPE over the
+    grid), attends within each image, and its merger MLP turns each 2x2 block of patches into one
+    token: ``out_dim`` is the merger's output width, and an image of h x w patches gives
+    (h/2) x (w/2) tokens. ``grid`` is that of a square ``image_size`` image (a letterboxed one
+    with ``preprocess: letterbox``, which this tower also takes).
+
+    A fresh (random) tower: ``hidden_size`` is the ViT's width and the merger's output,
+    ``intermediate_size`` a whole multiple of it; the merge and temporal patch sizes are the
+    processor settings' (default 2 and 2).
+    """
+
+    config_cls, model_cls = Qwen2VLVisionConfig, Qwen2VisionTransformerPretrainedModel
+    model_types = ("qwen2_vl_vision", "qwen2_vl")
+    loader = _Qwen2VLVisionLoader
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+    def __init__(self, config: EncoderConfig, *, pretrained: bool = True):
+        super().__init__(config, pretrained=pretrained)
+        self._check_processor(config)
+
+    def _geometry(self, config: EncoderConfig) -> None:
+        vision = self.tower.config
+        self.out_dim = vision.hidden_size  # the merger's output width
+        self.patch, self.merge, self.temporal = vision.patch_size, vision.spatial_merge_size, vision.temporal_patch_size
+        factor = self.patch * self.merge
+        if config.image_size < factor or (config.preprocess == "letterbox" and config.image_size % factor):
+            raise ConfigError(f"model.encoder.image_size: {config.image_size} is not a multiple of the qwen2vl "
+                              f"tower's patch_size x merge_size = {factor}")
+        self.image_size = config.image_size
+        side = config.image_size // factor
+        self.grid = (side, side)
+
+    def _tiny_config(self, c: EncoderConfig):
+        if c.hidden_size % c.num_heads or (c.hidden_size // c.num_heads) % 4:
+            raise ConfigError(f"model.encoder.num_heads: the qwen2vl tower's 2D rotary embedding needs "
+                              f"hidden_size / num_heads to be a multiple of 4 (got {c.hidden_size} / {c.num_heads})")
+        if c.intermediate_size % c.hidden_size:
+            raise ConfigError(f"model.encoder.intermediate_size: the qwen2vl tower's MLP is a whole multiple of "
+                              f"hidden_size {c.hidden_size} wide (got {c.intermediate_size})")
+        settings = c.processor or {}
+        for key in ("merge_size", "temporal_patch_size"):
+            value = settings.get(key, 2)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"model.encoder.processor.{key}: expected a positive int, got {value!r}")
+        return Qwen2VLVisionConfig(
+            depth=c.num_layers, embed_dim=c.hidden_size, hidden_size=c.hidden_size, num_heads=c.num_heads,
+            mlp_ratio=c.intermediate_size // c.hidden_size, patch_size=c.patch_size,
+            spatial_merge_size=settings.get("merge_size", 2),
+            temporal_patch_size=settings.get("temporal_patch_size", 2),
+        )
+
+    def _check_processor(self, config: EncoderConfig) -> None:
+        """The image processor must cut images the way this tower reads them: its patch, merge and
+        temporal patch sizes, when not given, are recorded from the tower; its pixel bounds are required."""
+        if config.preprocess != "hf":
+            return
+        s = config.processor
+        if not s:
+            raise ConfigError("model.encoder.processor: the qwen2vl encoder with preprocess 'hf' needs the image "
+                              f"processor's settings, e.g. {QWEN2VL_PROCESSOR_EXAMPLE}")
+        name = s.get("image_processor_type")
+        if not str(name).startswith("Qwen2VLImageProcessor"):
+            raise ConfigError(f"model.encoder.processor.image_processor_type: {name!r}; the qwen2vl encoder takes "
+                              "the flat patches of 'Qwen2VLImageProcessor'")
+        for key, tower in (("patch_size", self.patch), ("merge_size", self.merge),
+                           ("temporal_patch_size", self.temporal)):
+            if key not in s:  # the tower's, recorded (transformers' own default would be Qwen2-VL's 14)
+                s[key] = tower
+            elif s[key] != tower:
+                raise ConfigError(f"model.encoder.processor.{key}: {s[key]!r}, but the tower's is {tower}")
+        size = s.get("size") or {}
+        bounds = {}
+        for key, alias in (("min_pixels", "shortest_edge"), ("max_pixels", "longest_edge")):
+            value = s.get(key, size.get(alias))
+            if value is None:
+                raise ConfigError(f"model.encoder.processor.{key}: missing (the pixel bounds images are scaled into)")
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"model.encoder.processor.{key}: expected a positive int, got {value!r}")
+            bounds[key] = value
+        factor = self.patch * self.merge
+        if bounds["max_pixels"] < factor * factor:
+            raise ConfigError(f"model.encoder.processor.max_pixels: {bounds['max_pixels']} is less than one merged "
+                              f"patch ({factor}x{factor} = {factor * factor} pixels)")
+        if bounds["min_pixels"] > bounds["max_pixels"]:
+            raise ConfigError(f"model.encoder.processor.min_pixels: {bounds['min_pixels']} is more than "
+                              f"max_pixels {bounds['max_pixels']}")
+
+    def patchify(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(I, C, H, W) same-size images -> flat patches (I*h*w, C*T*p*p) and grid_thw (I, 3), cut
+        exactly as the Qwen2-VL image processor cuts them (merge blocks together, frames repeated)."""
+        n, c, height, width = pixels.shape
+        p, m, t = self.patch, self.merge, self.temporal
+        if height % (p * m) or width % (p * m):
+            raise ConfigError(f"model.encoder.image_size: {height}x{width} images are not a multiple of the qwen2vl "
+                              f"tower's patch_size x merge_size = {p * m}")
+        h, w = height // p, width // p
+        x = pixels.reshape(n, c, h // m, m, p, w // m, m, p)
+        x = x.permute(0, 2, 5, 3, 6, 1, 4, 7)  # (I, h/m, w/m, m, m, C, p, p)
+        x = x.unsqueeze(6).expand(*x.shape[:6], t, p, p)  # (I, h/m, w/m, m, m, C, T, p, p)
+        thw = torch.tensor([[1, h, w]] * n, device=pixels.device)
+        return x.reshape(n * h * w, c * t * p * p), thw
+
+    def forward(self, images: ImageBatch) -> torch.Tensor:
+        x = images.pixel_values
+        if x.dim() == 4:  # letterboxed (I, 3, H, W)
+            x, thw = self.patchify(x)
+        else:  # (ΣN, C*T*p*p): each image's own patches, in order
+            thw = images.extras.get("grid_thw")  # (I, 3)
+            if thw is None:
+                raise ConfigError("model.encoder: the qwen2vl tower takes flat patches with their grid_thw "
+                                  "(set model.encoder.preprocess: hf)")
+        layer = self.config.feature_layer
+        out = self.tower(x.to(self.tower.dtype), grid_thw=thw, output_hidden_states=layer != -1)
+        merged = out.pooler_output if layer == -1 else self.tower.merger(out.hidden_states[layer])  # (ΣN', D)
+        if merged.shape[0] != sum(images.token_counts()):
+            raise ConfigError(f"model.encoder: the qwen2vl tower gave {merged.shape[0]} tokens for images whose grids "
+                              f"{images.grids} say {sum(images.token_counts())}")
+        return images.pad_tokens(merged)  # (I, N'_max, D), zero-padded
 
 
 @ENCODERS.register("patches")

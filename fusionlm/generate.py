@@ -12,8 +12,9 @@ from typing import Any
 import torch
 
 from .data.processing import ImageBatch, ImageSpec
-from .data.chat import SkipSample, encode
-from .data.sample import IMAGE_TOKEN, Sample
+from .data.chat import PLACEHOLDERS, SkipSample, encode
+from .data.sample import Sample
+from .data.video import placeholder
 from .errors import SampleError
 from .device import model_device
 from .model import FusionLM
@@ -21,7 +22,8 @@ from .model import FusionLM
 
 @dataclass
 class Request:
-    """One question: a prompt (``<image>`` marks where each image goes) and its images."""
+    """One question: a prompt (``<image>`` marks where each image goes, ``<video>`` each ``Video``)
+    and its images and videos."""
 
     prompt: str
     images: list[Any] = field(default_factory=list)
@@ -29,8 +31,8 @@ class Request:
 
     def sample(self) -> Sample:
         prompt = self.prompt
-        if self.images and IMAGE_TOKEN not in prompt:
-            prompt = f"{IMAGE_TOKEN}\n" * len(self.images) + prompt  # images first, as in training
+        if self.images and not PLACEHOLDERS.search(prompt):
+            prompt = "".join(f"{placeholder(item)}\n" for item in self.images) + prompt  # images first, as in training
         return Sample(id=self.id, task="request", messages=[{"role": "user", "content": prompt}],
                       images=list(self.images))
 

@@ -112,15 +112,17 @@ class FusionLM(nn.Module):
     # ------------------------------------------------------------------ forward
 
     def image_features(self, images: ImageBatch) -> torch.Tensor:
-        """Connector outputs (I, N, D); images with fewer tokens are zero-padded to N."""
-        return self.connector(self.encoder(images), images.grids)  # (I, N, D)
+        """Connector outputs (S, N, D), one per image slot; images with fewer tokens are zero-padded
+        to N. Video frames are encoded as images, then each group of ``temporal_pool`` consecutive
+        frames is averaged into one slot (``ImageBatch.pool``); without video S = I."""
+        return images.pool(self.connector(self.encoder(images), images.grids))  # (S, N, D)
 
     def encode_images(self, images: ImageBatch | torch.Tensor, input_ids: torch.Tensor) -> ImageContext:
         """The images of ``input_ids`` (B, T), in order -> what the decoder needs."""
         if isinstance(images, torch.Tensor):
             images = ImageBatch.of(images, self.encoder.grid)
         features = self.image_features(images)  # (I, N, D)
-        counts = [r * c for r, c in map(self.layout.grid, images.grids)]  # real tokens of each image
+        counts = [r * c for r, c in map(self.layout.grid, images.slot_grids)]  # real tokens of each image slot
         ragged = any(c != features.shape[1] for c in counts)  # images of different sizes, zero-padded
         if self.fusion == "hybrid":
             return self._hybrid(images, features, counts, input_ids)
@@ -174,6 +176,8 @@ class FusionLM(nn.Module):
         mask = images.extras.get("aspect_ratio_mask")  # (I, tiles)
         if mask is None:
             return None, None
+        if images.pools:  # pooled video frames: one mask per slot (a group's frames share one size)
+            mask = mask[images.heads()]
         per_tile = features.shape[1] // mask.shape[1]
         valid = mask.bool().repeat_interleave(per_tile, dim=1)  # (I, tiles*P)
         counts = markers.sum(1)

@@ -64,7 +64,8 @@ def tiny_config_fixture() -> Callable[[str], RecipeConfig]:
 def spec_for(model: FusionLM) -> ImageSpec:
     tiling = model.config.tiling if model.config.tiling.max_tiles else None
     return ImageSpec(size=model.config.encoder.image_size, mean=model.encoder.mean, std=model.encoder.std,
-                     grid=model.encoder.grid, tiling=tiling)
+                     grid=model.encoder.grid, tiling=tiling, frames=model.config.video.frames,
+                     temporal_pool=model.config.video.temporal_pool)
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ TINY: dict[str, Any] = {
                 "intermediate_size": 64, "max_length": 128},
         "fusion": {"kind": "unified"},
         "tokenizer": {"vocab_size": 400, "corpus_per_task": 20},
+        "video": {"temporal_pool": 2},  # a motion clip: 4 slots x 16 tokens, inside the 128-token context
     },
     "data": {"source": "synthetic", "world_image_size": 32},
     "train": {"seed": 0, "eval_per_task": 3},
@@ -37,6 +38,7 @@ TINY_OVERRIDES = [
     "model.llm.hidden_size=32", "model.llm.num_layers=2", "model.llm.num_heads=4", "model.llm.num_kv_heads=2",
     "model.llm.intermediate_size=64", "model.llm.max_length=128",
     "model.tokenizer.vocab_size=400", "model.tokenizer.corpus_per_task=20", "data.world_image_size=32",
+    "model.video.temporal_pool=2",
 ]
 
 

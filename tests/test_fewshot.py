@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fusionlm.data.fewshot import few_shot
-from fusionlm.data.sample import IMAGE_TOKEN, Sample
+from fusionlm.data.sample import IMAGE_TOKEN
 from fusionlm.errors import SampleError
 from conftest import make_batch
 

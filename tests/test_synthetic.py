@@ -13,7 +13,9 @@ from PIL import Image
 
 from fusionlm.data import render
 from fusionlm.data.formats import read_llava_json, write_llava_json
-from fusionlm.data.sample import IMAGE_TOKEN, TASKS
+from fusionlm.data.chat import check_placeholders
+from fusionlm.data.sample import IMAGE_TOKEN, TASKS, VIDEO_TOKEN
+from fusionlm.data.video import Video, frame_sources, placeholder
 from fusionlm.data.synthetic import COLORS, SHAPES, SPLITS, WORDS, World, table_markdown
 from fusionlm.errors import SampleError
 
@@ -25,8 +27,15 @@ def world() -> World:
     return World(image_size=S, seed=0)
 
 
-def _image_hash(img: Image.Image) -> str:
+def _image_hash(img: Image.Image | Video) -> str:
+    if isinstance(img, Video):  # a clip: all its frames
+        return hashlib.sha256("".join(_image_hash(f) for f in img.source).encode()).hexdigest()
     return hashlib.sha256(img.mode.encode() + repr(img.size).encode() + img.tobytes()).hexdigest()
+
+
+def _pictures(items) -> list[Image.Image]:
+    """The pictures of a sample's items, a clip's frames in its place."""
+    return [f for it in items for f in (it.source if isinstance(it, Video) else [it])]
 
 
 def _coloured(px: tuple[int, int, int]) -> bool:
@@ -53,8 +62,9 @@ def test_every_task_gives_valid_samples(world, task):
         for index in range(6):
             s = world.sample(task, split, index)
             assert s.id == f"{split}/{task}/{index:06d}" and s.task == task
-            assert s.all_text().count(IMAGE_TOKEN) == len(s.images)
-            for img in s.images:
+            check_placeholders(s)
+            assert all(isinstance(item, Video) == (task == "motion") for item in s.images)
+            for img in _pictures(s.images):
                 assert isinstance(img, Image.Image) and img.mode == "RGB"
                 assert img.height >= S // 2 and img.width >= S
             if task in ("interleaved", "text_only"):
@@ -62,11 +72,11 @@ def test_every_task_gives_valid_samples(world, task):
                 assert (len(s.images) in (2, 3)) if task == "interleaved" else not s.images
                 continue
             assert s.kind == "chat" and [m["role"] for m in s.messages] == ["user", "assistant"]
-            assert s.messages[0]["content"].startswith((IMAGE_TOKEN + "\n") * len(s.images))
+            assert s.messages[0]["content"].startswith("".join(placeholder(i) + "\n" for i in s.images))
             assert s.messages[1]["content"] == s.answers[0]
             assert len(s.images) == (2 if task == "price" else 1)
-            if task in ("color", "shape", "count", "position", "caption"):
-                assert s.images[0].size == (S, S)
+            if task in ("color", "shape", "count", "position", "caption", "motion"):
+                assert all(f.size == (S, S) for f in _pictures(s.images))
             if task != "table":
                 assert all(a == a.lower() and a for a in s.answers)
 
@@ -222,7 +232,7 @@ def test_corpus_covers_the_vocabulary_of_every_split(world):
     for task in TASKS:
         for split in ("val", "test"):
             for i in range(10):
-                text = world.sample(task, split, i).all_text().lower()
+                text = world.sample(task, split, i).all_text().replace(VIDEO_TOKEN, "").lower()  # never tokenized
                 assert set(re.findall(r"[a-z]+|\d+", text)) <= vocab, (task, split, i)
 
 
@@ -241,6 +251,11 @@ def test_llava_json_round_trip(world, tmp_path):
         assert (a.task, a.kind, a.messages, a.text, a.answers) == (b.task, b.kind, b.messages, b.text, b.answers)
         assert len(a.images) == len(b.images)
         for img, p in zip(a.images, b.images):
+            if isinstance(img, Video):  # a clip comes back as an animated GIF with the same frames
+                assert isinstance(p, Video) and p.source.endswith(".gif") and os.path.isfile(p.source)
+                frames = frame_sources(p, len(img.source))
+                assert all(np.array_equal(np.asarray(f), np.asarray(g)) for f, g in zip(frames, img.source))
+                continue
             assert isinstance(p, str) and os.path.isfile(p)
             with Image.open(p) as loaded:
                 assert np.array_equal(np.asarray(loaded.convert("RGB")), np.asarray(img))

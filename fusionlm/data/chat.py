@@ -5,16 +5,19 @@ them) in chats, all text in documents; never on prompts or image tokens. Which c
 to an assistant turn is read off the template itself: the turn is what rendering it adds after
 the conversation up to it plus the generation prompt. So any template works (fusionlm's own,
 Llama 3's, Qwen2's…) as long as rendering a conversation extends rendering its beginning.
-Each image placeholder becomes that image's layout (N image tokens, rows + newlines, or a marker).
+Each image placeholder becomes that image's layout (N image tokens, rows + newlines, or a marker);
+a ``<video>`` placeholder becomes one image layout per pooled group of the clip's frames.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from ..errors import ConfigError, FusionError, SampleError
-from .sample import IMAGE_TOKEN, Sample
+from .sample import IMAGE_TOKEN, VIDEO_TOKEN, Sample
+from .video import Video, placeholder
 
 IGNORE = -100
 
@@ -35,12 +38,26 @@ class Encoded:
     images: list[Any] = field(default_factory=list)
 
 
+PLACEHOLDERS = re.compile(f"{re.escape(IMAGE_TOKEN)}|{re.escape(VIDEO_TOKEN)}")
+
+
 def check_placeholders(sample: Sample) -> None:
-    found = sample.all_text().count(IMAGE_TOKEN)
-    if found != len(sample.images):
-        raise SampleError(
-            f"sample {sample.id}: {found} {IMAGE_TOKEN} placeholder(s) in the text but {len(sample.images)} image(s)"
-        )
+    """Each ``<image>`` / ``<video>`` placeholder, in order, must match an item of ``sample.images``
+    of that kind (a picture / a ``Video``), and there must be no item left over."""
+    found = PLACEHOLDERS.findall(sample.all_text())
+    wanted = [placeholder(item) for item in sample.images]
+    if found == wanted:
+        return
+    n_video, want_video = found.count(VIDEO_TOKEN), wanted.count(VIDEO_TOKEN)
+    n_image, want_image = len(found) - n_video, len(wanted) - want_video
+    if not n_video and not want_video:
+        raise SampleError(f"sample {sample.id}: {n_image} {IMAGE_TOKEN} placeholder(s) in the text but {want_image} image(s)")
+    if (n_image, n_video) != (want_image, want_video):
+        raise SampleError(f"sample {sample.id}: {n_image} {IMAGE_TOKEN} and {n_video} {VIDEO_TOKEN} placeholder(s) in the "
+                          f"text but {want_image} image(s) and {want_video} video(s)")
+    k = next(i for i, (a, b) in enumerate(zip(found, wanted)) if a != b)
+    raise SampleError(f"sample {sample.id}: placeholder {k + 1} is {found[k]} but item {k + 1} is "
+                      f"{'a video' if wanted[k] == VIDEO_TOKEN else 'an image'} (placeholders and items match in order)")
 
 
 def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
@@ -52,9 +69,9 @@ def render(sample: Sample, tokenizer, *, image_token: str = IMAGE_TOKEN, end_tok
     """The sample as text, and the character spans that are trained."""
     if sample.kind == "document":
         bos = tokenizer.bos_token or ""
-        text = bos + sample.text.replace(IMAGE_TOKEN, image_token) + end_token
+        text = bos + PLACEHOLDERS.sub(lambda _: image_token, sample.text) + end_token
         return text, [(len(bos), len(text))]
-    messages = [{"role": m["role"], "content": m["content"].replace(IMAGE_TOKEN, image_token)}
+    messages = [{"role": m["role"], "content": PLACEHOLDERS.sub(lambda _: image_token, m["content"])}
                 for m in sample.messages]
     full = _render(tokenizer, messages, add_generation_prompt)
     spans = []
@@ -79,8 +96,10 @@ def encode(sample: Sample, tokenizer, layouts: Sequence[list[int]] | list[int], 
     """Token ids and labels for one sample.
 
     Args:
-        layouts: the token ids of each image, in order (or one list used for every image).
-        image_token: the tokenizer's image token (the sample's ``<image>`` placeholders become it).
+        layouts: the token ids of each item of ``sample.images``, in order (or one list used for
+            every image): a video's are those of all its pooled frame groups (``ImageLayout.image_tokens``).
+        image_token: the tokenizer's image token (each ``<image>`` / ``<video>`` placeholder becomes
+            one, then that item's layout).
         end_token: what ends a turn (documents end with it); default the tokenizer's eos.
     Raises:
         SampleError: the placeholders don't match the images (a data error, found before training).
@@ -88,6 +107,8 @@ def encode(sample: Sample, tokenizer, layouts: Sequence[list[int]] | list[int], 
     """
     check_placeholders(sample)
     if layouts and isinstance(layouts[0], int):
+        if any(isinstance(item, Video) for item in sample.images):
+            raise ValueError("encode: a sample with a video needs a layout per item, not one for every image")
         layouts = [layouts] * len(sample.images)
     text, spans = render(sample, tokenizer, image_token=image_token, end_token=end_token or tokenizer.eos_token,
                          add_generation_prompt=add_generation_prompt)

@@ -9,6 +9,14 @@ The file is a JSON list of records, image paths relative to the JSON file's fold
 
 A chat sample with no image has neither ``"image"`` nor ``"images"``; one with several has
 ``"images": [...]``. Documents are ``{"id", "task", "kind": "document", "text", "images"}``.
+
+Clips (``Video`` items, ``<video>`` in the text) are ``"video": path`` or ``"videos": [...]``
+(LLaVA-Video style): a folder of frames or an animated GIF/WebP/PNG. Items are matched to the
+text's ``<image>`` / ``<video>`` placeholders in order. A record with videos and no images whose
+text has ``<image>`` markers but no ``<video>`` (LLaVA-Video's own files mark the clip with
+``<image>``) has those markers read as ``<video>``. Writing saves in-memory clips as animated GIFs
+(``videos/<id>_<k>.gif``; Pillow's GIF writer keeps at most 256 colours per frame and merges
+identical consecutive frames), copies clip files, and copies a folder's frame files.
 Plain LLaVA files (no ``task``/``answers``) read too: task ``"custom"``, answers = the last
 assistant turn. Reading never opens an image: it resolves and checks paths only.
 """
@@ -24,7 +32,9 @@ from typing import Any
 
 from PIL import Image
 
-from fusionlm.data.sample import IMAGE_TOKEN, Sample
+from fusionlm.data.chat import PLACEHOLDERS
+from fusionlm.data.sample import IMAGE_TOKEN, VIDEO_TOKEN, Sample
+from fusionlm.data.video import Video, frame_files
 from fusionlm.errors import SampleError
 
 _ROLES_OUT = {"user": "human", "assistant": "gpt"}
@@ -42,19 +52,29 @@ def write_llava_json(samples: Iterable[Sample], out_dir: str | Path, *,
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     records = []
     for sample in samples:
-        rel_paths = []
+        rel_paths, video_paths = [], []
         for k, image in enumerate(sample.images):
-            rel = f"images/{sample.id.replace('/', '_')}_{k}.png"
+            stem = f"{sample.id.replace('/', '_')}_{k}"
+            if isinstance(image, Video):
+                video_paths.append(_save_video(image, out_dir, f"videos/{stem}"))
+                continue
+            rel = f"images/{stem}.png"
             _save_png(image, out_dir / rel)
             rel_paths.append(rel)
         record: dict[str, Any] = {"id": sample.id, "task": sample.task}
         if sample.kind == "document":
             record.update(kind="document", text=sample.text, images=rel_paths)
+            if video_paths:
+                record["videos"] = video_paths
         else:
             if len(rel_paths) == 1:
                 record["image"] = rel_paths[0]
             elif rel_paths:
                 record["images"] = rel_paths
+            if len(video_paths) == 1:
+                record["video"] = video_paths[0]
+            elif video_paths:
+                record["videos"] = video_paths
             record["conversations"] = [{"from": _ROLES_OUT.get(m["role"], m["role"]),
                                         "value": m["content"]} for m in sample.messages]
             record["answers"] = list(sample.answers)
@@ -74,6 +94,26 @@ def _save_png(image: Any, dest: Path) -> None:
     else:
         with Image.open(image) as im:
             im.save(dest, format="PNG")
+
+
+def _save_video(video: Video, out_dir: Path, stem: str) -> str:
+    """Write a clip under ``out_dir``; returns its path relative to ``out_dir``."""
+    source = video.source
+    if isinstance(source, list):
+        rel = f"{stem}.gif"
+        (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+        frames = [f.convert("RGB") for f in source]
+        frames[0].save(out_dir / rel, format="GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+        return rel
+    if Path(source).is_dir():
+        (out_dir / stem).mkdir(parents=True, exist_ok=True)
+        for frame in frame_files(source):
+            shutil.copyfile(frame, out_dir / stem / Path(frame).name)
+        return stem
+    rel = stem + Path(source).suffix.lower()
+    (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, out_dir / rel)
+    return rel
 
 
 def read_llava_json(path: str | Path, *, image_root: str | Path | None = None) -> list[Sample]:
@@ -105,8 +145,8 @@ def _read_record(rec: Any, index: int, path: Path, root: str) -> Sample:
         raise SampleError(f"{where}: expected an object, got {type(rec).__name__}")
     sid = str(rec.get("id", index))
     where = f"{path}: sample {index} (id {sid})"
-    images = _image_list(rec, where)
-    images = [_resolve(p, path, sid, root) for p in images]
+    images = [_resolve(p, path, sid, root) for p in _image_list(rec, where)]
+    videos = [Video(_resolve(p, path, sid, root)) for p in _image_list(rec, where, "video")]
     task = str(rec.get("task", "custom"))
     if rec.get("kind", "chat") == "document":
         text = rec.get("text")
@@ -122,19 +162,29 @@ def _read_record(rec: Any, index: int, path: Path, root: str) -> Sample:
         if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
             raise SampleError(f"{where}: 'answers' must be a list of strings")
         sample.answers = list(answers)
-    markers = sample.all_text().count(IMAGE_TOKEN)
-    if markers != len(images):
-        raise SampleError(f"{path}: sample {sid}: text has {markers} {IMAGE_TOKEN} marker(s) "
-                          f"but {len(images)} image(s)")
+    if videos and not images and VIDEO_TOKEN not in sample.all_text():  # LLaVA-Video marks a clip with <image>
+        sample.text = sample.text.replace(IMAGE_TOKEN, VIDEO_TOKEN)
+        for m in sample.messages:
+            m["content"] = m["content"].replace(IMAGE_TOKEN, VIDEO_TOKEN)
+    marks = PLACEHOLDERS.findall(sample.all_text())
+    n_video = marks.count(VIDEO_TOKEN)
+    if (len(marks) - n_video, n_video) != (len(images), len(videos)):
+        if not n_video and not videos:
+            raise SampleError(f"{path}: sample {sid}: text has {len(marks)} {IMAGE_TOKEN} marker(s) "
+                              f"but {len(images)} image(s)")
+        raise SampleError(f"{path}: sample {sid}: text has {len(marks) - n_video} {IMAGE_TOKEN} and {n_video} "
+                          f"{VIDEO_TOKEN} marker(s) but {len(images)} image(s) and {len(videos)} video(s)")
+    queues = {IMAGE_TOKEN: iter(images), VIDEO_TOKEN: iter(videos)}
+    sample.images = [next(queues[m]) for m in marks]  # items in the order of their placeholders
     return sample
 
 
-def _image_list(rec: dict, where: str) -> list[str]:
-    images = rec.get("images", rec.get("image", []))
+def _image_list(rec: dict, where: str, key: str = "image") -> list[str]:
+    images = rec.get(f"{key}s", rec.get(key, []))
     if isinstance(images, str):
         images = [images]
     if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
-        raise SampleError(f"{where}: 'image'/'images' must be a path or a list of paths")
+        raise SampleError(f"{where}: '{key}'/'{key}s' must be a path or a list of paths")
     return images
 
 

@@ -6,7 +6,8 @@ the input becomes a one-line :class:`~fusionlm.errors.ImageError` naming the fil
 
 Conversion rules (all end in 8-bit RGB):
 
-* EXIF orientation is applied; animated GIF/WebP give their first frame.
+* EXIF orientation is applied; animated GIF/WebP give their first frame (``load_frames``
+  gives them all, for video input).
 * Alpha (RGBA, LA, PA, RGBa, palette or grey with transparency) is composited on ``BACKGROUND``.
 * 16/32-bit integer grey (``I;16*``, ``I``) is *scaled* by 255/65535 and rounded (values outside
   0..65535 in mode ``I`` are clipped after scaling).
@@ -21,6 +22,7 @@ import io
 import os
 import re
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Union
 
@@ -116,12 +118,12 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def _decode(img: Image.Image, name: str, max_pixels: int) -> Image.Image:
-    """Size-check, fully load, orient and convert ``img``; any decoder failure -> ImageError."""
+def _decode(img: Image.Image, name: str, max_pixels: int, frame: int = 0) -> Image.Image:
+    """Size-check, fully load, orient and convert frame ``frame`` of ``img``; any decoder failure -> ImageError."""
     _check_size(img, name, max_pixels)
     try:
-        if img.tell() != 0:  # a caller's animated image may sit on a later frame
-            img.seek(0)
+        if img.tell() != frame:  # a caller's animated image may sit on a later frame
+            img.seek(frame)
         img.load()
         out = _to_rgb(ImageOps.exif_transpose(img))
         out.load()
@@ -180,18 +182,75 @@ def load_image(
             return _open_and_decode(io.BytesIO(bytes(source)), "<bytes>", max_pixels)
         if not isinstance(source, (str, os.PathLike)):
             raise TypeError(f"load_image: unsupported source type {type(source).__name__}")
-        name = os.fspath(source)
-        path = _resolve(source, root)
-        if not os.path.exists(path):
-            raise ImageError(f"{name}: file not found")
-        if not os.path.isfile(path):
-            raise ImageError(f"{name}: not a regular file")
-        try:
-            if os.path.getsize(path) == 0:
-                raise ImageError(f"{name}: empty file (0 bytes)")
-        except OSError as e:
-            raise ImageError(f"{name}: cannot read file ({_one_line(e)})") from e
+        name, path = _checked_file(source, root)
         return _open_and_decode(path, name, max_pixels)
+
+
+def _checked_file(source: str | os.PathLike, root: str | Path | None) -> tuple[str, str]:
+    """(the name errors use, the path to open) of an existing, non-empty regular file inside ``root``."""
+    name = os.fspath(source)
+    path = _resolve(source, root)
+    if not os.path.exists(path):
+        raise ImageError(f"{name}: file not found")
+    if not os.path.isfile(path):
+        raise ImageError(f"{name}: not a regular file")
+    try:
+        if os.path.getsize(path) == 0:
+            raise ImageError(f"{name}: empty file (0 bytes)")
+    except OSError as e:
+        raise ImageError(f"{name}: cannot read file ({_one_line(e)})") from e
+    return name, path
+
+
+def load_frames(
+    source: str | os.PathLike,
+    *,
+    root: str | Path | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    pick: Callable[[int], Sequence[int]] | None = None,
+) -> list[Image.Image]:
+    """The frames of an animated image file (GIF, animated WebP or PNG) as RGB images.
+
+    The same checks and conversion rules as :func:`load_image`, applied to every frame: every
+    frame is decoded (so a truncated or corrupt frame anywhere is an error; only a GIF cut exactly
+    between two frames reads as a shorter clip, which the format cannot tell apart), and
+    ``pick(n_frames)`` (default: all) says which ones to return, in that order, repeats allowed. A file with a single frame is refused (it is an image, not a clip); each
+    frame counts against ``max_pixels`` on its own.
+    """
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES was set to True by other code; fusionlm "
+                           "requires truncated images to be errors. Leave it at False.")
+    name, path = _checked_file(source, root)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as img:
+                _check_size(img, name, max_pixels)
+                try:
+                    total = int(getattr(img, "n_frames", 1))
+                except Exception as e:  # counting frames reads every frame header
+                    raise ImageError(f"{name}: truncated or corrupt image data ({_one_line(e)})") from e
+                if total < 2:
+                    raise ImageError(f"{name}: not an animated image ({total} frame); a video is a folder of "
+                                     f"frames or an animated GIF/WebP/PNG")
+                wanted = list(pick(total)) if pick is not None else list(range(total))
+                if any(not 0 <= i < total for i in wanted):
+                    raise ValueError(f"load_frames: frame indices {wanted} outside 0..{total - 1}")
+                keep = set(wanted)
+                frames = {}
+                for i in range(total):
+                    frame = _decode(img, name, max_pixels, frame=i)
+                    if i in keep:
+                        frames[i] = frame
+                return [frames[i] for i in wanted]
+        except ImageError:
+            raise
+        except UnidentifiedImageError as e:
+            raise ImageError(f"{name}: not a recognised image") from e
+        except Image.DecompressionBombError as e:
+            raise ImageError(_pillow_bomb_message(e, name, max_pixels)) from e
+        except OSError as e:
+            raise ImageError(f"{name}: cannot read image ({_one_line(e)})") from e
 
 
 def fit_square(

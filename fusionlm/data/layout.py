@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ..errors import SampleError
+
 
 @dataclass(frozen=True)
 class GridRule:
@@ -77,7 +79,13 @@ class ImageLayout:
 
         Method A: every input's tokens, each tile marked (tag before or newline after). Method B:
         one marker per input. Hybrid: only the thumbnail's tokens (tiles go through cross-attention).
+        A video's frames (role ``frame``): one image's tokens per group of ``pool`` frames (the
+        model averages each group into one image slot), unmarked.
         """
+        if inputs and inputs[0].role == "frame":
+            if self.fusion == "hybrid":
+                raise SampleError("the hybrid fusion takes no video input (its sequence holds thumbnails only)")
+            return [t for inp in inputs[::inputs[0].pool] for t in self.tokens(inp.grid)]
         if self.fusion == "hybrid":
             inputs = [inp for inp in inputs if inp.role == "thumbnail"]
         out: list[int] = []

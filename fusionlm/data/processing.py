@@ -17,9 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ImageError
 from .images import DEFAULT_MAX_PIXELS, fit_square, load_image, to_pixels
 from .tiling import cut_tiles, tile_grid
+from .video import Video, frame_sources
 
 
 @dataclass
@@ -31,13 +32,16 @@ class ImageInput:
         grid: (rows, cols) of the encoder's output tokens for this image.
         extras: other per-image inputs of the encoder (e.g. ``aspect_ratio_ids``).
         role: ``image``; or, for a tiled image, ``tile`` / ``thumbnail`` (its tiles come first,
-            then its thumbnail).
+            then its thumbnail); ``frame`` for a video's sampled frame.
+        pool: video frames: how many consecutive frames (``model.video.temporal_pool``) the model
+            averages into one image slot, after the connector; 1 for everything else.
     """
 
     pixels: torch.Tensor
     grid: tuple[int, int]
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
     role: str = "image"
+    pool: int = 1
 
 
 @dataclass
@@ -48,9 +52,43 @@ class ImageBatch:
     grids: list[tuple[int, int]]
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # each (I, ...)
     roles: list[str] = field(default_factory=list)  # each input's role (empty: all whole images)
+    pools: list[int] = field(default_factory=list)  # each input's ImageInput.pool (empty: all 1)
 
     def __len__(self) -> int:
         return len(self.grids)
+
+    def groups(self) -> list[int]:
+        """Sizes of the runs of consecutive inputs that become one image slot of the decoder: 1
+        each, except video frames pooled ``temporal_pool`` at a time (a clip's frames are
+        consecutive and their number is a multiple of it)."""
+        if not self.pools:
+            return [1] * len(self.grids)
+        sizes, i = [], 0
+        while i < len(self.pools):
+            g = self.pools[i]
+            run = slice(i, i + g)
+            if g < 1 or i + g > len(self.pools) or set(self.pools[run]) != {g} or len(set(self.grids[run])) != 1:
+                raise ValueError(f"ImageBatch: inputs {i}..{i + g - 1} do not form one pooled group of {g} "
+                                 f"frames of one size (pools {self.pools}, grids {self.grids})")
+            sizes.append(g)
+            i += g
+        return sizes
+
+    def heads(self) -> list[int]:
+        """Index of the first input of each image slot (all of them without pooling)."""
+        sizes = self.groups()
+        return [sum(sizes[:k]) for k in range(len(sizes))]
+
+    @property
+    def slot_grids(self) -> list[tuple[int, int]]:
+        """The encoder grid of each image slot (a pooled group's frames share one)."""
+        return self.grids if not self.pools else [self.grids[i] for i in self.heads()]
+
+    def pool(self, features: torch.Tensor) -> torch.Tensor:
+        """(I, N, D) features of the inputs -> (S, N, D), one per slot: each group's mean."""
+        if not self.pools or all(p == 1 for p in self.pools):
+            return features
+        return torch.stack([part.mean(0) for part in features.split(self.groups())])  # (S, N, D)
 
     @classmethod
     def collate(cls, inputs: list[ImageInput]) -> "ImageBatch | None":
@@ -59,9 +97,10 @@ class ImageBatch:
         grids = [inp.grid for inp in inputs]
         extras = {k: torch.stack([inp.extras[k] for inp in inputs]) for k in inputs[0].extras}
         roles = [inp.role for inp in inputs] if any(inp.role != "image" for inp in inputs) else []
+        pools = [inp.pool for inp in inputs] if any(inp.pool != 1 for inp in inputs) else []
         if inputs[0].pixels.dim() == 2:  # patch lists of different lengths
-            return cls(torch.cat([inp.pixels for inp in inputs]), grids, extras, roles)
-        return cls(torch.stack([inp.pixels for inp in inputs]), grids, extras, roles)
+            return cls(torch.cat([inp.pixels for inp in inputs]), grids, extras, roles, pools)
+        return cls(torch.stack([inp.pixels for inp in inputs]), grids, extras, roles, pools)
 
     @classmethod
     def of(cls, pixel_values: torch.Tensor, grid: tuple[int, int]) -> "ImageBatch":
@@ -81,7 +120,7 @@ class ImageBatch:
 
     def to(self, device: torch.device | str) -> "ImageBatch":
         return ImageBatch(self.pixel_values.to(device), self.grids, {k: v.to(device) for k, v in self.extras.items()},
-                          self.roles)
+                          self.roles, self.pools)
 
 
 def hf_image_processor(settings: dict[str, Any]):
@@ -126,6 +165,8 @@ class ImageSpec:
     grid: tuple[int, int] | None = None  # the encoder's token grid for a fixed-size image
     hf: Any = None  # a transformers image processor; None: letterbox
     tiling: Any = None  # a TilingConfig with max_tiles >= 1: images are cut into tiles (+ thumbnail)
+    frames: int = 8  # a video is sampled to this many frames (model.video.frames)
+    temporal_pool: int = 1  # ... whose features are averaged this many at a time (model.video.temporal_pool)
 
     @classmethod
     def for_model(cls, model, config, *, root: str | None = None) -> "ImageSpec":
@@ -138,13 +179,24 @@ class ImageSpec:
             hf = hf_image_processor(enc.processor)
         tiling = config.model.tiling if config.model.tiling.max_tiles else None
         return cls(size=model.encoder.image_size, mean=model.encoder.mean, std=model.encoder.std, root=root,
-                   max_pixels=config.data.max_image_pixels, grid=model.encoder.grid, hf=hf, tiling=tiling)
+                   max_pixels=config.data.max_image_pixels, grid=model.encoder.grid, hf=hf, tiling=tiling,
+                   frames=config.model.video.frames, temporal_pool=config.model.video.temporal_pool)
 
     def pixels(self, source: Any) -> torch.Tensor:
         return self.process(source).pixels
 
     def process_all(self, source: Any) -> list[ImageInput]:
-        """All encoder inputs of one image: itself; or, when tiling, its tiles then its thumbnail."""
+        """All encoder inputs of one image: itself; or, when tiling, its tiles then its thumbnail.
+
+        A ``Video``: its ``frames`` sampled frames, each through ``process`` (the image path; frames
+        are never tiled), with role ``frame`` and ``pool = temporal_pool``.
+        """
+        if isinstance(source, Video):
+            if self.frames < 1 or self.temporal_pool < 1 or self.frames % self.temporal_pool:
+                raise ConfigError(f"model.video.temporal_pool: {self.temporal_pool} does not divide "
+                                  f"model.video.frames {self.frames}")
+            frames = frame_sources(source, self.frames, root=self.root, max_pixels=self.max_pixels)
+            return [replace(self.process(f), role="frame", pool=self.temporal_pool) for f in frames]
         if self.tiling is None:
             return [self.process(source)]
         img = load_image(source, root=self.root, max_pixels=self.max_pixels)
@@ -168,6 +220,8 @@ class ImageSpec:
             return self._mllama(img)
         if kind.startswith("Fuyu"):
             return self._fuyu(img)
+        if kind.startswith("Qwen2VL"):
+            return self._qwen2vl(img)
         out = self.hf(images=[img], return_tensors="pt")
         return ImageInput(out["pixel_values"][0], self._grid())  # (3, H, W)
 
@@ -183,6 +237,18 @@ class ImageSpec:
             self._grid(),
             {"aspect_ratio_ids": out["aspect_ratio_ids"][0, 0], "aspect_ratio_mask": out["aspect_ratio_mask"][0, 0]},
         )
+
+    def _qwen2vl(self, img) -> ImageInput:
+        """Qwen2-VL: the image at its own size and aspect (only scaled into [min_pixels, max_pixels],
+        sides rounded to patch*merge), as flat patches (N, C*T*p*p) in merge-block order; its grid is
+        the tower's output after merging, (h/merge, w/merge) for an image of h x w patches."""
+        try:
+            out = self.hf(images=[img], return_tensors="pt")
+        except ValueError as exc:  # e.g. an aspect ratio over 200
+            raise ImageError(f"image of {img.width}x{img.height}: {str(exc).splitlines()[0]}") from None
+        thw = out["image_grid_thw"][0]  # (3,): frames, rows, cols of patches
+        m = self.hf.merge_size
+        return ImageInput(out["pixel_values"], (int(thw[1]) // m, int(thw[2]) // m), {"grid_thw": thw})
 
     def _fuyu(self, img) -> ImageInput:
         """Fuyu: fit into the canvas, pad, keep only the patches that cover the image itself."""

@@ -42,6 +42,24 @@ def render_image(key: tuple) -> Image.Image:
     raise ValueError(f"unknown image key kind {kind!r}")
 
 
+def render_clip(key: tuple) -> list[Image.Image]:
+    """Draw the frames a clip key describes: ``("motion", w, h, n_frames, color, d, start, end,
+    others)`` is a circle of ``color`` and diameter ``d`` moving in a straight line from centre
+    ``start`` to ``end`` (positions rounded to whole pixels) over ``n_frames`` frames, drawn over
+    the static shapes ``others``."""
+    kind, width, height, n, color, d, (x0, y0), (x1, y1), others = key
+    if kind != "motion":
+        raise ValueError(f"unknown clip key kind {kind!r}")
+    return [_render_shapes(width, height, tuple(others) + (("circle", color, cx, cy, d),))
+            for cx, cy in clip_path(n, (x0, y0), (x1, y1))]
+
+
+def clip_path(n: int, start: tuple[int, int], end: tuple[int, int]) -> list[tuple[int, int]]:
+    """The ``n`` centres of a straight move from ``start`` to ``end``, both included."""
+    return [(round(start[0] + (end[0] - start[0]) * k / (n - 1)), round(start[1] + (end[1] - start[1]) * k / (n - 1)))
+            for k in range(n)]
+
+
 def _render_shapes(width: int, height: int, elems: tuple) -> Image.Image:
     img = Image.new("RGB", (width * _SS, height * _SS), WHITE)
     draw = ImageDraw.Draw(img)

@@ -6,10 +6,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 IMAGE_TOKEN = "<image>"
+VIDEO_TOKEN = "<video>"  # marks a ``video.Video`` item; it becomes one image layout per pooled frame group
 
 # Task families of the synthetic world; names are used everywhere (mixtures, metrics, reports).
 TASKS = (
-    "caption", "color", "shape", "count", "position", "text", "table", "chart", "price",
+    "caption", "color", "shape", "count", "position", "text", "table", "chart", "price", "motion",
     "interleaved", "text_only",
 )
 
@@ -25,7 +26,8 @@ class Sample:
         messages: for chat: ``[{"role": "user"|"assistant", "content": str}, ...]``.
         text: for documents: the whole text.
         images: ``PIL.Image.Image`` objects or file paths, in the order their ``<image>``
-            markers appear in the text.
+            markers appear in the text; a clip is a ``video.Video`` item, marked by ``<video>``
+            (placeholders and items are matched in order).
         answers: reference answers for evaluation (several for captions); the first is the
             one used as the training target.
     """

@@ -21,8 +21,8 @@ class WorldSource:
     def __init__(self, image_size: int, seed: int):
         self.world = World(image_size=image_size, seed=seed)
 
-    def corpus(self, per_task: int) -> Iterator[str]:
-        return self.world.corpus(per_task)
+    def corpus(self, per_task: int, tasks: list[str] | None = None) -> Iterator[str]:
+        return self.world.corpus(per_task, tasks)
 
     def tasks(self) -> list[str]:
         return list(TASKS)
@@ -51,8 +51,8 @@ class FileSource:
     def tasks(self) -> list[str]:
         return sorted(self.by_task)
 
-    def corpus(self, per_task: int) -> Iterator[str]:
-        """All of the file's text (``per_task`` is for generated sources; a file is read whole)."""
+    def corpus(self, per_task: int, tasks: list[str] | None = None) -> Iterator[str]:
+        """All of the file's text (``per_task`` and ``tasks`` are for generated sources; a file is read whole)."""
         for items in self.by_task.values():
             for s in items:
                 yield s.all_text()

@@ -28,7 +28,12 @@ text       ``TEXT_QUESTIONS``                                                the
 table      "Convert the table to Markdown."                                 see :func:`table_markdown`
 chart      "Which bar is the tallest?" / "What is the value of bar A?"      ``"b"`` / ``"4"``
 price      "How much do all the circles cost?" (two images)                 ``"6"``
+motion     ``MOTION_QUESTIONS`` (a clip: user turn ``"<video>\n" + question``) left/right/up/down
 ========== ================================================================= ==================
+
+A ``motion`` sample's item is a :class:`~fusionlm.data.video.Video` of ``MOTION_FRAMES`` frames: one
+circle moving in a straight line (at least 40% of the side, along one axis) over one or two
+static squares/triangles of other colours that stay clear of its path; its key is the whole clip.
 
 ``interleaved`` and ``text_only`` are documents (``kind="document"``, no messages or answers).
 """
@@ -39,13 +44,14 @@ import hashlib
 import math
 import numbers
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 
-from fusionlm.data.render import BAR_LABELS, COLORS, fit_size, render_image, text_width
+from fusionlm.data.render import BAR_LABELS, COLORS, fit_size, render_clip, render_image, text_width
 from fusionlm.data.sample import IMAGE_TOKEN, TASKS, Sample
+from fusionlm.data.video import Video, placeholder
 
 SHAPES = ("circle", "square", "triangle")
 SPLITS = ("train", "val", "test")
@@ -67,6 +73,9 @@ CHART_TALLEST = "Which bar is the tallest?"
 CHART_VALUE = "What is the value of bar {label}?"
 PRICE_QUESTION = "How much do all the {plural} cost?"
 PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles"}
+MOTION_QUESTIONS = ("Which way does the circle move?", "In which direction does the circle move?")
+DIRECTIONS = ("left", "right", "up", "down")
+MOTION_FRAMES = 8  # frames of a motion clip (model.video.frames samples them; 8 keeps every one)
 
 # 3x3 grid: (column, row) -> name, and the phrase a caption uses for it.
 GRID_NAMES = {(0, 0): "top left", (1, 0): "top", (2, 0): "top right",
@@ -196,24 +205,26 @@ class World:
     def sample(self, task: str, split: str, index: int) -> Sample:
         """A deterministic sample; unknown task or split -> ``ValueError`` naming the allowed ones."""
         spec = self.spec(task, split, index)
-        images = [render_image(k) for k in spec.image_keys]
+        images = [Video(render_clip(k)) if k[0] == "motion" else render_image(k) for k in spec.image_keys]
         if spec.kind == "document":
             return Sample(id=spec.id, task=task, kind="document", text=spec.text, images=images)
-        user = IMAGE_TOKEN + "\n"
-        messages = [{"role": "user", "content": user * len(images) + spec.question},
+        user = "".join(placeholder(item) + "\n" for item in images)
+        messages = [{"role": "user", "content": user + spec.question},
                     {"role": "assistant", "content": spec.answers[0]}]
         return Sample(id=spec.id, task=task, messages=messages, images=images,
                       answers=list(spec.answers))
 
-    def corpus(self, n_per_task: int = 200) -> Iterator[str]:
+    def corpus(self, n_per_task: int = 200, tasks: Iterable[str] | None = None) -> Iterator[str]:
         """Text for tokenizer training.
 
         Every question, answer (all caption references) and document (with its ``<image>``
         markers) of the first ``n_per_task`` train samples of each task, then the closed
         vocabulary of the world (all question templates filled, words, numbers, colours...) so
-        that nothing in val/test is missing from a tokenizer trained on it.
+        that nothing in val/test is missing from a tokenizer trained on it. ``tasks``: only these
+        (default: all), so a tokenizer is trained on the text of the tasks a recipe uses.
         """
-        for task in TASKS:
+        tasks = list(TASKS) if tasks is None else [t for t in TASKS if t in set(tasks)]
+        for task in tasks:
             for i in range(n_per_task):
                 spec = self.spec(task, "train", i)
                 if spec.kind == "document":
@@ -221,7 +232,7 @@ class World:
                 else:
                     yield spec.question
                     yield from spec.answers
-        yield from _vocabulary_strings()
+        yield from _vocabulary_strings(tasks)
 
     # -- helpers ---------------------------------------------------------------------------
     def _in_split(self, key: tuple, split: str) -> bool:
@@ -409,6 +420,47 @@ class World:
         spec.question = PRICE_QUESTION.format(plural=PLURALS[target])
         spec.answers = [str(count * price)]
 
+    def _task_motion(self, spec: SampleSpec, rng: random.Random, split: str) -> None:
+        S = self.image_size
+
+        def make(rng):
+            d = rng.randint(round(0.22 * S), round(0.3 * S))
+            margin, gap = max(1, round(0.03 * S)), max(1, round(0.04 * S))
+            lo, hi = math.ceil(margin + d / 2), math.floor(S - margin - d / 2)
+            travel = math.ceil(0.4 * S)
+            a = rng.randint(lo, hi - travel)
+            b = rng.randint(a + travel, hi)
+            cross = rng.randint(lo, hi)
+            direction = rng.choice(DIRECTIONS)
+            first, last = (a, b) if direction in ("right", "down") else (b, a)
+            horizontal = direction in ("left", "right")
+            start, end = ((first, cross), (last, cross)) if horizontal else ((cross, first), (cross, last))
+            color = rng.choice(list(COLORS))
+            # The circle's swept box; distractors keep a gap from it.
+            x0, x1 = min(start[0], end[0]) - d / 2, max(start[0], end[0]) + d / 2
+            y0, y1 = min(start[1], end[1]) - d / 2, max(start[1], end[1]) + d / 2
+            others: list[tuple] = []
+            for _ in range(rng.randint(1, 2)):
+                e = rng.randint(max(4, round(0.15 * S)), round(0.22 * S))
+                elo, ehi = math.ceil(margin + e / 2), math.floor(S - margin - e / 2)
+                for _ in range(50):
+                    cx, cy = rng.randint(elo, ehi), rng.randint(elo, ehi)
+                    clear_path = (cx + e / 2 + gap <= x0 or cx - e / 2 - gap >= x1
+                                  or cy + e / 2 + gap <= y0 or cy - e / 2 - gap >= y1)
+                    if clear_path and all(max(abs(cx - o[2]), abs(cy - o[3])) >= (e + o[4]) / 2 + gap for o in others):
+                        break
+                else:
+                    return None
+                others.append((rng.choice(("square", "triangle")), rng.choice([c for c in COLORS if c != color]),
+                               cx, cy, e))
+            key = ("motion", S, S, MOTION_FRAMES, color, d, start, end, tuple(sorted(others)))
+            return key, {"direction": direction, "color": color, "start": start, "end": end,
+                         "distractors": len(others)}
+
+        key, meta = self._draw(rng, split, make)
+        spec.image_keys, spec.meta = [key], meta
+        spec.question, spec.answers = rng.choice(MOTION_QUESTIONS), [meta["direction"]]
+
     def _task_interleaved(self, spec: SampleSpec, rng: random.Random, split: str) -> None:
         spec.kind = "document"
         items = [self._single(rng, split) for _ in range(rng.randint(2, 3))]
@@ -463,12 +515,15 @@ def caption_references(*, shape: str, color: str, size: str, cell: str, **_: Any
             f"{_a(color)} {color} {shape} {loc}"]
 
 
-def _vocabulary_strings() -> Iterator[str]:
-    """Every template filled with every value the world can put in it."""
+def _vocabulary_strings(tasks: list[str]) -> Iterator[str]:
+    """Every template filled with every value the world can put in it (motion's only with motion)."""
     yield from COLOR_QUESTIONS + SHAPE_QUESTIONS + COUNT_QUESTIONS + CAPTION_QUESTIONS
     yield from TEXT_QUESTIONS + TABLE_QUESTIONS + (CHART_TALLEST,)
     yield from (CHART_VALUE.format(label=lab) for lab in BAR_LABELS)
     yield from (PRICE_QUESTION.format(plural=p) for p in PLURALS.values())
+    if "motion" in tasks:
+        yield from MOTION_QUESTIONS
+        yield " ".join(DIRECTIONS)
     for a in COLORS:
         for b in COLORS:
             if a != b:

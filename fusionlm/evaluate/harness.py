@@ -10,9 +10,10 @@ from ..data.batches import ImageSpec
 from ..generate import Request, generate
 from .metrics import metric_for, score_task
 
-# Tasks that are answered from images; interleaved documents and text-only samples are
-# pre-training kinds with nothing to ask.
-EVAL_TASKS = ("caption", "color", "shape", "count", "position", "text", "table", "chart", "price")
+# Tasks that are answered from images (motion: from a clip); interleaved documents and text-only
+# samples are pre-training kinds with nothing to ask. Every task but caption and table is scored by
+# exact match (``metrics.metric_for``).
+EVAL_TASKS = ("caption", "color", "shape", "count", "position", "text", "table", "chart", "price", "motion")
 
 
 @dataclass

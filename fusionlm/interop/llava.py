@@ -82,6 +82,11 @@ class Llava(Format):
             problems.append(f"fusion is {c.fusion.kind!r} (LLaVA puts image tokens in the sequence: 'unified')")
         if c.encoder.kind not in ("clip", "siglip"):
             problems.append(f"the encoder is {c.encoder.kind!r} (LLaVA takes a clip or siglip tower)")
+        if c.encoder.resolution is not None:
+            problems.append(f"the tower runs at resolution {c.encoder.resolution} with interpolated position "
+                            f"embeddings (LLaVA's tower runs at its own size)")
+        if c.tiling.max_tiles:
+            problems.append("images are tiled (LLaVA-1.5 sees each image whole)")
         if c.connector.kind != "mlp":
             problems.append(f"the connector is {c.connector.kind!r} (LLaVA's projector is a 2-layer 'mlp')")
         elif (c.connector.hidden_size or model.llm.config.hidden_size) != model.llm.config.hidden_size:

@@ -271,7 +271,16 @@ def make_tokenizer(config: RecipeConfig, source):
         tok = load_any_tokenizer(tcfg.path or llm.hf, allow_custom_code=llm.allow_custom_code)
         return prepare_tokenizer(tok, image_token=tcfg.image_token, newline_token=tcfg.newline_token,
                                  need_newline=needs_newline(config.model))
-    return train_tokenizer(source.corpus(tcfg.corpus_per_task), tcfg.vocab_size)
+    return train_tokenizer(source.corpus(tcfg.corpus_per_task, trained_tasks(config, source)), tcfg.vocab_size)
+
+
+def trained_tasks(config: RecipeConfig, source) -> list[str]:
+    """The tasks some stage of the recipe trains on."""
+    tasks = set()
+    for i, stage in enumerate(config.stages):
+        mixture = check_mixture(stage.mixture, source, key=f"stages.{i}.mixture")
+        tasks.update(t for t, w in mixture.items() if w > 0)
+    return sorted(tasks)
 
 
 def train(config: RecipeConfig, out: str | Path, *, resume: bool = False, log=print) -> Progress:

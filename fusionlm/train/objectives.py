@@ -39,7 +39,10 @@ def contrastive_loss(model: FusionLM, batch: Batch) -> torch.Tensor:
             f"the contrastive objective needs exactly one image per sample; a batch of {n} samples "
             f"has {count} images (use single-image tasks such as caption)"
         )
-    image = model.image_features(images).mean(1)  # (B, D)
+    features = model.image_features(images)  # (B, N, D), images with fewer tokens zero-padded
+    counts = torch.tensor([r * c for r, c in map(model.layout.grid, images.slot_grids)], device=features.device)
+    real = (torch.arange(features.shape[1], device=features.device)[None] < counts[:, None]).unsqueeze(-1)  # (B, N, 1)
+    image = (features * real).sum(1) / counts[:, None]  # (B, D): the mean of each image's real tokens
     targets = (batch.labels != IGNORE) & (batch.labels != model.ids.end)  # (B, T)
     embeds = model.llm.get_input_embeddings()(batch.input_ids)  # (B, T, D)
     text = (embeds * targets.unsqueeze(-1)).sum(1) / targets.sum(1, keepdim=True).clamp(min=1)  # (B, D)
