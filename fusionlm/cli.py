@@ -54,13 +54,15 @@ def _load(checkpoint: str):
 
 
 def cmd_generate(args) -> None:
+    from .data.video import Video
     from .generate import Request, generate
 
     model, tokenizer, _, spec = _load(args.checkpoint)
-    for path in args.image:
+    for path in args.image + args.video:
         if not Path(path).exists():
             raise FusionError(f"{path}: file not found")
-    (answer,) = generate(model, tokenizer, [Request(args.prompt, list(args.image))], spec,
+    items = list(args.image) + [Video(path) for path in args.video]  # in this order when the prompt has no placeholders
+    (answer,) = generate(model, tokenizer, [Request(args.prompt, items)], spec,
                          max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                          seed=args.seed)
     print(answer)
@@ -140,6 +142,7 @@ def parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="answer a prompt about images")
     g.add_argument("--checkpoint", required=True, help="a run directory (its latest checkpoint) or a checkpoint")
     g.add_argument("--image", action="append", default=[])
+    g.add_argument("--video", action="append", default=[], help="a folder of frames or an animated GIF")
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0)

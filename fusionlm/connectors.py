@@ -233,8 +233,30 @@ class _PerceiverLayer(nn.Module):
         return latents + self.ff(latents)  # (I, L, W)
 
 
+class _LearnedQueries(Connector):
+    """Connectors whose ``num_tokens`` learned queries read the image: a fixed token count."""
+
+    def __init__(self, config: ConnectorConfig, in_dim: int, out_dim: int, grid: tuple[int, int]):
+        _check(config, "num_tokens", "depth", "num_heads", "hidden_size")
+        super().__init__(config, in_dim, out_dim, grid)
+        self.width = config.hidden_size or out_dim
+        _check_heads(config, self.width)
+
+    @classmethod
+    def grid_rule(cls, config: ConnectorConfig) -> GridRule:
+        return GridRule("fixed", config.num_tokens)
+
+    def real_features(self, feats: torch.Tensor, grids) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features cut to the longest image with the padding zeroed (I, N, D), and the (I, N) mask of
+        real tokens."""
+        counts = [r * c for r, c in self.image_grids(feats, grids)]
+        feats = feats[:, : max(counts)]  # (I, N, D_in)
+        real = _real_tokens(feats, counts)  # (I, N)
+        return torch.where(real[..., None], feats, 0.0), real
+
+
 @CONNECTORS.register("perceiver")
-class PerceiverConnector(Connector):
+class PerceiverConnector(_LearnedQueries):
     """Flamingo's Perceiver Resampler: ``num_tokens`` learned latents, ``depth`` layers of
     cross-attention (latents attend to [image features ; latents], padding masked out) and a
     feed-forward, a final LayerNorm, then a projection to the LLM width.
@@ -245,25 +267,17 @@ class PerceiverConnector(Connector):
     """
 
     def __init__(self, config: ConnectorConfig, in_dim: int, out_dim: int, grid: tuple[int, int]):
-        _check(config, "num_tokens", "depth", "num_heads", "hidden_size")
         super().__init__(config, in_dim, out_dim, grid)
-        width = config.hidden_size or out_dim
-        _check_heads(config, width)
+        width = self.width
         self.latents = nn.Parameter(torch.randn(config.num_tokens, width))  # (L, W)
         self.proj_in = nn.Linear(in_dim, width, bias=config.bias) if in_dim != width else nn.Identity()
         self.layers = nn.ModuleList(_PerceiverLayer(width, config.num_heads, config) for _ in range(config.depth))
         self.norm = nn.LayerNorm(width)
         self.proj_out = nn.Linear(width, out_dim, bias=config.bias)
 
-    @classmethod
-    def grid_rule(cls, config: ConnectorConfig) -> GridRule:
-        return GridRule("fixed", config.num_tokens)
-
     def forward(self, feats: torch.Tensor, grids: list[tuple[int, int]] | None = None) -> torch.Tensor:
-        counts = [r * c for r, c in self.image_grids(feats, grids)]
-        feats = feats[:, : max(counts)]  # (I, N, D_in)
-        real = _real_tokens(feats, counts)  # (I, N)
-        media = self.proj_in(torch.where(real[..., None], feats, 0.0))  # (I, N, W)
+        feats, real = self.real_features(feats, grids)  # (I, N, D_in), (I, N)
+        media = self.proj_in(feats)  # (I, N, W)
         latents = self.latents.expand(feats.shape[0], -1, -1)  # (I, L, W)
         keep = torch.cat([real, real.new_ones(latents.shape[:2])], dim=1)  # (I, N+L)
         for layer in self.layers:
@@ -272,7 +286,7 @@ class PerceiverConnector(Connector):
 
 
 @CONNECTORS.register("qformer")
-class QFormerConnector(Connector):
+class QFormerConnector(_LearnedQueries):
     """BLIP-2 / InstructBLIP's Q-Former: ``num_tokens`` learned queries through transformers'
     ``Blip2QFormerModel`` (``depth`` layers of self-attention, cross-attention to the image
     features in every layer, feed-forward), then BLIP-2's ``language_projection`` to the LLM width.
@@ -286,10 +300,8 @@ class QFormerConnector(Connector):
     def __init__(self, config: ConnectorConfig, in_dim: int, out_dim: int, grid: tuple[int, int]):
         from transformers import Blip2QFormerConfig, Blip2QFormerModel
 
-        _check(config, "num_tokens", "depth", "num_heads", "hidden_size")
         super().__init__(config, in_dim, out_dim, grid)
-        width = config.hidden_size or out_dim
-        _check_heads(config, width)
+        width = self.width
         qconfig = Blip2QFormerConfig(
             hidden_size=width, num_hidden_layers=config.depth, num_attention_heads=config.num_heads,
             intermediate_size=4 * width, hidden_act=config.act, encoder_hidden_size=in_dim,
@@ -300,15 +312,9 @@ class QFormerConnector(Connector):
         self.qformer = Blip2QFormerModel(qconfig)
         self.language_projection = nn.Linear(width, out_dim, bias=config.bias)
 
-    @classmethod
-    def grid_rule(cls, config: ConnectorConfig) -> GridRule:
-        return GridRule("fixed", config.num_tokens)
-
     def forward(self, feats: torch.Tensor, grids: list[tuple[int, int]] | None = None) -> torch.Tensor:
-        counts = [r * c for r, c in self.image_grids(feats, grids)]
-        feats = feats[:, : max(counts)]  # (I, N, D_in)
-        real = _real_tokens(feats, counts)  # (I, N)
-        image = self.norm_in(torch.where(real[..., None], feats, 0.0))  # (I, N, D_in)
+        feats, real = self.real_features(feats, grids)  # (I, N, D_in), (I, N)
+        image = self.norm_in(feats)  # (I, N, D_in)
         queries = self.query_tokens.expand(feats.shape[0], -1, -1)  # (I, L, W)
         out = self.qformer(query_embeds=queries, encoder_hidden_states=image,
                            encoder_attention_mask=real.long()).last_hidden_state  # (I, L, W)

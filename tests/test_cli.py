@@ -94,6 +94,22 @@ def test_generate_with_the_marker_in_the_prompt(run_dir, image, capsys):
     assert rc == 0 and out.endswith("\n"), err
 
 
+def test_generate_about_a_clip(run_dir, tmp_path, capsys):
+    from fusionlm.data.synthetic import World
+    from fusionlm.data.video import Video
+
+    clip = World(image_size=32, seed=0).sample("motion", "test", 0).images[0]
+    assert isinstance(clip, Video)
+    gif = tmp_path / "clip.gif"
+    clip.source[0].save(gif, save_all=True, append_images=clip.source[1:], duration=100)
+    rc, out, err = run_cli(capsys, "generate", "--checkpoint", run_dir, "--video", gif,
+                           "--prompt", "Which way does the circle move?", "--max-new-tokens", "3")
+    assert rc == 0 and out.endswith("\n"), err
+    rc, _, err = run_cli(capsys, "generate", "--checkpoint", run_dir, "--video", tmp_path / "nope.gif",
+                         "--prompt", "Which way?")
+    assert rc == 2 and "nope.gif: file not found" in err
+
+
 # ----------------------------------------------------------------------------- eval
 
 
