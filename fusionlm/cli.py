@@ -1,4 +1,4 @@
-"""The `fusionlm` command: data | train | generate | eval | demo | import | export | info | recipes.
+"""The `fusionlm` command: data | train | generate | eval | demo | import | export | info | compare | recipes.
 
 User errors (a bad file, key or sample) print one line naming it and exit with status 2; nothing
 already written is touched.
@@ -70,14 +70,20 @@ def cmd_generate(args) -> None:
 
 def cmd_eval(args) -> None:
     from .data.sources import build_source
-    from .evaluate.harness import evaluate, markdown_table, write_results
+    from .evaluate.harness import evaluate, evaluate_tasks, markdown_table, write_results
+    from .evaluate.tasks import load_task_file
 
     model, tokenizer, config, spec = _load(args.checkpoint)
-    source = build_source(config.data, args.data)
-    spec.root = source.root
-    results = evaluate(model, tokenizer, source, spec, split=args.split,
-                       per_task=args.per_task or config.train.eval_per_task,
-                       batch_size=config.train.eval_batch_size, progress=print)
+    kw = dict(per_task=args.per_task or config.train.eval_per_task, seed=args.seed, progress=print,
+              batch_size=args.batch_size or config.train.eval_batch_size)
+    task_defs = load_task_file(args.tasks) if args.tasks else None
+    source = None if task_defs else build_source(config.data, args.data)
+    results = []
+    for shots in args.shots:
+        if task_defs:
+            results += evaluate_tasks(model, tokenizer, task_defs, spec, shots=shots, **kw)
+        else:
+            results += evaluate(model, tokenizer, source, spec, split=args.split, shots=shots, **kw)
     print(markdown_table(results))
     if args.out:
         write_results(results, args.out)
@@ -109,6 +115,16 @@ def cmd_info(args) -> None:
     for recipe in args.recipe:
         print(report(load_recipe(recipe, args.set), name=str(recipe)).markdown())
         print()
+
+
+def cmd_compare(args) -> None:
+    from .compare import compare
+
+    if (args.steps is None) == (args.minutes is None):
+        raise FusionError("compare: give the budget as --steps N or --minutes M (one of them)")
+    compare(args.recipe, args.out, steps=args.steps, minutes=args.minutes, shots=tuple(args.shots),
+            per_task=args.per_task, overrides=args.set)
+    print(f"wrote {Path(args.out) / 'report.md'}")
 
 
 def cmd_recipes(args) -> None:
@@ -153,7 +169,11 @@ def parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="score a checkpoint per task")
     e.add_argument("--checkpoint", required=True)
     e.add_argument("--split", default="test", choices=["train", "val", "test"])
-    e.add_argument("--data", help="a LLaVA-style JSON to evaluate on instead of the run's data")
+    e.add_argument("--data", help="a LLaVA-style JSON or question JSONL to evaluate on instead of the run's data")
+    e.add_argument("--tasks", help="a YAML file of task definitions (data, prompt template, metric)")
+    e.add_argument("--shots", type=int, nargs="+", default=[0], help="in-context examples per question, e.g. 0 4 8")
+    e.add_argument("--seed", type=int, default=0, help="which k-shot examples are drawn")
+    e.add_argument("--batch-size", type=int)
     e.add_argument("--per-task", type=int)
     e.add_argument("--out", help="write scores as JSON here (and a Markdown table next to it)")
     e.set_defaults(fn=cmd_eval)
@@ -180,6 +200,16 @@ def parser() -> argparse.ArgumentParser:
     n.add_argument("recipe", nargs="+", help="recipe YAML paths or shipped recipe names")
     n.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a dotted key")
     n.set_defaults(fn=cmd_info)
+
+    c = sub.add_parser("compare", help="train recipes on the same budget, evaluate them alike, report and plot")
+    c.add_argument("recipe", nargs="+", help="recipe YAML paths or shipped recipe names")
+    c.add_argument("--out", required=True)
+    c.add_argument("--steps", type=int, help="optimizer steps per recipe, shared among its stages")
+    c.add_argument("--minutes", type=float, help="wall-clock training minutes per recipe, shared among its stages")
+    c.add_argument("--shots", type=int, nargs="+", default=[0, 4])
+    c.add_argument("--per-task", type=int, default=50)
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key in every recipe")
+    c.set_defaults(fn=cmd_compare)
 
     r = sub.add_parser("recipes", help="list the shipped recipes")
     r.set_defaults(fn=cmd_recipes)

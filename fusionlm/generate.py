@@ -28,12 +28,14 @@ class Request:
     prompt: str
     images: list[Any] = field(default_factory=list)
     id: str = "request"
+    history: list[dict[str, str]] = field(default_factory=list)  # earlier turns (few-shot examples…)
 
     def sample(self) -> Sample:
         prompt = self.prompt
-        if self.images and not PLACEHOLDERS.search(prompt):
+        earlier = "".join(m["content"] for m in self.history)
+        if self.images and not PLACEHOLDERS.search(prompt + earlier):
             prompt = "".join(f"{placeholder(item)}\n" for item in self.images) + prompt  # images first, as in training
-        return Sample(id=self.id, task="request", messages=[{"role": "user", "content": prompt}],
+        return Sample(id=self.id, task="request", messages=[*self.history, {"role": "user", "content": prompt}],
                       images=list(self.images))
 
 

@@ -88,6 +88,8 @@ def report(config: RecipeConfig, name: str = "recipe") -> Report:
     tokenizer = make_tokenizer(config, source)
     torch.manual_seed(0)
     model = build_model(config, tokenizer, pretrained=False).eval()
+    for p in model.parameters():  # counting needs no gradients (and torch's module tracker trips on some)
+        p.requires_grad_(False)
     spec = ImageSpec.for_model(model, config, root=source.root)
     params = {part: 0 for part in PARTS}
     for pname, p in model.named_parameters():

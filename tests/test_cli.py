@@ -124,7 +124,7 @@ def test_eval_writes_scores_per_task_and_a_table(run_dir, tmp_path, capsys):
     assert all(len(data["examples"][t]) == 2 for t in EVAL_TASKS)
     assert data["metrics"]["caption"] == "cider" and data["metrics"]["table"] == "table_exact_match"
     table = out_json.with_suffix(".md").read_text()
-    assert table.startswith("| task | metric | score | n |")
+    assert table.startswith("| task | metric | shots | score | n |")
     assert all(f"| {t} |" in table for t in EVAL_TASKS)
     assert "| color | exact_match |" in out
 

@@ -34,6 +34,8 @@ class SampleSource(Protocol):
 
     def get(self, task: str, split: str, index: int) -> Sample: ...
 
+    def size(self, task: str) -> int | None: ...  # samples of a task (None: unlimited)
+
 
 def stable_seed(*parts: Any) -> int:
     """A seed from any parts, stable across processes (unlike ``hash``)."""

@@ -213,3 +213,73 @@ def _resolve(image: str, path: Path, sid: str, root: str) -> str:
     if os.path.isabs(image) or os.path.commonpath([root, resolved]) != root:
         raise SampleError(f"{path}: sample {sid}: image path '{image}' escapes the data root {root}")
     return resolved
+
+
+CHOICE_LETTERS = "ABCDEFGHIJ"
+
+
+def read_qa_jsonl(path: str | Path, *, image_root: str | Path | None = None) -> list[Sample]:
+    """Read an evaluation file in JSON lines: one question per line.
+
+    Each line: ``{"id", "image" | "images", "question", "answers": [...] | "answer": "...",
+    "choices": [...] (multiple choice, the answer being the right choice's text or letter),
+    "task"}``. Images are placed where the question has ``<image>`` placeholders, else before it.
+    A multiple-choice question lists its options as ``A. …`` lines, and its reference answers are
+    ``[letter, *choices]`` (the encoding the ``choice_accuracy`` metric reads).
+
+    Raises:
+        SampleError: an unreadable line or record, naming the file and line.
+    """
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SampleError(f"{path}: cannot read JSON lines: {e}") from None
+    root = os.path.realpath(image_root if image_root is not None else path.parent)
+    samples = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}: line {number}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SampleError(f"{where}: not JSON ({e})") from None
+        if not isinstance(rec, dict):
+            raise SampleError(f"{where}: expected an object, got {type(rec).__name__}")
+        samples.append(_qa_record(rec, where, path, root, number))
+    return samples
+
+
+def _qa_record(rec: dict, where: str, path: Path, root: str, number: int) -> Sample:
+    sid = str(rec.get("id", number))
+    question = rec.get("question")
+    if not isinstance(question, str):
+        raise SampleError(f"{where} (id {sid}): missing key 'question' (a string)")
+    answers = rec.get("answers", [rec["answer"]] if "answer" in rec else None)
+    if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
+        raise SampleError(f"{where} (id {sid}): 'answers' must be a non-empty list of strings (or give 'answer')")
+    images = [_resolve(p, path, sid, root) for p in _image_list(rec, where)]
+    if images and IMAGE_TOKEN not in question:
+        question = f"{IMAGE_TOKEN}\n" * len(images) + question
+    choices = rec.get("choices")
+    if choices is not None:
+        if not isinstance(choices, list) or not 2 <= len(choices) <= len(CHOICE_LETTERS) or \
+                not all(isinstance(c, str) for c in choices):
+            raise SampleError(f"{where} (id {sid}): 'choices' must be a list of 2 to {len(CHOICE_LETTERS)} strings")
+        letters = CHOICE_LETTERS[: len(choices)]
+        right = answers[0].strip()
+        if right in choices:
+            right = letters[choices.index(right)]
+        if right not in letters:
+            raise SampleError(f"{where} (id {sid}): the answer {answers[0]!r} is neither a choice nor its letter")
+        question += "\n" + "\n".join(f"{k}. {c}" for k, c in zip(letters, choices))
+        question += "\nAnswer with the option's letter."
+        answers = [right, *choices]
+    sample = Sample(id=sid, task=str(rec.get("task", "custom")), images=images, answers=list(answers),
+                    messages=[{"role": "user", "content": question}, {"role": "assistant", "content": answers[0]}])
+    found = sample.all_text().count(IMAGE_TOKEN)
+    if found != len(images):
+        raise SampleError(f"{where} (id {sid}): the question has {found} {IMAGE_TOKEN} marker(s) but "
+                          f"{len(images)} image(s)")
+    return sample

@@ -8,7 +8,7 @@ from pathlib import Path
 from ..config import DataConfig
 from ..errors import ConfigError
 from .chat import check_placeholders
-from .formats import read_llava_json
+from .formats import read_llava_json, read_qa_jsonl
 from .sample import TASKS, Sample
 from .synthetic import World
 
@@ -27,6 +27,9 @@ class WorldSource:
     def tasks(self) -> list[str]:
         return list(TASKS)
 
+    def size(self, task: str) -> int | None:
+        return None  # every task has as many samples as asked for
+
     def get(self, task: str, split: str, index: int) -> Sample:
         return self.world.sample(task, split, index)
 
@@ -39,7 +42,9 @@ class FileSource:
     """
 
     def __init__(self, path: str | Path, image_root: str | None = None):
-        samples = read_llava_json(path, image_root=image_root)
+        self.path = str(path)
+        reader = read_qa_jsonl if str(path).endswith(".jsonl") else read_llava_json
+        samples = reader(path, image_root=image_root)
         if not samples:
             raise ConfigError(f"{path}: no samples")
         self.by_task: dict[str, list[Sample]] = {}
@@ -57,6 +62,9 @@ class FileSource:
             for s in items:
                 yield s.all_text()
 
+    def size(self, task: str) -> int:
+        return len(self.by_task[task])
+
     def get(self, task: str, split: str, index: int) -> Sample:
         items = self.by_task[task]
         return items[index % len(items)]
@@ -68,5 +76,6 @@ def build_source(config: DataConfig, path: str | None = None):
     if source == "synthetic":
         return WorldSource(config.world_image_size, config.world_seed)
     if not Path(source).is_file():
-        raise ConfigError(f"data.source: {source!r} is neither 'synthetic' nor an existing LLaVA JSON file")
+        raise ConfigError(f"data.source: {source!r} is neither 'synthetic' nor an existing LLaVA JSON or "
+                          f"question JSONL file")
     return FileSource(source, config.image_root)

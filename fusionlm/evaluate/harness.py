@@ -1,19 +1,31 @@
-"""Evaluate a model per task: generate answers for a split's samples and score them."""
+"""Evaluate a model per task: generate answers for a task's questions, zero- or k-shot, and score them.
+
+Answers are generated greedily in batches with left padding; a sample's answer does not depend on
+the batch it is in. k-shot prompts put k solved examples, their images interleaved with their
+text, before the question (``data.fewshot``); the examples come from a split disjoint from the
+questions (the world's val split, or the other samples of a file), drawn with a fixed seed, and
+never include the question itself.
+"""
 
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..data.batches import ImageSpec
+from ..config import DataConfig
+from ..data.batches import ImageSpec, stable_seed
+from ..data.chat import encode
+from ..data.fewshot import few_shot
+from ..data.sample import Sample
+from ..data.sources import build_source
+from ..errors import ConfigError
 from ..generate import Request, generate
-from .metrics import metric_for, score_task
+from .metrics import METRICS, metric_for
+from .tasks import WORLD_EVAL_TASKS, EvalTask
 
-# Tasks that are answered from images (motion: from a clip); interleaved documents and text-only
-# samples are pre-training kinds with nothing to ask. Every task but caption and table is scored by
-# exact match (``metrics.metric_for``).
-EVAL_TASKS = ("caption", "color", "shape", "count", "position", "text", "table", "chart", "price", "motion")
+EVAL_TASKS = WORLD_EVAL_TASKS  # the world's tasks that are answered from images (motion: from a clip)
 
 
 @dataclass
@@ -22,48 +34,119 @@ class TaskResult:
     metric: str
     score: float
     n: int
+    shots: int = 0
     examples: list[dict] = field(default_factory=list)
+    fewer_shots: int = 0  # questions asked with fewer examples, the full prompt being over the context
 
 
 def question_of(sample) -> str:
-    return next(m["content"] for m in sample.messages if m["role"] == "user")
+    return next(m["content"] for m in reversed(sample.messages) if m["role"] == "user")
 
 
-def evaluate(model, tokenizer, source, images: ImageSpec, *, split: str = "test", per_task: int = 50,
-             batch_size: int = 32, tasks: list[str] | None = None, max_new_tokens: int = 48,
-             progress=None) -> list[TaskResult]:
-    """Greedy answers for ``per_task`` samples of each task of ``split``, scored per task."""
-    names = tasks or [t for t in source.tasks() if t in EVAL_TASKS or t not in ("interleaved", "text_only")]
+def request_of(sample: Sample, prompt: str = "{question}") -> Request:
+    """The question of a (possibly multi-turn, few-shot) sample as a generation request."""
+    turns = sample.messages[:-1] if sample.messages[-1]["role"] == "assistant" else sample.messages
+    *history, last = turns
+    return Request(prompt.format(question=last["content"]), list(sample.images), sample.id, history=history)
+
+
+class TaskData:
+    """The questions of one task, and the pool its k-shot examples are drawn from."""
+
+    def __init__(self, task: EvalTask, sources: dict):
+        key = (task.data, task.image_root)
+        if key not in sources:
+            sources[key] = build_source(DataConfig(source=task.data, image_root=task.image_root))
+        self.task, self.source = task, sources[key]
+        names = self.source.tasks()
+        self.name = task.data_task if task.data_task in names or len(names) != 1 else names[0]
+        if self.name not in names:
+            raise ConfigError(f"task {task.name}: {task.data} has no task {self.name!r} (it has: {', '.join(names)})")
+        self.size = self.source.size(self.name)  # None: as many as asked (the world)
+
+    def questions(self, per_task: int) -> list[Sample]:
+        n = per_task if self.size is None else min(per_task, self.size)
+        samples = [self.source.get(self.name, self.task.split, i) for i in range(n)]
+        return [s for s in samples if s.kind == "chat" and s.answers]
+
+    def with_shots(self, sample: Sample, index: int, shots: int, seed: int) -> Sample:
+        if shots == 0:
+            return sample
+        rng = random.Random(stable_seed(seed, self.task.name, index, "shots"))
+        if self.size is None:  # the world: another split, so never the question itself
+            pool = [self.source.get(self.name, self.task.shots_split, rng.randrange(10**6)) for _ in range(shots)]
+        else:  # a file: the other samples
+            others = [i for i in range(self.size) if i != index]
+            pool = [self.source.get(self.name, "", i) for i in rng.sample(others, min(shots, len(others)))]
+        return few_shot([s for s in pool if s.id != sample.id], sample)
+
+
+def prompt_length(model, tokenizer, images: ImageSpec, request: Request) -> int:
+    """Decoder positions a request's prompt takes, images included."""
+    tcfg = model.config.tokenizer
+    layouts = [model.layout.image_tokens(images.process_all(img)) for img in request.images]
+    return len(encode(request.sample(), tokenizer, layouts, max_length=10**9, image_token=tcfg.image_token,
+                      end_token=tcfg.end_token, add_generation_prompt=True).input_ids)
+
+
+def evaluate_tasks(model, tokenizer, tasks: list[EvalTask], images: ImageSpec, *, per_task: int = 50,
+                   batch_size: int = 32, shots: int = 0, seed: int = 0, progress=None,
+                   sources: dict | None = None) -> list[TaskResult]:
+    """Score ``model`` on each task: greedy answers to ``per_task`` questions, ``shots`` examples each."""
+    sources = dict(sources or {})
     results = []
-    for task in names:
-        samples = [source.get(task, split, i) for i in range(per_task)]
-        samples = [s for s in samples if s.kind == "chat" and s.answers]
+    for task in tasks:
+        data = TaskData(task, sources)
+        images.root = data.source.root
+        questions = data.questions(per_task)
+        prompts, fewer = [], 0
+        for i, s in enumerate(questions):
+            k = shots
+            while k and prompt_length(model, tokenizer, images, request_of(data.with_shots(s, i, k, seed), task.prompt)) \
+                    + task.max_new_tokens > model.config.llm.max_length:
+                k -= 1  # drop examples until the question and its answer fit
+            fewer += k < shots
+            prompts.append(data.with_shots(s, i, k, seed))
         preds: list[str] = []
-        for start in range(0, len(samples), batch_size):
-            chunk = samples[start:start + batch_size]
-            reqs = [Request(question_of(s), s.images, s.id) for s in chunk]
-            preds.extend(generate(model, tokenizer, reqs, images, max_new_tokens=max_new_tokens))
-        refs = [s.answers for s in samples]
-        score, per = score_task(task, preds, refs)
+        for start in range(0, len(prompts), batch_size):
+            reqs = [request_of(s, task.prompt) for s in prompts[start:start + batch_size]]
+            preds.extend(generate(model, tokenizer, reqs, images, max_new_tokens=task.max_new_tokens))
+        refs = [s.answers for s in questions]
+        score, per = METRICS.get(task.metric)(preds, refs)
         examples = [{"id": s.id, "question": question_of(s), "answer": p, "references": s.answers, "score": v}
-                    for s, p, v in zip(samples, preds, per)]
-        results.append(TaskResult(task, metric_for(task), score, len(samples), examples))
+                    for s, p, v in zip(questions, preds, per)]
+        results.append(TaskResult(task.name, task.metric, score, len(questions), shots, examples, fewer))
         if progress:
-            progress(f"{task:<10} {metric_for(task):<18} {score:.3f}  (n={len(samples)})")
+            progress(f"{task.name:<10} {task.metric:<18} {score:.3f}  (n={len(questions)}, {shots}-shot)")
     return results
 
 
+def evaluate(model, tokenizer, source, images: ImageSpec, *, split: str = "test", per_task: int = 50,
+                 batch_size: int = 32, tasks: list[str] | None = None, max_new_tokens: int = 48, shots: int = 0,
+                 seed: int = 0, progress=None) -> list[TaskResult]:
+    """The tasks of a data source (the world's, or a file's) by name, each with its usual metric."""
+    names = tasks or [t for t in source.tasks() if t in EVAL_TASKS or t not in ("interleaved", "text_only")]
+    data = getattr(source, "path", "synthetic")
+    root = None if data == "synthetic" else source.root
+    defs = [EvalTask(name=n, metric=metric_for(n), data=data, split=split, max_new_tokens=max_new_tokens,
+                     image_root=root) for n in names]
+    return evaluate_tasks(model, tokenizer, defs, images, per_task=per_task, batch_size=batch_size, shots=shots,
+                          seed=seed, progress=progress, sources={(data, root): source})
+
+
 def markdown_table(results: list[TaskResult]) -> str:
-    lines = ["| task | metric | score | n |", "| --- | --- | ---: | ---: |"]
-    lines += [f"| {r.task} | {r.metric} | {r.score:.3f} | {r.n} |" for r in results]
+    lines = ["| task | metric | shots | score | n |", "| --- | --- | ---: | ---: | ---: |"]
+    lines += [f"| {r.task} | {r.metric} | {r.shots} | {r.score:.3f} | {r.n} |" for r in results]
     return "\n".join(lines)
 
 
 def write_results(results: list[TaskResult], path: str | Path, *, extra: dict | None = None) -> None:
     """``path`` (JSON: scores, counts, examples) and the same stem with ``.md`` (the table)."""
     path = Path(path)
-    data = {"scores": {r.task: r.score for r in results}, "metrics": {r.task: r.metric for r in results},
-            "n": {r.task: r.n for r in results}, **(extra or {}),
-            "examples": {r.task: r.examples for r in results}}
+    key = {id(r): r.task if r.shots == 0 else f"{r.task} ({r.shots}-shot)" for r in results}
+    data = {"scores": {key[id(r)]: r.score for r in results}, "metrics": {key[id(r)]: r.metric for r in results},
+            "n": {key[id(r)]: r.n for r in results}, "shots": {key[id(r)]: r.shots for r in results},
+            "fewer_shots": {key[id(r)]: r.fewer_shots for r in results if r.fewer_shots},
+            **(extra or {}), "examples": {key[id(r)]: r.examples for r in results}}
     path.write_text(json.dumps(data, indent=1))
     path.with_suffix(".md").write_text(markdown_table(results) + "\n")

@@ -158,6 +158,14 @@ class Trainer:
         return iter(torch.utils.data.DataLoader(dataset, sampler=order, batch_size=None, num_workers=workers,
                                                 prefetch_factor=4, persistent_workers=False))
 
+    seconds: float | None = None  # a wall-clock budget for the whole run (see ``train``)
+
+    def _time_share(self, stage: StageConfig) -> float | None:
+        if self.seconds is None:
+            return None
+        total = sum(s.steps for s in self.config.stages if not (s.stand_in_for and self.pretrained(s.stand_in_for)))
+        return self.seconds * stage.steps / max(1, total)
+
     def pretrained(self, part: str) -> bool:
         """Whether ``part`` (llm or encoder) came pretrained: from ``hf`` or from ``init_from``."""
         section = getattr(self.config.model, part)
@@ -183,7 +191,13 @@ class Trainer:
         bar = tqdm(total=stage.steps, initial=self.progress.stage_step, desc=f"stage {index} {stage.name}",
                    dynamic_ncols=True, disable=None)
         every = self.config.train.checkpoint_every
+        share = self._time_share(stage)
+        stage_started = time.perf_counter()
         while self.progress.stage_step < stage.steps:
+            if share is not None and time.perf_counter() - stage_started > share:
+                self.log(f"stage {index} ({stage.name}): its {share:.0f} s of the time budget are spent after "
+                         f"{self.progress.stage_step} of {stage.steps} steps")
+                break
             started = time.perf_counter()
             loss, tokens = self._step(stage, batches, optimizer, scheduler, params)
             elapsed = time.perf_counter() - started
@@ -283,9 +297,13 @@ def trained_tasks(config: RecipeConfig, source) -> list[str]:
     return sorted(tasks)
 
 
-def train(config: RecipeConfig, out: str | Path, *, resume: bool = False, log=print) -> Progress:
+def train(config: RecipeConfig, out: str | Path, *, resume: bool = False, log=print,
+          seconds: float | None = None) -> Progress:
+    """Train ``config`` into ``out``. ``seconds``: a wall-clock budget, shared among the stages in
+    proportion to their steps; a stage whose share runs out ends early (its schedule truncated)."""
     try:
         trainer = Trainer(config, out, resume=resume, log=log)
+        trainer.seconds = seconds
     except (OSError, KeyError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{out}: cannot {'resume' if resume else 'start'} a run here ({exc})") from None
     return trainer.run()
