@@ -139,3 +139,19 @@ def overfit(model: FusionLM, batch: Batch, *, steps: int, lr: float = 3e-3) -> l
 @pytest.fixture(name="overfit")
 def overfit_fixture():
     return overfit
+
+
+@pytest.fixture
+def no_end():
+    """``no_end(model)``: the end token never wins, so every call decodes its full budget of real
+    tokens; undone after the test (models may be shared between tests)."""
+    handles = []
+
+    def apply(model) -> None:
+        never = torch.tensor([model.ids.end])
+        hook = lambda module, args, logits: logits.index_fill(-1, never, float("-inf"))  # noqa: E731
+        handles.append(model.llm.lm_head.register_forward_hook(hook))
+
+    yield apply
+    for handle in handles:
+        handle.remove()

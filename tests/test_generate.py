@@ -41,22 +41,6 @@ def trained(tokenizer, world, one_thread):
     return models
 
 
-@pytest.fixture
-def no_end():
-    """``no_end(model)``: the end token never wins, so every call decodes its full budget of real
-    tokens; undone after the test (the trained models are shared)."""
-    handles = []
-
-    def apply(model) -> None:
-        never = torch.tensor([model.ids.end])
-        hook = lambda module, args, logits: logits.index_fill(-1, never, float("-inf"))  # noqa: E731
-        handles.append(model.llm.lm_head.register_forward_hook(hook))
-
-    yield apply
-    for handle in handles:
-        handle.remove()
-
-
 @pytest.mark.parametrize("fusion", FUSIONS)
 def test_kv_cache_equals_no_cache(fusion, trained, tokenizer, world, no_end):
     model, reqs = trained[fusion], _requests(world)

@@ -90,21 +90,6 @@ def doc_to_visual(doc):
     return doc["images"]
 
 
-@pytest.fixture
-def no_end():
-    """``no_end(model)``: the end token never wins, so decoding runs its whole budget."""
-    handles = []
-
-    def apply(model) -> None:
-        never = torch.tensor([model.ids.end])
-        hook = lambda module, args, logits: logits.index_fill(-1, never, float("-inf"))  # noqa: E731
-        handles.append(model.llm.lm_head.register_forward_hook(hook))
-
-    yield apply
-    for handle in handles:
-        handle.remove()
-
-
 def gen_requests(docs, contexts=None, gen_kwargs=None):
     contexts = contexts or [d["question"] for d in docs]
     return [req(c, dict(gen_kwargs or {"max_new_tokens": 8}), doc_to_visual, i, "toy", "test")
