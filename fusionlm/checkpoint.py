@@ -7,13 +7,14 @@ Loading reads safetensors only (no pickle, no code) and checks every key and sha
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig, RecipeConfig, TilingConfig, TokenizerConfig, load_config, save_config
@@ -22,6 +23,7 @@ from .data.layout import SpecialIds
 from .data.tokenizer import load_tokenizer
 from .errors import CheckpointError, ConfigError
 from .device import resolve_device
+from . import lora
 from .model import FusionLM
 
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.yaml", "tokenizer"
@@ -100,7 +102,9 @@ def save_model(model: FusionLM, tokenizer, config: RecipeConfig, path: str | Pat
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(_unique_state(model), str(tmp / WEIGHTS), metadata={"format": "pt", "fusionlm": "1"})
+    # mid LoRA stage: the unmerged adapter state, with the settings a loader re-injects them from
+    meta = {"format": "pt", "fusionlm": "1", **lora.metadata(model)}
+    save_file(_unique_state(model), str(tmp / WEIGHTS), metadata=meta)
     save_config(config, tmp / CONFIG)
     tokenizer.save_pretrained(str(tmp / TOKENIZER))
     if extra is not None:
@@ -120,11 +124,20 @@ def _fsync_tree(folder: Path) -> None:
 
 
 def load_weights(model: torch.nn.Module, file: str | Path) -> None:
-    """Load safetensors weights, refusing missing/unexpected keys and wrong shapes by name."""
+    """Load safetensors weights, refusing missing/unexpected keys and wrong shapes by name.
+
+    Weights saved mid LoRA stage hold unmerged adapters: they are injected into ``model`` first
+    (``lora.merge(model)`` folds them in afterwards; ``load_model`` does)."""
     try:
         state = load_file(str(file))
+        with safe_open(str(file), "pt") as fh:
+            meta = fh.metadata()
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{file}: not a readable safetensors file ({exc})") from None
+    try:
+        lora.prepare_load(model, meta, state)
+    except (ConfigError, ValueError, KeyError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{file}: cannot re-create its LoRA adapters ({exc})") from None
     load_state(model, state, str(file))
 
 
@@ -186,5 +199,6 @@ def load_model(path: str | Path, *, device: str = "cpu") -> tuple[FusionLM, obje
     tokenizer = load_tokenizer(ckpt / TOKENIZER, required_tokens(config))
     model = build_model(config, tokenizer, pretrained=False)
     load_weights(model, ckpt / WEIGHTS)
+    lora.merge(model)  # a checkpoint saved mid LoRA stage: its adapters folded into the weights
     model.eval().to(resolve_device(device))
     return model, tokenizer, config

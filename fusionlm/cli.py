@@ -12,7 +12,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .errors import FusionError
+from .errors import ConfigError, FusionError
 
 
 def _quiet() -> None:
@@ -28,11 +28,31 @@ def cmd_data(args) -> None:
     from .data.sample import TASKS
     from .data.synthetic import World
 
+    if args.action == "check":
+        return cmd_data_check(args)
+    if args.action is not None or args.out is None:
+        raise ConfigError("fusionlm data: give --out (write synthetic samples) or `check SOURCE`")
     tasks = args.tasks or list(TASKS)
     world = World(image_size=args.image_size, seed=args.seed)
     samples = [world.sample(task, args.split, i) for task in tasks for i in range(args.n)]
     path = write_llava_json(samples, args.out)
     print(f"wrote {len(samples)} samples ({', '.join(tasks)}) to {path}")
+
+
+def cmd_data_check(args) -> None:
+    from .data.check import Report, check_source
+    from .data.mix import open_source
+
+    if not args.source:
+        raise ConfigError("fusionlm data check: name the SOURCE to check")
+    try:
+        report = check_source(open_source(args.source, args.format))
+    except FusionError as exc:  # a file that cannot be opened at all (e.g. a LLaVA JSON with a bad record)
+        report = Report(problems=[str(exc)])
+    print(f"{args.source}:")
+    print("\n".join(report.lines(args.max_problems)))
+    if report.problems:
+        raise SystemExit(2)
 
 
 def cmd_train(args) -> None:
@@ -138,7 +158,12 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("data", help="write synthetic-world samples as PNGs (motion clips as GIFs) + a LLaVA-style JSON")
-    d.add_argument("--out", required=True)
+    d.add_argument("action", nargs="?", choices=["check"], help="check: validate SOURCE and print counts and problems")
+    d.add_argument("source", nargs="?", help="check: a dataset file or folder")
+    d.add_argument("--format", default="auto", help="check: the format of SOURCE (auto | llava | qa | webdataset | "
+                                                     "parquet | jsonl | hf)")
+    d.add_argument("--max-problems", type=int, default=20, help="check: list at most this many problems")
+    d.add_argument("--out")
     d.add_argument("--n", type=int, default=10, help="samples per task")
     d.add_argument("--split", default="train", choices=["train", "val", "test"])
     d.add_argument("--tasks", nargs="*")

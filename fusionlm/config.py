@@ -137,6 +137,19 @@ class ModelConfig:
     video: VideoConfig = field(default_factory=VideoConfig)
 
 
+SOURCE_FORMATS = ("auto", "synthetic", "llava", "qa", "webdataset", "parquet", "jsonl", "hf")
+
+
+@dataclass
+class SourceConfig:
+    """One named source of ``data.sources`` (see ``fusionlm.data.mix``)."""
+
+    path: str = ""  # a file or a folder of shards/files (not needed for ``synthetic``)
+    format: str = "auto"  # one of SOURCE_FORMATS; auto: from the path
+    image_root: str | None = None  # llava/qa: the folder image paths are relative to
+    task: str | None = None  # streamed formats: the task name of their samples (default: by format)
+
+
 @dataclass
 class DataConfig:
     """Where samples come from. ``source``: ``synthetic`` or the path of a LLaVA-style JSON."""
@@ -148,6 +161,9 @@ class DataConfig:
     max_image_pixels: int = 40_000_000  # refused from the header above this
     max_bad_fraction: float = 0.1  # training stops when more samples than this are bad
     loader_workers: int = 0  # background processes that prepare batches
+    # named sources a stage mixture draws from by name, e.g. {captions: {path: shards/, format: webdataset}}
+    # with ``mixture: {captions: 45, docs: 45, text: 10}``; when set, ``source`` stays "synthetic"
+    sources: dict[str, SourceConfig] = field(default_factory=dict)
 
 
 @dataclass
@@ -165,6 +181,18 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     eval_per_task: int = 50  # samples per task for `fusionlm eval` and the demo
     eval_batch_size: int = 32
+
+
+@dataclass
+class LoraConfig:
+    """A stage's LoRA adapters (peft): injected into ``parts`` before the stage, the only weights of
+    those parts that train, merged into them at the stage's end (see ``fusionlm.lora``)."""
+
+    parts: list[str] = field(default_factory=lambda: ["llm"])  # llm and/or encoder (its tower)
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] | None = None  # module names (q_proj, v_proj, ...); None: every linear layer but the head
 
 
 @dataclass
@@ -186,6 +214,8 @@ class StageConfig:
     batch_size: int = 16
     grad_accum: int = 1
     weight_decay: float = 0.0
+    # LoRA on the LLM and/or the encoder tower; ``train`` then names what else trains fully (may be []).
+    lora: LoraConfig | None = None
 
 
 @dataclass
@@ -421,6 +451,7 @@ def validate(config: RecipeConfig) -> RecipeConfig:
         raise ConfigError(
             f"model.encoder.image_size: {enc.image_size} is not a multiple of patch_size {enc.patch_size}"
         )
+    _validate_sources(config.data)
     if not config.stages:
         raise ConfigError("stages: at least one stage is needed")
     for i, stage in enumerate(config.stages):
@@ -435,6 +466,45 @@ def validate(config: RecipeConfig) -> RecipeConfig:
             raise ConfigError(f"stages.{i}.objective: unknown objective {stage.objective!r} (known: lm, contrastive)")
         if stage.stand_in_for not in (None, "llm", "encoder"):
             raise ConfigError(f"stages.{i}.stand_in_for: {stage.stand_in_for!r} is not one of llm, encoder")
-        if not stage.train:
+        if not stage.train and stage.lora is None:
             raise ConfigError(f"stages.{i}.train: name at least one part ({', '.join(TRAINABLE_GROUPS)}) or a glob")
+        if stage.lora is not None:
+            _validate_lora(stage, f"stages.{i}.lora")
     return config
+
+
+LORA_PARTS = ("llm", "encoder")
+
+
+def _validate_lora(stage: StageConfig, key: str) -> None:
+    lora = stage.lora
+    if not lora.parts or any(p not in LORA_PARTS for p in lora.parts):
+        bad = next((p for p in lora.parts if p not in LORA_PARTS), None)
+        raise ConfigError(f"{key}.parts: {bad!r} is not one of {', '.join(LORA_PARTS)}" if bad
+                          else f"{key}.parts: name at least one of {', '.join(LORA_PARTS)}")
+    if len(set(lora.parts)) != len(lora.parts):
+        raise ConfigError(f"{key}.parts: {lora.parts} names a part twice")
+    if lora.r < 1:
+        raise ConfigError(f"{key}.r: the rank must be >= 1 (got {lora.r})")
+    if lora.alpha <= 0:
+        raise ConfigError(f"{key}.alpha: must be > 0 (got {lora.alpha})")
+    if not 0.0 <= lora.dropout < 1.0:
+        raise ConfigError(f"{key}.dropout: must be in [0, 1) (got {lora.dropout})")
+    if lora.targets is not None and (not lora.targets or not all(t.strip() for t in lora.targets)):
+        raise ConfigError(f"{key}.targets: name at least one module (q_proj, v_proj, ...) or leave it null")
+    full = [p for p in lora.parts if p in stage.train or "all" in stage.train]
+    if full:
+        raise ConfigError(f"{key}.parts: the {full[0]} is also in train, which trains all its weights; "
+                          f"LoRA trains only adapters (leave {full[0]!r} out of train)")
+
+
+def _validate_sources(data: DataConfig) -> None:
+    if data.sources and data.source != "synthetic":
+        raise ConfigError("data.sources: set either data.source or data.sources, not both")
+    for name, spec in data.sources.items():
+        if not name or "/" in name or name == "*":
+            raise ConfigError(f"data.sources: {name!r} is not a source name (no '/', not '*')")
+        if spec.format not in SOURCE_FORMATS:
+            raise ConfigError(f"data.sources.{name}.format: {spec.format!r} is not one of {', '.join(SOURCE_FORMATS)}")
+        if spec.format != "synthetic" and not spec.path:
+            raise ConfigError(f"data.sources.{name}.path: missing (a file or a folder)")

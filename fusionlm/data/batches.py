@@ -117,7 +117,7 @@ class MixtureBatches(torch.utils.data.Dataset):
 
     def __init__(self, source: SampleSource, mixture: dict[str, float], *, seed: int, stage: int,
                  batch_size: int, tokenizer, layout: ImageLayout, max_length: int, images: ImageSpec,
-                 image_token: str, end_token: str, split: str = "train"):
+                 image_token: str, end_token: str, split: str = "train", rank: int = 0, world: int = 1):
         mixture = check_mixture(mixture, source, key=f"stages.{stage}.mixture")
         self.source, self.split = source, split
         self.task_names = [t for t, w in mixture.items() if w > 0]
@@ -125,6 +125,7 @@ class MixtureBatches(torch.utils.data.Dataset):
         self.seed, self.stage, self.batch_size = seed, stage, batch_size
         self.tokenizer, self.layout, self.max_length, self.images = tokenizer, layout, max_length, images
         self.image_token, self.end_token = image_token, end_token
+        self.rank, self.world = rank, world  # data parallelism: this process's share of each batch
 
     def __len__(self) -> int:
         return 2**31 - 1  # batches are generated on demand
@@ -136,7 +137,9 @@ class MixtureBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, k: int) -> Batch:
         encoded, pixels, tasks, skipped = [], [], [], []
-        for number in range(k * self.batch_size, (k + 1) * self.batch_size):
+        share = self.batch_size // self.world
+        first = k * self.batch_size + self.rank * share
+        for number in range(first, first + share):
             sample = None
             try:
                 sample = self.sample_at(number)

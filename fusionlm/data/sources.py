@@ -72,9 +72,18 @@ class FileSource:
 
 def build_source(config: DataConfig, path: str | None = None):
     """The data of a run (``path`` overrides ``config.source``, e.g. an eval file)."""
+    if config.sources and path is None:
+        from .mix import build_sources
+
+        return build_sources(config)  # named sources mixed by the stage mixture
     source = path or config.source
     if source == "synthetic":
         return WorldSource(config.world_image_size, config.world_seed)
+    if Path(source).is_dir() or Path(source).suffix.lower() in (".tar", ".parquet") or (
+            Path(source).is_file() and Path(source).suffix.lower() == ".jsonl"):
+        from .mix import open_source
+
+        return open_source(source, "auto", image_root=config.image_root)  # a streamed format (or question JSONL)
     if not Path(source).is_file():
         raise ConfigError(f"data.source: {source!r} is neither 'synthetic' nor an existing LLaVA JSON or "
                           f"question JSONL file")

@@ -21,9 +21,11 @@ from ..checkpoint import (
 from ..config import RecipeConfig, StageConfig, load_config, save_config
 from ..data.batches import Batch, ImageSpec, MixtureBatches, check_mixture
 from ..data.sources import build_source
+from ..data.chat import IGNORE
 from ..device import resolve_device
+from .distributed import Group
 from ..data.tokenizer import load_any_tokenizer, load_tokenizer, prepare_tokenizer, train_tokenizer
-from ..errors import CheckpointError, FusionError
+from ..errors import CheckpointError, ConfigError, FusionError
 from .objectives import loss_for
 from .stages import apply_trainable, param_groups, select_trainable
 
@@ -59,7 +61,10 @@ def lr_lambda(stage: StageConfig):
 
 class Trainer:
     def __init__(self, config: RecipeConfig, out: str | Path, *, resume: bool = False, log=print):
-        self.config, self.out, self.log = config, Path(out), log
+        self.group = Group()
+        self.config, self.out = config, Path(out)
+        self.log = log if self.group.main else (lambda *_: None)
+        log = self.log
         self.out.mkdir(parents=True, exist_ok=True)
         if config.train.threads:
             torch.set_num_threads(config.train.threads)
@@ -91,7 +96,8 @@ class Trainer:
             self.resume_state = torch.load(ckpt / OPTIMIZER_STATE, weights_only=True, map_location="cpu")
             log(f"resuming from {ckpt} (step {self.progress.step})")
         self.model.to(self.device)
-        save_config(config, self.out / "config.yaml")
+        if self.group.main:
+            save_config(config, self.out / "config.yaml")
         self.images = ImageSpec.for_model(self.model, config, root=self.source.root)
         self.metrics_path = self.out / "metrics.jsonl"
         self._trim_metrics()
@@ -100,6 +106,9 @@ class Trainer:
         """Every stage's parts and tasks, checked before step 0: a typo in the last stage must not
         surface only after the earlier stages have trained."""
         for i, stage in enumerate(self.config.stages):
+            if stage.batch_size % self.group.world:
+                raise ConfigError(f"stages.{i}.batch_size: {stage.batch_size} does not split evenly over "
+                                  f"{self.group.world} processes (it is the global batch)")
             select_trainable(self.model, stage.train, key=f"stages.{i}.train")
             check_mixture(stage.mixture, self.source, key=f"stages.{i}.mixture")
 
@@ -108,13 +117,13 @@ class Trainer:
         if ckpt is not None:
             return load_tokenizer(ckpt / TOKENIZER, required_tokens(self.config))
         tok = make_tokenizer(self.config, self.source)
-        if self.config.model.tokenizer.path is None and self.config.model.llm.hf is None:
+        if self.config.model.tokenizer.path is None and self.config.model.llm.hf is None and self.group.main:
             tok.save_pretrained(str(self.out / TOKENIZER))
         return tok
 
     def _trim_metrics(self) -> None:
         """Keep only the lines up to the resumed step, so the file reads as one run."""
-        if not self.metrics_path.exists():
+        if not self.group.main or not self.metrics_path.exists():
             return
         keep = [line for line in self.metrics_path.read_text().splitlines()
                 if line.strip() and json.loads(line)["step"] <= self.progress.step]
@@ -130,7 +139,11 @@ class Trainer:
             torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                         "torch_rng": torch.get_rng_state()}, tmp / OPTIMIZER_STATE)
 
+        if not self.group.main:  # rank 0 writes; the others wait until the checkpoint is complete
+            self.group.barrier()
+            return path
         save_model(self.model, self.tokenizer, self.config, path, extra=extra)
+        self.group.barrier()
         for old in list_checkpoints(self.out)[: -max(1, self.config.train.keep_checkpoints)]:
             if old != path:
                 shutil.rmtree(old, ignore_errors=True)
@@ -149,7 +162,7 @@ class Trainer:
             self.source, stage.mixture, seed=self.config.train.seed, stage=index, batch_size=stage.batch_size,
             tokenizer=self.tokenizer, layout=self.model.layout, max_length=self.config.model.llm.max_length,
             images=self.images, image_token=self.config.model.tokenizer.image_token,
-            end_token=self.config.model.tokenizer.end_token,
+            end_token=self.config.model.tokenizer.end_token, rank=self.group.rank, world=self.group.world,
         )
         order = range(start * stage.grad_accum, stage.steps * stage.grad_accum)
         workers = self.config.data.loader_workers
@@ -177,7 +190,7 @@ class Trainer:
             self.log(f"stage {index} ({stage.name}): skipped, the {stage.stand_in_for} is pretrained")
             return
         self.log(f"stage {index} ({stage.name}): {stage.steps} steps, training {', '.join(stage.train)}")
-        params = apply_trainable(self.model, stage.train, key=f"stages.{index}.train", log=self.log)
+        params = apply_trainable(self.model, stage.train, key=f"stages.{index}.train", log=self.log, lora=stage.lora)
         groups = param_groups(self.model, params, stage.lr, stage.lr_scale)
         optimizer = torch.optim.AdamW(groups, lr=stage.lr, weight_decay=stage.weight_decay, betas=(0.9, 0.95))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(stage))
@@ -189,7 +202,7 @@ class Trainer:
         self.model.train()
         batches = self._batches(index, stage, self.progress.stage_step)
         bar = tqdm(total=stage.steps, initial=self.progress.stage_step, desc=f"stage {index} {stage.name}",
-                   dynamic_ncols=True, disable=None)
+                   dynamic_ncols=True, disable=None if self.group.main else True)
         every = self.config.train.checkpoint_every
         share = self._time_share(stage)
         stage_started = time.perf_counter()
@@ -210,21 +223,30 @@ class Trainer:
             if every and self.progress.step % every == 0 and self.progress.stage_step < stage.steps:
                 self.save(optimizer, scheduler)
         bar.close()
-        self.save(optimizer, scheduler)
+        from ..lora import ADAPTER_DIR, merge, save_adapters  # LoRA stages (see fusionlm.lora)
+
+        merged = merge(self.model)  # adapters fold into the base weights: what follows sees a plain model
+        path = self.save(optimizer, scheduler)
+        if merged:  # the adapter alone, in peft's format, beside the stage's last checkpoint
+            save_adapters(merged, path / ADAPTER_DIR)
 
     def _step(self, stage, batches, optimizer, scheduler, params) -> tuple[float | None, int]:
         """One optimizer step over ``grad_accum`` micro-batches; None loss = skipped (non-finite)."""
         total, tokens, micro, finite = 0.0, 0, 0, True
+        counts = Counts()
         for _ in range(stage.grad_accum):
             # Every micro-batch of the step is drawn, even after a bad one, so the data position
             # stays steps x grad_accum and a resumed run sees the same batches.
             batch: Batch = next(batches)
-            self._count(batch)
+            counts.add(batch, self.log)
+            # this process's share of the micro-batch's loss (``distributed``): its target tokens
+            # over all processes' (language-model loss), or 1/W of the batch's (other objectives)
+            share = self._loss_share(stage, batch)
             if not finite or not batch.sample_ids:
                 continue
             batch = batch.to(self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.train.bf16):
-                loss = loss_for(stage.objective)(self.model, batch) / stage.grad_accum
+                loss = loss_for(stage.objective)(self.model, batch) * share / stage.grad_accum
             if not torch.isfinite(loss):
                 finite = False
                 continue
@@ -232,11 +254,16 @@ class Trainer:
             total += float(loss.detach())
             tokens += batch.num_tokens
             micro += 1
-        if not finite:
+        bad, micro, total, tokens = self.group.sum([float(not finite), micro, total, tokens])
+        tokens = int(tokens)
+        self._count(counts)
+        if bad:
             optimizer.zero_grad(set_to_none=True)
             return self._bad_step(), tokens
         if micro == 0:
             return None, tokens
+        self.group.sum_grads(params)
+        micro = stage.grad_accum  # the scaled losses already add up to the batch's mean
         torch.nn.utils.clip_grad_norm_(params, self.config.train.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -254,13 +281,23 @@ class Trainer:
                               f"at step {self.progress.step + 1}; lower the learning rate or check the data")
         return None
 
-    def _count(self, batch: Batch) -> None:
+    def _loss_share(self, stage: StageConfig, batch: Batch) -> float:
+        if self.group.world == 1:
+            return 1.0
+        if stage.objective != "lm":
+            return 1.0 / self.group.world
+        local = int((batch.labels[:, 1:] != IGNORE).sum()) if batch.sample_ids else 0
+        (everyone,) = self.group.sum([local])
+        return local / everyone if everyone else 0.0
+
+    def _count(self, counts: "Counts") -> None:
         p = self.progress
-        p.samples_seen += len(batch.sample_ids) + len(batch.skipped)
-        p.samples_trained += len(batch.sample_ids)
-        for skip in batch.skipped:
-            p.skipped[skip.reason] = p.skipped.get(skip.reason, 0) + 1
-            self.log(f"skipped {skip.detail}")
+        seen, trained, *skipped = self.group.sum([counts.seen, counts.trained, *counts.skipped.values()])
+        p.samples_seen += int(seen)
+        p.samples_trained += int(trained)
+        for reason, n in zip(counts.skipped, skipped):
+            if n:
+                p.skipped[reason] = p.skipped.get(reason, 0) + int(n)
         bad = sum(v for k, v in p.skipped.items() if k != "nonfinite_step")
         limit = self.config.data.max_bad_fraction
         if p.samples_seen >= 50 and bad > limit * p.samples_seen:
@@ -269,11 +306,30 @@ class Trainer:
 
     def _log_step(self, index: int, stage: StageConfig, loss, tokens: int, elapsed: float, lr: float) -> None:
         p = self.progress
+        if not self.group.main:
+            return
         row = {"step": p.step, "stage": index, "stage_name": stage.name, "stage_step": p.stage_step,
                "loss": loss, "lr": lr, "tokens": tokens, "tokens_per_s": tokens / elapsed if elapsed else None,
                "samples_seen": p.samples_seen, "samples_trained": p.samples_trained, "skipped": dict(p.skipped)}
         with open(self.metrics_path, "a") as fh:
             fh.write(json.dumps(row) + "\n")
+
+
+class Counts:
+    """A step's samples, counted in this process (``Trainer._count`` sums them over processes)."""
+
+    REASONS = ("too_long", "no_target", "bad_image", "bad_sample")
+
+    def __init__(self) -> None:
+        self.seen = self.trained = 0
+        self.skipped = {r: 0 for r in self.REASONS}
+
+    def add(self, batch: Batch, log) -> None:
+        self.seen += len(batch.sample_ids) + len(batch.skipped)
+        self.trained += len(batch.sample_ids)
+        for skip in batch.skipped:
+            self.skipped[skip.reason] = self.skipped.get(skip.reason, 0) + 1
+            log(f"skipped {skip.detail}")
 
 
 def make_tokenizer(config: RecipeConfig, source):

@@ -6,8 +6,9 @@ import fnmatch
 
 from torch import nn
 
-from ..config import TRAINABLE_GROUPS
+from ..config import TRAINABLE_GROUPS, LoraConfig
 from ..errors import ConfigError
+from ..lora import inject_for_stage, is_lora_param
 
 PARTS = ("encoder", "connector", "llm", "cross_attention")
 
@@ -37,14 +38,24 @@ def select_trainable(model: nn.Module, spec: list[str], *, key: str = "train") -
     return chosen
 
 
-def apply_trainable(model: nn.Module, spec: list[str], *, key: str = "train", log=print) -> list[nn.Parameter]:
-    """Freeze everything but ``spec``, print the table of counts, return the trainable parameters."""
-    chosen = select_trainable(model, spec, key=key)
+def apply_trainable(model: nn.Module, spec: list[str], *, key: str = "train", log=print,
+                    lora: LoraConfig | None = None) -> list[nn.Parameter]:
+    """Freeze everything but ``spec``, print the table of counts, return the trainable parameters.
+
+    ``lora``: the stage's LoRA settings; its adapters are injected first (leftover ones from an
+    earlier stage merged) and train along with ``spec``, while the weights they adapt stay frozen.
+    Without it, adapters left in the model are merged, so a plain stage sees a plain model.
+    """
+    lora_key = key.rsplit(".", 1)[0] + ".lora" if "." in key else "lora"
+    inject_for_stage(model, lora, key=lora_key)
+    chosen = select_trainable(model, spec, key=key) if spec else set()
+    if lora is not None:
+        chosen |= {n for n, _ in model.named_parameters() if is_lora_param(n)}
     trainable = []
     counts: dict[str, list[int]] = {}
     for name, param in model.named_parameters():
         param.requires_grad_(name in chosen)
-        row = counts.setdefault(model.part_of(name), [0, 0])
+        row = counts.setdefault(model.part_of(name) + (" (lora)" if is_lora_param(name) else ""), [0, 0])
         row[0 if name in chosen else 1] += param.numel()
         if name in chosen:
             trainable.append(param)

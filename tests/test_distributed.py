@@ -1,0 +1,100 @@
+"""Data parallelism: two CPU processes (gloo) train exactly as one process with the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from fusionlm.config import from_dict, validate
+from fusionlm.errors import ConfigError
+from fusionlm.train.loop import Trainer, train
+from helpers_train import read_metrics, stage, tiny_dict
+
+
+def recipe(batch: int = 8):
+    data = tiny_dict()
+    mixture = {"color": 1, "price": 1, "caption": 1}  # both stages: the same tasks, so the same tokenizer
+    data["stages"] = [stage("s0", steps=4, batch_size=batch, mixture=mixture),
+                      stage("s1", steps=3, batch_size=batch, grad_accum=2, train=["connector", "llm"], mixture=mixture)]
+    return data
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, data: dict, out: str, resume: bool) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    try:
+        train(validate(from_dict(json.loads(json.dumps(data)))), out, resume=resume, log=lambda *_: None)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def run_parallel(data: dict, out, world: int = 2, resume: bool = False) -> None:
+    mp.spawn(_worker, args=(world, _free_port(), data, str(out), resume), nprocs=world, join=True)
+
+
+def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
+    train(validate(from_dict(recipe())), tmp_path / "one", log=lambda *_: None)
+    run_parallel(recipe(), tmp_path / "two")
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert len(one) == len(two) == 7
+    for a, b in zip(one, two):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6)
+        assert (b["tokens"], b["samples_trained"], b["samples_seen"]) == (a["tokens"], a["samples_trained"],
+                                                                           a["samples_seen"])
+    # only rank 0 wrote: one metrics file, one set of checkpoints, loadable by a single process
+    ckpt = sorted((tmp_path / "two" / "checkpoints").iterdir())[-1]
+    from fusionlm.checkpoint import load_model
+
+    from conftest import make_batch
+    from fusionlm.data.synthetic import World
+
+    two_model, tokenizer, _ = load_model(ckpt)
+    one_model, _, _ = load_model(sorted((tmp_path / "one" / "checkpoints").iterdir())[-1])
+    world = World(image_size=32, seed=0)
+    batch = make_batch(one_model, tokenizer, [world.sample(t, "val", 0) for t in ("color", "price", "caption")])
+    with torch.no_grad():  # the same model: weights Adam moved on float noise (e.g. key biases) aside
+        a, b = (m(batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.images).logits
+                for m in (one_model, two_model))
+    assert (a - b).abs().max() < 1e-3
+
+
+def test_a_two_process_checkpoint_resumes_in_one_process(tmp_path):
+    data = recipe()
+    data["train"]["checkpoint_every"] = 2
+    train(validate(from_dict(data)), tmp_path / "ref", log=lambda *_: None)
+    data_short = json.loads(json.dumps(data))
+    data_short["stages"] = data_short["stages"][:1]
+    data_short["stages"][0]["steps"] = 4
+    run_parallel(data_short, tmp_path / "run")  # stage 0 on two processes
+    train(validate(from_dict(data)), tmp_path / "run", resume=True, log=lambda *_: None)  # the rest on one
+    ref, run = read_metrics(tmp_path / "ref"), read_metrics(tmp_path / "run")
+    assert [r["step"] for r in run] == list(range(1, 8))
+    for a, b in zip(ref, run):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6)
+
+
+def test_a_batch_that_does_not_split_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    data = recipe(batch=7)
+    Trainer(validate(from_dict(data)), tmp_path / "ok", log=lambda *_: None)  # one process: any batch
+    from fusionlm.train import loop
+
+    class Three(loop.Group):
+        def __init__(self):
+            self.world, self.rank, self.main = 3, 0, True
+
+    monkeypatch.setattr(loop, "Group", Three)
+    with pytest.raises(ConfigError, match=r"stages\.0\.batch_size: 7 does not split evenly over 3 processes"):
+        Trainer(validate(from_dict(data)), tmp_path / "bad", log=lambda *_: None)
