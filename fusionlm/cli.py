@@ -61,6 +61,8 @@ def cmd_train(args) -> None:
 
     config = load_recipe(args.recipe, args.set + ([f"train.init_from={args.init}"] if args.init else []))
     progress = train(config, args.out, resume=args.resume)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for all
+        return
     print(f"done: {progress.step} steps, {progress.samples_trained} samples trained, skipped {progress.skipped}; "
           f"checkpoints in {Path(args.out) / 'checkpoints'}")
 

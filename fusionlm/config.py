@@ -161,6 +161,7 @@ class DataConfig:
     max_image_pixels: int = 40_000_000  # refused from the header above this
     max_bad_fraction: float = 0.1  # training stops when more samples than this are bad
     loader_workers: int = 0  # background processes that prepare batches
+    pack: bool = False  # several short samples per row up to model.llm.max_length (unified and fuyu)
     # named sources a stage mixture draws from by name, e.g. {captions: {path: shards/, format: webdataset}}
     # with ``mixture: {captions: 45, docs: 45, text: 10}``; when set, ``source`` stays "synthetic"
     sources: dict[str, SourceConfig] = field(default_factory=dict)
@@ -427,6 +428,9 @@ def validate(config: RecipeConfig) -> RecipeConfig:
         raise ConfigError("model.tiling: max_tiles must be >= 0 and min_tiles >= 1")
     if tiling.max_tiles and tiling.min_tiles > tiling.max_tiles:
         raise ConfigError(f"model.tiling.min_tiles: {tiling.min_tiles} is more than max_tiles {tiling.max_tiles}")
+    if config.data.pack and fusion.kind in ("cross_attention", "hybrid"):
+        raise ConfigError(f"data.pack: packed rows need fusion unified or fuyu, not {fusion.kind!r} (its "
+                          f"cross-attention would let a sample see the images packed before it)")
     if fusion.kind == "hybrid" and not (tiling.max_tiles and tiling.thumbnail):
         raise ConfigError("model.fusion.kind: hybrid puts the thumbnail in the sequence and the tiles in "
                           "cross-attention; set model.tiling.max_tiles >= 1 with thumbnail: true")

@@ -11,6 +11,7 @@ from torch import nn
 from .config import ModelConfig
 from .connectors import build_connector
 from .data.layout import ImageLayout, SpecialIds
+from .data.packing import segment_mask, segment_positions
 from .data.processing import ImageBatch
 from .encoders import build_encoder
 from .errors import ConfigError, SampleError
@@ -202,6 +203,7 @@ class FusionLM(nn.Module):
         past_key_values: object | None = None,
         use_cache: bool = False,
         query_start: int = 0,
+        segment_ids: torch.Tensor | None = None,
     ) -> Output:
         """Args:
             input_ids: (B, T) with image layouts already expanded.
@@ -209,7 +211,15 @@ class FusionLM(nn.Module):
                 configured size); or pass ``images``, already encoded.
             labels: (B, T), -100 where no loss is taken; the shift happens here.
             query_start: sequence index of input_ids[:, 0] (the KV-cache length when decoding).
+            segment_ids: (B, T) packed rows (``data.packing``): attention stays inside each sample
+                and positions restart at each (overrides ``attention_mask`` and ``position_ids``).
         """
+        if segment_ids is not None:
+            if self.fusion in ("cross_attention", "hybrid"):
+                raise ConfigError("data.pack: packed rows need fusion unified or fuyu (cross-attention would "
+                                  "let a sample see the images of the samples packed before it)")
+            position_ids = segment_positions(segment_ids)  # (B, T)
+            attention_mask = segment_mask(segment_ids, self.llm.get_input_embeddings().weight.dtype)  # (B, 1, T, T)
         if images is None and pixel_values is not None and len(pixel_values) > 0:
             images = self.encode_images(pixel_values, input_ids)
         embeds = self.llm.get_input_embeddings()(input_ids)  # (B, T, D)

@@ -48,6 +48,7 @@ def test_metrics_one_line_per_step_and_loss_falls(tmp_path):
     last = sum(r["loss"] for r in rows[-5:]) / 5
     assert last < first - 0.5, (first, last)
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-000030"]
+    assert (tmp_path / "run" / "loss.png").read_bytes()[:4] == b"\x89PNG"  # the loss plot, at the end
 
 
 def test_grad_accum_logs_one_line_per_optimizer_step(tmp_path):

@@ -19,6 +19,7 @@ import torch
 from ..errors import ConfigError, FusionError, ImageError
 from .chat import IGNORE, Encoded, SkipSample, encode
 from .layout import ImageLayout
+from .packing import packed
 from .processing import ImageBatch, ImageInput, ImageSpec
 from .sample import Sample
 
@@ -58,6 +59,7 @@ class Batch:
     sample_ids: list[str]
     tasks: list[str]
     skipped: list[Skip] = field(default_factory=list)
+    segments: torch.Tensor | None = None  # (B, T) packed rows: each token's sample (1, 2, …; 0 = padding)
 
     @property
     def pixel_values(self) -> ImageBatch | None:
@@ -69,7 +71,7 @@ class Batch:
         move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
         return Batch(move(self.input_ids), move(self.labels), move(self.attention_mask),
                      None if self.images is None else self.images.to(device), self.sample_ids, self.tasks,
-                     self.skipped)
+                     self.skipped, None if self.segments is None else move(self.segments))
 
     @property
     def num_images(self) -> int:
@@ -117,7 +119,8 @@ class MixtureBatches(torch.utils.data.Dataset):
 
     def __init__(self, source: SampleSource, mixture: dict[str, float], *, seed: int, stage: int,
                  batch_size: int, tokenizer, layout: ImageLayout, max_length: int, images: ImageSpec,
-                 image_token: str, end_token: str, split: str = "train", rank: int = 0, world: int = 1):
+                 image_token: str, end_token: str, split: str = "train", rank: int = 0, world: int = 1,
+                 pack: bool = False):
         mixture = check_mixture(mixture, source, key=f"stages.{stage}.mixture")
         self.source, self.split = source, split
         self.task_names = [t for t, w in mixture.items() if w > 0]
@@ -126,6 +129,7 @@ class MixtureBatches(torch.utils.data.Dataset):
         self.tokenizer, self.layout, self.max_length, self.images = tokenizer, layout, max_length, images
         self.image_token, self.end_token = image_token, end_token
         self.rank, self.world = rank, world  # data parallelism: this process's share of each batch
+        self.pack = pack  # several samples per row, up to max_length tokens (``data.packing``)
 
     def __len__(self) -> int:
         return 2**31 - 1  # batches are generated on demand
@@ -159,13 +163,20 @@ class MixtureBatches(torch.utils.data.Dataset):
             encoded.append(enc)
             pixels.extend(pix)
             tasks.append(sample.task)
-        return collate(encoded, pixels, tasks, skipped, self.tokenizer.pad_token_id)
+        return collate(encoded, pixels, tasks, skipped, self.tokenizer.pad_token_id,
+                       pack_length=self.max_length if self.pack else None)
 
 
 def collate(encoded: list[Encoded], images: list[ImageInput], tasks: list[str], skipped: list[Skip],
-            pad_id: int) -> Batch:
+            pad_id: int, *, pack_length: int | None = None) -> Batch:
+    """A padded batch, one sample per row; or, with ``pack_length``, samples packed into rows."""
     if not encoded:
         empty = torch.zeros((0, 1), dtype=torch.long)
         return Batch(empty, empty, empty, None, [], [], skipped)
-    ids, labels, mask = pad_right(encoded, pad_id)
-    return Batch(ids, labels, mask, ImageBatch.collate(images), [e.sample_id for e in encoded], tasks, skipped)
+    segments = None
+    if pack_length:
+        ids, labels, mask, segments = packed(encoded, pack_length, pad_id)
+    else:
+        ids, labels, mask = pad_right(encoded, pad_id)
+    return Batch(ids, labels, mask, ImageBatch.collate(images), [e.sample_id for e in encoded], tasks, skipped,
+                 segments)

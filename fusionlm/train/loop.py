@@ -155,6 +155,8 @@ class Trainer:
         for index in range(self.progress.stage, len(self.config.stages)):
             self._run_stage(index)
             self.progress.stage, self.progress.stage_step = index + 1, 0
+        if self.group.main and self.metrics_path.exists():
+            plot_losses(self.metrics_path, self.out / "loss.png")
         return self.progress
 
     def _batches(self, index: int, stage: StageConfig, start: int):
@@ -163,6 +165,7 @@ class Trainer:
             tokenizer=self.tokenizer, layout=self.model.layout, max_length=self.config.model.llm.max_length,
             images=self.images, image_token=self.config.model.tokenizer.image_token,
             end_token=self.config.model.tokenizer.end_token, rank=self.group.rank, world=self.group.world,
+            pack=self.config.data.pack,
         )
         order = range(start * stage.grad_accum, stage.steps * stage.grad_accum)
         workers = self.config.data.loader_workers
@@ -313,6 +316,26 @@ class Trainer:
                "samples_seen": p.samples_seen, "samples_trained": p.samples_trained, "skipped": dict(p.skipped)}
         with open(self.metrics_path, "a") as fh:
             fh.write(json.dumps(row) + "\n")
+
+
+def plot_losses(metrics: Path, out: Path) -> None:
+    """The run's loss per step, one colour per stage, as a PNG next to its metrics."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for stage in sorted({r["stage"] for r in rows}):
+        points = [(r["step"], r["loss"]) for r in rows if r["stage"] == stage and r["loss"] is not None]
+        if points:
+            ax.plot(*zip(*points), linewidth=1, label=next(r["stage_name"] for r in rows if r["stage"] == stage))
+    ax.set(xlabel="optimizer step", ylabel="loss", title=f"training loss ({metrics.parent.name})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
 
 
 class Counts:

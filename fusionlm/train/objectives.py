@@ -25,7 +25,7 @@ TEMPERATURE = 0.07
 
 def lm_loss(model: FusionLM, batch: Batch) -> torch.Tensor:
     out = model(batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values,
-                labels=batch.labels)
+                labels=batch.labels, segment_ids=batch.segments)
     return out.loss
 
 

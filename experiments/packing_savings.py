@@ -1,0 +1,42 @@
+"""How much padding packing saves on a recipe's batches.
+
+    python experiments/packing_savings.py [RECIPE] [STAGE] [BATCHES]
+
+Builds the stage's first batches twice, one sample per row and packed into rows of
+model.llm.max_length, and prints the share of padding positions in each.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from fusionlm.checkpoint import build_model
+from fusionlm.config import load_recipe
+from fusionlm.data.batches import MixtureBatches
+from fusionlm.data.processing import ImageSpec
+from fusionlm.data.sources import build_source
+from fusionlm.train.loop import make_tokenizer
+
+
+def main(recipe: str = "demo", stage: int = 1, n: int = 20) -> None:
+    config = load_recipe(recipe)
+    source = build_source(config.data)
+    tokenizer = make_tokenizer(config, source)
+    model = build_model(config, tokenizer)
+    spec = ImageSpec.for_model(model, config, root=source.root)
+    s = config.stages[stage]
+    for pack in (False, True):
+        data = MixtureBatches(source, s.mixture, seed=0, stage=stage, batch_size=s.batch_size, tokenizer=tokenizer,
+                              layout=model.layout, max_length=config.model.llm.max_length, images=spec,
+                              image_token=config.model.tokenizer.image_token,
+                              end_token=config.model.tokenizer.end_token, pack=pack)
+        cells = tokens = rows = 0
+        for k in range(n):
+            b = data[k]
+            cells, tokens, rows = cells + b.input_ids.numel(), tokens + b.num_tokens, rows + b.input_ids.shape[0]
+        print(f"{'packed' if pack else 'one sample per row'}: {rows / n:.1f} rows of {cells / rows:.0f} positions "
+              f"per batch, padding {1 - tokens / cells:.1%}")
+
+
+if __name__ == "__main__":
+    main(*(sys.argv[1:2] or ["demo"]), *(int(a) for a in sys.argv[2:4]))
