@@ -82,3 +82,17 @@ def same_tensors(a: dict, b: dict, prefix: str = "") -> bool:
     keys = [k for k in a if k.startswith(prefix)]
     assert keys, f"no tensor starts with {prefix!r}"
     return all(k in b and a[k].shape == b[k].shape and torch.equal(a[k].cpu(), b[k].cpu()) for k in keys)
+
+
+def interrupt_after(monkeypatch, step: int) -> None:
+    """Make training stop (as a kill would) right after logging optimizer step ``step``."""
+    from fusionlm.train.loop import Trainer
+
+    original = Trainer._log_step
+
+    def log_then_die(self, *args, **kw):
+        original(self, *args, **kw)
+        if self.progress.step == step:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "_log_step", log_then_die)

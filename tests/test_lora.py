@@ -14,7 +14,7 @@ from fusionlm.checkpoint import _unique_state, build_model, load_model, load_sta
 from fusionlm.config import from_dict, validate
 from fusionlm.errors import ConfigError
 from fusionlm.train.loop import Trainer, train
-from tests.helpers_train import checkpoints, read_metrics, stage, tiny_dict, weights
+from tests.helpers_train import checkpoints, interrupt_after as _interrupt_after, read_metrics, stage, tiny_dict, weights
 
 
 def quiet(*_args, **_kw) -> None:
@@ -154,17 +154,6 @@ def test_unknown_target_is_a_config_error(tmp_path):
     config = from_dict(tiny_dict(stages=[lora_stage(steps=1, targets=["nope_proj"])]))
     with pytest.raises(ConfigError, match=r"stages\.0\.lora\.targets"):
         train(config, tmp_path / "run", log=quiet)
-
-
-def _interrupt_after(monkeypatch, step: int) -> None:
-    original = Trainer._log_step
-
-    def log_then_die(self, *args, **kw):
-        original(self, *args, **kw)
-        if self.progress.step == step:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(Trainer, "_log_step", log_then_die)
 
 
 def test_resume_mid_lora_stage_reproduces_the_run(tmp_path, monkeypatch):

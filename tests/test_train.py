@@ -17,7 +17,9 @@ from fusionlm.data.formats import read_llava_json
 from fusionlm.errors import CheckpointError
 from fusionlm.model import FusionLM
 from fusionlm.train.loop import Trainer, train
-from tests.helpers_train import checkpoints, read_metrics, same_tensors, stage, tiny_dict, weights, write_recipe
+from tests.helpers_train import (
+    checkpoints, interrupt_after as _interrupt_after, read_metrics, same_tensors, stage, tiny_dict, weights, write_recipe,
+)
 
 
 def quiet(*_args, **_kw) -> None:
@@ -83,17 +85,6 @@ def test_each_stage_trains_only_its_parts(tmp_path):
 
 
 # ----------------------------------------------------------------------------- resume
-
-
-def _interrupt_after(monkeypatch, step: int) -> None:
-    original = Trainer._log_step
-
-    def log_then_die(self, *args, **kw):
-        original(self, *args, **kw)
-        if self.progress.step == step:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(Trainer, "_log_step", log_then_die)
 
 
 @pytest.mark.parametrize("stages, every, stop", [
