@@ -58,6 +58,18 @@ def settings(lora: LoraConfig, module: nn.Module) -> dict:
             "targets": sorted(lora.targets) if lora.targets else all_linear(module)}
 
 
+def check_targets(model: nn.Module, lora: LoraConfig, *, key: str) -> None:
+    """Refuse, before any training, targets that name no linear layer of a part."""
+    for part in lora.parts:
+        if not lora.targets:
+            continue
+        have = all_linear(part_module(model, part))
+        missing = [t for t in lora.targets if t not in have]
+        if missing:
+            raise ConfigError(f"{key}.targets: {missing} fit no layer of the {part} (its linear layers: "
+                              f"{', '.join(have)})")
+
+
 def peft_config(s: dict):
     import peft
 

@@ -150,10 +150,12 @@ def test_lora_part_also_fully_trained_is_refused():
         validate(from_dict(tiny_dict(stages=[stage("s", train=["llm"], lora={"parts": ["llm"]})])))
 
 
-def test_unknown_target_is_a_config_error(tmp_path):
-    config = from_dict(tiny_dict(stages=[lora_stage(steps=1, targets=["nope_proj"])]))
-    with pytest.raises(ConfigError, match=r"stages\.0\.lora\.targets"):
+def test_unknown_target_is_a_config_error_before_any_step(tmp_path):
+    first = stage("plain", steps=2)
+    config = from_dict(tiny_dict(stages=[first, lora_stage(steps=1, targets=["nope_proj"])]))
+    with pytest.raises(ConfigError, match=r"stages\.1\.lora\.targets: \['nope_proj'\] fit no layer of the llm"):
         train(config, tmp_path / "run", log=quiet)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused before stage 0 trained
 
 
 def test_resume_mid_lora_stage_reproduces_the_run(tmp_path, monkeypatch):

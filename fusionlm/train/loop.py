@@ -110,6 +110,10 @@ class Trainer:
                 raise ConfigError(f"stages.{i}.batch_size: {stage.batch_size} does not split evenly over "
                                   f"{self.group.world} processes (it is the global batch)")
             select_trainable(self.model, stage.train, key=f"stages.{i}.train")
+            if stage.lora is not None:
+                from ..lora import check_targets
+
+                check_targets(self.model, stage.lora, key=f"stages.{i}.lora")
             check_mixture(stage.mixture, self.source, key=f"stages.{i}.mixture")
 
     def _tokenizer(self, ckpt: Path | None):
