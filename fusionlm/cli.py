@@ -45,14 +45,49 @@ def cmd_data_check(args) -> None:
 
     if not args.source:
         raise ConfigError("fusionlm data check: name the SOURCE to check")
+    fits = context_check(args.recipe, args.set, args.source) if args.recipe else None
     try:
-        report = check_source(open_source(args.source, args.format))
+        report = check_source(open_source(args.source, args.format), fits=fits)
     except FusionError as exc:  # a file that cannot be opened at all (e.g. a LLaVA JSON with a bad record)
         report = Report(problems=[str(exc)])
     print(f"{args.source}:")
     print("\n".join(report.lines(args.max_problems)))
     if report.problems:
         raise SystemExit(2)
+
+
+def context_check(recipe: str, overrides: list[str], root_of: str):
+    """sample -> a problem when it does not fit the recipe's context (model.llm.max_length)."""
+    from .checkpoint import build_model
+    from .config import load_recipe
+    from .data.chat import SkipSample, encode
+    from .data.processing import ImageSpec
+    from .errors import ImageError
+    from .data.sources import build_source
+    from .info import shapes_only
+    from .train.loop import make_tokenizer
+
+    config = load_recipe(recipe, overrides)
+    shapes_only(config)  # pretrained parts: their configs only, no weights
+    tokenizer = make_tokenizer(config, build_source(config.data))
+    model = build_model(config, tokenizer, pretrained=False)
+    source_dir = Path(root_of) if Path(root_of).is_dir() else Path(root_of).parent
+    spec = ImageSpec.for_model(model, config, root=str(source_dir))
+    tcfg, limit = config.model.tokenizer, config.model.llm.max_length
+
+    def fits(sample) -> str | None:
+        try:
+            layouts = [model.layout.image_tokens(spec.process_all(img)) for img in sample.images]
+        except ImageError:
+            return None  # reported by the image check
+        try:
+            encode(sample, tokenizer, layouts, max_length=limit, image_token=tcfg.image_token,
+                   end_token=tcfg.end_token)
+        except SkipSample as exc:
+            return f"{exc} ({recipe}: model.llm.max_length)" if exc.reason == "too_long" else None
+        return None
+
+    return fits
 
 
 def cmd_train(args) -> None:
@@ -165,6 +200,8 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--format", default="auto", help="check: the format of SOURCE (auto | llava | qa | webdataset | "
                                                      "parquet | jsonl | hf)")
     d.add_argument("--max-problems", type=int, default=20, help="check: list at most this many problems")
+    d.add_argument("--recipe", help="check: also find samples longer than this recipe's context (with its images)")
+    d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="check: override a recipe key")
     d.add_argument("--out")
     d.add_argument("--n", type=int, default=10, help="samples per task")
     d.add_argument("--split", default="train", choices=["train", "val", "test"])

@@ -173,3 +173,25 @@ def test_data_check_reports_problems_and_exits_2(tmp_path, capsys):
 def test_data_check_clean_exits_0(tmp_path, capsys):
     assert main(["data", "check", str(write_shards(tmp_path / "ok"))]) == 0
     assert "6 samples, 6 images" in capsys.readouterr().out
+
+
+def test_data_check_finds_samples_over_a_recipes_context(tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    Image.new("RGB", (16, 16), "red").save(tmp_path / "a.png")
+    short = {"id": "short", "image": "a.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "red"}]}
+    long = {"id": "long", "image": "a.png", "conversations": [
+        {"from": "human", "value": "<image>\n" + "Describe every detail. " * 60}, {"from": "gpt", "value": "red"}]}
+    (tmp_path / "d.json").write_text(json.dumps([short, long]))
+    from helpers_train import write_recipe
+
+    recipe = write_recipe(tmp_path / "tiny.yaml")
+    with pytest.raises(SystemExit) as exit_:
+        main(["data", "check", str(tmp_path / "d.json"), "--recipe", str(recipe)])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 2 and "sample long:" in out and "over the context of 128" in out
+    assert "sample short" not in out
+    assert main(["data", "check", str(tmp_path / "d.json")]) == 0  # without a recipe: no length check

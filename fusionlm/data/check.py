@@ -30,8 +30,9 @@ class Report:
         return out
 
 
-def check_source(source, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Report:
-    """Every record of every finite task of ``source``: readable, placeholders matching, images decodable."""
+def check_source(source, *, max_pixels: int = DEFAULT_MAX_PIXELS, fits=None) -> Report:
+    """Every record of every finite task of ``source``: readable, placeholders matching, images
+    decodable; and, given ``fits`` (sample -> a problem or None), within a model's context."""
     report = Report(problems=list(getattr(source, "problems", [])))
     for task in source.tasks():
         if "/" not in task and hasattr(source, "sources"):
@@ -47,6 +48,13 @@ def check_source(source, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Report:
                 report.problems.append(str(e))
                 continue
             report.samples[task] += 1
+            if fits is not None:
+                try:
+                    problem = fits(sample)
+                except FusionError as e:
+                    problem = f"sample {sample.id}: {e}"
+                if problem:
+                    report.problems.append(problem)
             for image in sample.images:
                 if isinstance(image, Video):
                     continue  # clips are checked when their frames are sampled
