@@ -144,8 +144,8 @@ def latency(model, tokenizer, spec: ImageSpec, source, tasks: list[str], new_tok
     task = next((t for t in tasks if t not in ("price", "motion")), tasks[0] if tasks else "color")
     sample = source.get(task, "test", 0)
     request = Request(next(m["content"] for m in sample.messages if m["role"] == "user"), sample.images)
-    inputs = [inp for img in request.images for inp in spec.process_all(img)]
     per_image = [spec.process_all(img) for img in request.images]
+    inputs = [inp for p in per_image for inp in p]
     tcfg = model.config.tokenizer
     enc = encode(request.sample(), tokenizer, [model.layout.image_tokens(p) for p in per_image],
                  max_length=model.config.llm.max_length, image_token=tcfg.image_token, end_token=tcfg.end_token,

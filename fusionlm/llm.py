@@ -91,7 +91,6 @@ class Dims:
     heads: int
     kv_heads: int
     ffn: int
-    eps: float
 
 
 def dims(hf_config: PretrainedConfig) -> Dims:
@@ -99,8 +98,7 @@ def dims(hf_config: PretrainedConfig) -> Dims:
     heads = hf_config.num_attention_heads
     kv = getattr(hf_config, "num_key_value_heads", None) or heads
     ffn = getattr(hf_config, "intermediate_size", None) or getattr(hf_config, "n_inner", None) or 4 * hidden
-    eps = getattr(hf_config, "rms_norm_eps", None) or getattr(hf_config, "layer_norm_epsilon", None) or 1e-6
-    return Dims(hidden, heads, kv, ffn, eps)
+    return Dims(hidden, heads, kv, ffn)
 
 
 def is_mllama_text(llm: PreTrainedModel) -> bool:

@@ -118,12 +118,16 @@ class FusionLM(nn.Module):
         frames is averaged into one slot (``ImageBatch.pool``); without video S = I."""
         return images.pool(self.connector(self.encoder(images), images.grids))  # (S, N, D)
 
+    def slot_tokens(self, images: ImageBatch) -> list[int]:
+        """Real (unpadded) connector tokens of each image slot of ``images``."""
+        return [r * c for r, c in map(self.layout.grid, images.slot_grids)]
+
     def encode_images(self, images: ImageBatch | torch.Tensor, input_ids: torch.Tensor) -> ImageContext:
         """The images of ``input_ids`` (B, T), in order -> what the decoder needs."""
         if isinstance(images, torch.Tensor):
             images = ImageBatch.of(images, self.encoder.grid)
         features = self.image_features(images)  # (I, N, D)
-        counts = [r * c for r, c in map(self.layout.grid, images.slot_grids)]  # real tokens of each image slot
+        counts = self.slot_tokens(images)
         ragged = any(c != features.shape[1] for c in counts)  # images of different sizes, zero-padded
         if self.fusion == "hybrid":
             return self._hybrid(images, features, counts, input_ids)

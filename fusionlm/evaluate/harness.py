@@ -102,11 +102,13 @@ def evaluate_tasks(model, tokenizer, tasks: list[EvalTask], images: ImageSpec, *
         prompts, fewer = [], 0
         for i, s in enumerate(questions):
             k = shots
-            while k and prompt_length(model, tokenizer, images, request_of(data.with_shots(s, i, k, seed), task.prompt)) \
+            prompt = data.with_shots(s, i, k, seed)
+            while k and prompt_length(model, tokenizer, images, request_of(prompt, task.prompt)) \
                     + task.max_new_tokens > model.config.llm.max_length:
                 k -= 1  # drop examples until the question and its answer fit
+                prompt = data.with_shots(s, i, k, seed)
             fewer += k < shots
-            prompts.append(data.with_shots(s, i, k, seed))
+            prompts.append(prompt)
         preds: list[str] = []
         for start in range(0, len(prompts), batch_size):
             reqs = [request_of(s, task.prompt) for s in prompts[start:start + batch_size]]

@@ -270,14 +270,13 @@ class Trainer:
         if micro == 0:
             return None, tokens
         self.group.sum_grads(params)
-        micro = stage.grad_accum  # the scaled losses already add up to the batch's mean
         torch.nn.utils.clip_grad_norm_(params, self.config.train.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         self.progress.bad_steps = 0
         self.progress.tokens += tokens
-        return total * stage.grad_accum / micro, tokens
+        return total, tokens  # the micro-batches' scaled losses add up to the batch's mean
 
     def _bad_step(self) -> None:
         self.progress.bad_steps += 1

@@ -40,7 +40,7 @@ def contrastive_loss(model: FusionLM, batch: Batch) -> torch.Tensor:
             f"has {count} images (use single-image tasks such as caption)"
         )
     features = model.image_features(images)  # (B, N, D), images with fewer tokens zero-padded
-    counts = torch.tensor([r * c for r, c in map(model.layout.grid, images.slot_grids)], device=features.device)
+    counts = torch.tensor(model.slot_tokens(images), device=features.device)
     real = (torch.arange(features.shape[1], device=features.device)[None] < counts[:, None]).unsqueeze(-1)  # (B, N, 1)
     image = (features * real).sum(1) / counts[:, None]  # (B, D): the mean of each image's real tokens
     targets = (batch.labels != IGNORE) & (batch.labels != model.ids.end)  # (B, T)
