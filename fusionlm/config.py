@@ -182,6 +182,8 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     eval_per_task: int = 50  # samples per task for `fusionlm eval` and the demo
     eval_batch_size: int = 32
+    report_to: list[str] = field(default_factory=list)  # also log metrics to: tensorboard, wandb
+    run_name: str | None = None  # the W&B run's name; None = the run directory's name
 
 
 @dataclass
@@ -410,6 +412,7 @@ CHOICES = {  # dotted key -> allowed values, checked by ``validate``
     "model.tiling.marker": ("tags", "newline", "none"),
 }
 TRAINABLE_GROUPS = ("encoder", "connector", "llm", "cross_attention", "all")
+REPORT_TO = ("tensorboard", "wandb")  # train.report_to: where metrics go besides metrics.jsonl
 
 
 def validate(config: RecipeConfig) -> RecipeConfig:
@@ -456,6 +459,9 @@ def validate(config: RecipeConfig) -> RecipeConfig:
             f"model.encoder.image_size: {enc.image_size} is not a multiple of patch_size {enc.patch_size}"
         )
     _validate_sources(config.data)
+    unknown = [name for name in config.train.report_to if name not in REPORT_TO]
+    if unknown:
+        raise ConfigError(f"train.report_to: {unknown[0]!r} is not one of {', '.join(REPORT_TO)}")
     if not config.stages:
         raise ConfigError("stages: at least one stage is needed")
     for i, stage in enumerate(config.stages):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -27,6 +28,7 @@ from .distributed import Group
 from ..data.tokenizer import load_any_tokenizer, load_tokenizer, prepare_tokenizer, train_tokenizer
 from ..errors import CheckpointError, ConfigError, FusionError
 from .objectives import loss_for
+from .report import Reporters
 from .stages import apply_trainable, param_groups, select_trainable
 
 TRAINER_STATE, OPTIMIZER_STATE = "trainer.json", "optimizer.pt"
@@ -66,6 +68,8 @@ class Trainer:
         self.log = log if self.group.main else (lambda *_: None)
         log = self.log
         self.out.mkdir(parents=True, exist_ok=True)
+        # train.report_to: a missing library stops the run here, before any work
+        self.reporters = Reporters(config, self.out, enabled=self.group.main)
         if config.train.threads:
             torch.set_num_threads(config.train.threads)
         self.source = build_source(config.data)
@@ -95,6 +99,7 @@ class Trainer:
             self.progress = Progress(**json.loads((ckpt / TRAINER_STATE).read_text()))
             self.resume_state = torch.load(ckpt / OPTIMIZER_STATE, weights_only=True, map_location="cpu")
             log(f"resuming from {ckpt} (step {self.progress.step})")
+        self.resumed = ckpt is not None
         self.model.to(self.device)
         if self.group.main:
             save_config(config, self.out / "config.yaml")
@@ -126,12 +131,17 @@ class Trainer:
         return tok
 
     def _trim_metrics(self) -> None:
-        """Keep only the lines up to the resumed step, so the file reads as one run."""
+        """Keep only the lines up to the resumed step, so the file reads as one run. A last line
+        without its newline was torn by a kill mid-write: it is dropped. The file is replaced
+        atomically, so a kill here loses no line."""
         if not self.group.main or not self.metrics_path.exists():
             return
-        keep = [line for line in self.metrics_path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= self.progress.step]
-        self.metrics_path.write_text("".join(line + "\n" for line in keep))
+        text = self.metrics_path.read_text()
+        whole = text[: text.rfind("\n") + 1].split("\n")  # without a torn last line
+        keep = [line for line in whole if line.strip() and json.loads(line)["step"] <= self.progress.step]
+        tmp = self.metrics_path.with_name(self.metrics_path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, self.metrics_path)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -156,9 +166,15 @@ class Trainer:
     # ------------------------------------------------------------------ the run
 
     def run(self) -> Progress:
-        for index in range(self.progress.stage, len(self.config.stages)):
-            self._run_stage(index)
-            self.progress.stage, self.progress.stage_step = index + 1, 0
+        failed = True
+        try:
+            self.reporters.start(self.progress.step, resumed=self.resumed)
+            for index in range(self.progress.stage, len(self.config.stages)):
+                self._run_stage(index)
+                self.progress.stage, self.progress.stage_step = index + 1, 0
+            failed = False
+        finally:  # also when interrupted or stopped by an error: flush what was reported
+            self.reporters.close(failed=failed)
         if self.group.main and self.metrics_path.exists():
             plot_losses(self.metrics_path, self.out / "loss.png")
         return self.progress
@@ -319,6 +335,7 @@ class Trainer:
                "samples_seen": p.samples_seen, "samples_trained": p.samples_trained, "skipped": dict(p.skipped)}
         with open(self.metrics_path, "a") as fh:
             fh.write(json.dumps(row) + "\n")
+        self.reporters.log(row, p.step)
 
 
 def plot_losses(metrics: Path, out: Path) -> None:
