@@ -18,6 +18,7 @@ from .data.video import placeholder
 from .errors import SampleError
 from .device import model_device
 from .model import FusionLM
+from .runtime import StaticDecoder, unsupported
 
 
 @dataclass
@@ -62,24 +63,51 @@ def next_tokens(logits: torch.Tensor, temperature: float, top_p: float, generato
     return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=generator).squeeze(-1)
 
 
+class GeneralDecoder:
+    """Decoding through transformers' own forward pass: its dynamic KV cache, or without a cache
+    (``use_cache=False``) the whole sequence again at every step. Any LLM; the reference that
+    ``StaticDecoder`` is tested against."""
+
+    def __init__(self, model: FusionLM, use_cache: bool):
+        self.model, self.use_cache, self.past = model, use_cache, None
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, images) -> torch.Tensor:
+        """The prompts (B, T), left-padded where ``attention_mask`` is 0 -> next-token logits (B, V)."""
+        self.seq, self.mask, self.images = input_ids, attention_mask, images
+        return self._run(input_ids)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """One new token per row (B,) -> next-token logits (B, V)."""
+        self.seq = torch.cat([self.seq, tokens[:, None]], dim=1)  # (B, T+1)
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(tokens), 1)], dim=1)
+        return self._run(tokens[:, None])
+
+    def _run(self, new_ids: torch.Tensor) -> torch.Tensor:
+        position_ids = (self.mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): left padding shifts positions
+        if not self.use_cache:
+            return self.model(self.seq, attention_mask=self.mask, position_ids=position_ids, images=self.images).logits[:, -1]
+        start = self.seq.shape[1] - new_ids.shape[1]
+        result = self.model(new_ids, attention_mask=self.mask, position_ids=position_ids[:, start:], images=self.images,
+                            past_key_values=self.past, use_cache=True, query_start=start)
+        self.past = result.past_key_values
+        return result.logits[:, -1]  # (B, V)
+
+
 def generate(model: FusionLM, tokenizer, requests: list[Request], images: ImageSpec, **kwargs) -> list[str]:
     """Answers for a batch of requests, in order (``generate_ids``' tokens, decoded)."""
     out = generate_ids(model, tokenizer, requests, images, **kwargs)
     return [tokenizer.decode(t, skip_special_tokens=True).strip() for t in out]
 
 
-@torch.no_grad()
-def generate_ids(model: FusionLM, tokenizer, requests: list[Request], images: ImageSpec, *, max_new_tokens: int = 32,
-                 temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, use_cache: bool = True,
-                 max_length: int | None = None) -> list[list[int]]:
-    """The new token ids of each request, without the end-of-turn token.
+def encode_requests(model: FusionLM, tokenizer, requests: list[Request], images: ImageSpec,
+                    max_length: int) -> tuple[torch.Tensor, torch.Tensor, ImageBatch | None]:
+    """Prompts, left-padded (ids and mask, each (B, T)), and their images in order.
 
     Raises:
         SampleError: a prompt whose ``<image>`` count differs from its images, or that does not
-            fit the context.
+            fit in ``max_length``.
         ImageError: an image that cannot be read.
     """
-    max_length = max_length or model.config.llm.max_length
     tokens = model.config.tokenizer
     rows, pixels = [], []
     for req in requests:
@@ -93,32 +121,44 @@ def generate_ids(model: FusionLM, tokenizer, requests: list[Request], images: Im
         rows.append(enc.input_ids)
         pixels.extend(inp for inputs in per_image for inp in inputs)
     ids, mask = left_pad(rows, tokenizer.pad_token_id)  # (B, T)
+    return ids, mask, ImageBatch.collate(pixels)
+
+
+@torch.no_grad()
+def generate_ids(model: FusionLM, tokenizer, requests: list[Request], images: ImageSpec, *, max_new_tokens: int = 32,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, use_cache: bool = True,
+                 max_length: int | None = None, static: bool = True) -> list[list[int]]:
+    """The new token ids of each request, without the end-of-turn token.
+
+    ``static``: decode through ``runtime.StaticDecoder`` where the LLM allows (else, and with
+    ``static=False``, through transformers' forward pass; ``use_cache=False`` recomputes the
+    whole sequence at every step).
+
+    Raises:
+        SampleError: a prompt whose ``<image>`` count differs from its images, or that does not
+            fit the context.
+        ImageError: an image that cannot be read.
+    """
+    max_length = max_length or model.config.llm.max_length
+    ids, mask, batch = encode_requests(model, tokenizer, requests, images, max_length)
     budget = min(max_new_tokens, max_length - ids.shape[1])
     if budget <= 0:
         raise SampleError(f"the prompt takes {ids.shape[1]} tokens, leaving no room in the context of {max_length}")
     device = model_device(model)
     ids, mask = ids.to(device), mask.to(device)
-    batch = ImageBatch.collate(pixels)
     ctx = model.encode_images(batch.to(device), ids) if batch is not None else None
     generator = torch.Generator(device).manual_seed(seed) if temperature > 0 else None
+    length = ids.shape[1] + budget
+    decoder = (StaticDecoder(model, len(ids), length) if use_cache and static and unsupported(model, length) is None
+               else GeneralDecoder(model, use_cache))
     end = model.ids.end
     never = torch.tensor(sorted({model.ids.image, model.ids.newline}), device=device)
-    done = torch.zeros(len(rows), dtype=torch.bool, device=device)
-    out: list[list[int]] = [[] for _ in rows]
-    seq, past = ids, None
-    step_ids = ids
+    done = torch.zeros(len(ids), dtype=torch.bool, device=device)
+    out: list[list[int]] = [[] for _ in range(len(ids))]
+    logits = decoder.prefill(ids, mask, ctx)  # (B, V)
     for step in range(budget):
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): left padding shifts positions
-        if use_cache:
-            start = seq.shape[1] - step_ids.shape[1]
-            result = model(step_ids, attention_mask=mask, position_ids=position_ids[:, start:], images=ctx,
-                           past_key_values=past, use_cache=True, query_start=start)
-            past = result.past_key_values
-        else:
-            result = model(seq, attention_mask=mask, position_ids=position_ids, images=ctx)
         # An image token has no image behind it: generating one would break the next step. (Llama 3.2
         # Vision's lies past the LM head's rows: it cannot be generated at all.)
-        logits = result.logits[:, -1]  # (B, V)
         logits = logits.index_fill(-1, never[never < logits.shape[-1]], float("-inf"))
         token = next_tokens(logits, temperature, top_p, generator)  # (B,)
         token = torch.where(done, torch.full_like(token, tokenizer.pad_token_id), token)
@@ -128,9 +168,7 @@ def generate_ids(model: FusionLM, tokenizer, requests: list[Request], images: Im
                     done[i] = True
                 else:
                     out[i].append(t)
-        if bool(done.all()):
+        if bool(done.all()) or step == budget - 1:
             break
-        step_ids = token[:, None]  # (B, 1)
-        seq = torch.cat([seq, step_ids], dim=1)
-        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+        logits = decoder.step(token)
     return out

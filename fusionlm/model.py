@@ -226,6 +226,27 @@ class FusionLM(nn.Module):
             attention_mask = segment_mask(segment_ids, self.llm.get_input_embeddings().weight.dtype)  # (B, 1, T, T)
         if images is None and pixel_values is not None and len(pixel_values) > 0:
             images = self.encode_images(pixel_values, input_ids)
+        embeds, extra = self.embed(input_ids, images, query_start, cached=past_key_values is not None)
+        out = self.llm(
+            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, use_cache=use_cache, **extra,
+        )
+        logits = out.logits  # (B, T, V)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
+            )
+        return Output(logits=logits, loss=loss, past_key_values=out.past_key_values if use_cache else None)
+
+    def embed(self, input_ids: torch.Tensor, images: ImageContext | None, query_start: int = 0, *,
+              cached: bool = False) -> tuple[torch.Tensor, dict]:
+        """The decoder's inputs for ``input_ids`` (B, T): embeddings (B, T, D) with Method A's image
+        features in place, and the keyword arguments Method B's layers need for this call.
+
+        ``cached``: a KV cache already holds the earlier positions (Llama 3.2 Vision's layers then
+        keep the image keys/values from the first call).
+        """
         embeds = self.llm.get_input_embeddings()(input_ids)  # (B, T, D)
         image_mask = input_ids == self.ids.image  # (B, T)
         if images is None and image_mask.any():
@@ -240,21 +261,11 @@ class FusionLM(nn.Module):
             if self.native_cross:
                 mask, row = native_cross_masks(call.visible, embeds.dtype)
                 extra.update(cross_attention_mask=mask, full_text_row_masked_out_mask=row)
-                if past_key_values is None or query_start == 0:  # else the cache holds the image keys/values
+                if not cached or query_start == 0:  # else the cache holds the image keys/values
                     extra["cross_attention_states"] = images.cross.memory.to(embeds.dtype)
             else:
                 extra["cross_inputs"] = call
-        out = self.llm(
-            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, use_cache=use_cache, **extra,
-        )
-        logits = out.logits  # (B, T, V)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
-            )
-        return Output(logits=logits, loss=loss, past_key_values=out.past_key_values if use_cache else None)
+        return embeds, extra
 
     # ------------------------------------------------------------------ parameter groups
 

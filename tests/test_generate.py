@@ -121,8 +121,8 @@ def test_refused_prompts(make_model, tokenizer, world):
     assert len(generate(model, tokenizer, [req], spec, max_length=n + 1)) == 1
 
 
-@pytest.mark.parametrize("use_cache", [True, False])
-def test_cross_attention_projects_image_kv_once(use_cache, make_model, tokenizer, world, no_end, monkeypatch):
+@pytest.mark.parametrize("use_cache, static", [(True, True), (True, False), (False, False)])
+def test_cross_attention_projects_image_kv_once(use_cache, static, make_model, tokenizer, world, no_end, monkeypatch):
     model = make_model("cross_attention")
     no_end(model)
     calls: dict[str, int] = {}
@@ -135,9 +135,9 @@ def test_cross_attention_projects_image_kv_once(use_cache, make_model, tokenizer
 
         monkeypatch.setattr(block, "project_kv", counted)
     steps = []
-    inner_forward = model.forward
-    monkeypatch.setattr(model, "forward", lambda *a, **kw: steps.append(1) or inner_forward(*a, **kw))
+    inner_embed = model.embed  # once per decoder call, on every decoding path
+    monkeypatch.setattr(model, "embed", lambda *a, **kw: steps.append(1) or inner_embed(*a, **kw))
     reqs = _requests(world)[:2]  # 1 and 2 images
-    out = generate(model, tokenizer, reqs, spec_for(model), max_new_tokens=6, use_cache=use_cache)
+    out = generate(model, tokenizer, reqs, spec_for(model), max_new_tokens=6, use_cache=use_cache, static=static)
     assert len(out) == 2 and len(steps) == 6
     assert calls == {"0": 1, "1": 1}

@@ -1,0 +1,123 @@
+"""A lean inference path for Llama-family decoders: a static KV cache and one plain loop over the
+layers, on the LLM's own modules and weights.
+
+transformers' forward pass is general (any cache class, mask function, output recording…), and at
+the sizes where decoding is bound by Python and dispatch rather than arithmetic, that generality
+is most of the time per token. ``StaticDecoder`` keeps what a Llama, Mistral or Qwen2 layer
+computes: the projections, norms and MLP are the modules' own calls (so LoRA-wrapped or
+quantised linears still work); rotary tables, the cache and the masks are made once per request.
+Only the last position's logits are computed. Method B's gated blocks run before their layers,
+as the hooks of the general path do. Anything else (GPT-2, Llama 3.2 Vision's decoder, sliding
+windows, dynamic RoPE) goes through the general path: ``unsupported`` says why.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .model import FusionLM, ImageContext
+
+FAMILIES = ("llama", "mistral", "qwen2")
+
+
+def unsupported(model: FusionLM, length: int) -> str | None:
+    """Why ``model`` cannot decode ``length`` positions here (None: it can)."""
+    config = model.llm.config
+    if model.native_cross:
+        return "Llama 3.2 Vision's decoder has cross-attention layers of its own"
+    if config.model_type not in FAMILIES:
+        return f"{config.model_type!r} is not one of {', '.join(FAMILIES)}"
+    if "dynamic" in getattr(model.llm.get_decoder().rotary_emb, "rope_type", "default"):
+        return "dynamic RoPE rescales with the sequence length"
+    window = getattr(config, "sliding_window", None)
+    if window is not None and length > window:
+        return f"the sequence ({length}) is longer than the sliding window ({window})"
+    return None
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on x (B, H, T, hd) with cos/sin (B, 1, T, hd): halves rotated, as in Llama."""
+    half = x.shape[-1] // 2
+    turned = torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # (B, H, T, hd)
+    return x * cos + turned * sin
+
+
+class StaticDecoder:
+    """Prefill and decode of one batch of requests over a preallocated KV cache of ``length``."""
+
+    def __init__(self, model: FusionLM, batch: int, length: int):
+        self.model = model
+        llm = model.llm
+        body = llm.get_decoder()
+        self.layers, self.norm, self.head = body.layers, body.norm, llm.get_output_embeddings()
+        config = llm.config
+        self.kv_heads = config.num_key_value_heads or config.num_attention_heads
+        self.gqa = self.kv_heads != config.num_attention_heads
+        attn = self.layers[0].self_attn
+        self.head_dim, self.scale = attn.head_dim, attn.scaling
+        weight = self.head.weight
+        shape = (batch, self.kv_heads, length, self.head_dim)
+        self.keys = [weight.new_zeros(shape) for _ in self.layers]  # each (B, Hkv, L, hd)
+        self.values = [weight.new_zeros(shape) for _ in self.layers]
+        self.valid = torch.zeros(batch, length, dtype=torch.bool, device=weight.device)  # (B, L) real keys
+        positions = torch.arange(length, device=weight.device)[None]  # (1, L)
+        self.cos, self.sin = body.rotary_emb(weight, positions)  # each (1, L, hd)
+        self.padded = False
+        self.blocks = {int(i): block for i, block in model.cross_blocks.items()}
+
+    def _mask(self, start: int, end: int) -> tuple[torch.Tensor | None, bool]:
+        """The attention mask of queries ``start … end-1`` and whether SDPA's own causal mask does."""
+        if not self.padded:
+            return None, start == 0 and end > 1
+        q = torch.arange(start, end, device=self.valid.device)[:, None]  # (T, 1)
+        k = torch.arange(end, device=self.valid.device)[None]  # (1, S)
+        mask = (k <= q) & self.valid[:, None, :end]  # (B, T, S)
+        mask |= k == q  # a padding query sees itself: no empty row, no NaN in its cached values
+        return mask[:, None], False  # (B, 1, T, S)
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, images: ImageContext | None) -> torch.Tensor:
+        """The prompts (B, T), left-padded where ``attention_mask`` is 0 -> next-token logits (B, V)."""
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): padding shifts positions
+        self.images, self.next_position, self.length = images, positions[:, -1:] + 1, input_ids.shape[1]
+        return self(input_ids, attention_mask, positions, images, 0)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """One new token per row (B,) -> next-token logits (B, V)."""
+        logits = self(tokens[:, None], torch.ones_like(self.next_position), self.next_position, self.images, self.length)
+        self.next_position, self.length = self.next_position + 1, self.length + 1
+        return logits
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor, new_valid: torch.Tensor, position_ids: torch.Tensor,
+                 images: ImageContext | None, start: int) -> torch.Tensor:
+        """Runs ``input_ids`` (B, T) at cache positions ``start …``; returns the last position's
+        logits (B, V).
+
+        ``new_valid`` (B, T): False at left padding; ``position_ids`` (B, T): RoPE positions.
+        """
+        end = start + input_ids.shape[1]
+        x, extra = self.model.embed(input_ids, images, start, cached=start > 0)  # (B, T, D)
+        cross = extra.get("cross_inputs")
+        self.valid[:, start:end] = new_valid.bool()
+        self.padded = self.padded or not bool(new_valid.all())
+        mask, causal = self._mask(start, end)
+        cos, sin = self.cos[0, position_ids][:, None], self.sin[0, position_ids][:, None]  # (B, 1, T, hd)
+        for i, layer in enumerate(self.layers):
+            if cross is not None and i in self.blocks:
+                x = self.blocks[i](x, cross.kv[i], cross.visible)
+            x = x + self._attend(i, layer.self_attn, layer.input_layernorm(x), cos, sin, mask, causal, start, end)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.head(self.norm(x[:, -1]))  # (B, V)
+
+    def _attend(self, i: int, attn, h: torch.Tensor, cos, sin, mask, causal: bool, start: int, end: int):
+        b, t, _ = h.shape
+        q = attn.q_proj(h).view(b, t, -1, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = attn.k_proj(h).view(b, t, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = attn.v_proj(h).view(b, t, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        self.keys[i][:, :, start:end] = rotate(k, cos, sin)
+        self.values[i][:, :, start:end] = v
+        out = F.scaled_dot_product_attention(
+            rotate(q, cos, sin), self.keys[i][:, :, :end], self.values[i][:, :, :end], attn_mask=mask,
+            is_causal=causal, scale=self.scale, enable_gqa=self.gqa)  # (B, H, T, hd)
+        return attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))  # (B, T, D)
