@@ -36,11 +36,18 @@ def unsupported(model: FusionLM, length: int) -> str | None:
     return None
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE on x (B, H, T, hd) with cos/sin (B, 1, T, hd): halves rotated, as in Llama."""
-    half = x.shape[-1] // 2
-    turned = torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # (B, H, T, hd)
-    return x * cos + turned * sin
+def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on x (B, H, T, hd), halves rotated as in Llama: x·cos + (-x₂, x₁)·sin, written as
+    x·cos + roll(x)·(-sin₁, sin₂) to save three operations. cos, signed_sin: (B, 1, T, hd)."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
+
+
+def rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
+    """A Llama-family RMSNorm module applied to x: torch's fused kernel in fp32 (the module's
+    own steps in lower precision, where it upcasts in between)."""
+    if x.dtype != torch.float32:
+        return norm(x)
+    return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
 
 
 class StaticDecoder:
@@ -62,7 +69,9 @@ class StaticDecoder:
         self.values = [weight.new_zeros(shape) for _ in self.layers]
         self.valid = torch.zeros(batch, length, dtype=torch.bool, device=weight.device)  # (B, L) real keys
         positions = torch.arange(length, device=weight.device)[None]  # (1, L)
-        self.cos, self.sin = body.rotary_emb(weight, positions)  # each (1, L, hd)
+        cos, sin = body.rotary_emb(weight, positions)  # each (1, L, hd)
+        half = sin.shape[-1] // 2
+        self.cos, self.sin = cos[0], torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)  # each (L, hd)
         self.padded = False
         self.blocks = {int(i): block for i, block in model.cross_blocks.items()}
 
@@ -84,31 +93,34 @@ class StaticDecoder:
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """One new token per row (B,) -> next-token logits (B, V)."""
-        logits = self(tokens[:, None], torch.ones_like(self.next_position), self.next_position, self.images, self.length)
+        logits = self(tokens[:, None], None, self.next_position, self.images, self.length)
         self.next_position, self.length = self.next_position + 1, self.length + 1
         return logits
 
     @torch.no_grad()
-    def __call__(self, input_ids: torch.Tensor, new_valid: torch.Tensor, position_ids: torch.Tensor,
+    def __call__(self, input_ids: torch.Tensor, new_valid: torch.Tensor | None, position_ids: torch.Tensor,
                  images: ImageContext | None, start: int) -> torch.Tensor:
         """Runs ``input_ids`` (B, T) at cache positions ``start …``; returns the last position's
         logits (B, V).
 
-        ``new_valid`` (B, T): False at left padding; ``position_ids`` (B, T): RoPE positions.
+        ``new_valid`` (B, T): False at left padding (None: all real); ``position_ids`` (B, T): RoPE positions.
         """
         end = start + input_ids.shape[1]
         x, extra = self.model.embed(input_ids, images, start, cached=start > 0)  # (B, T, D)
         cross = extra.get("cross_inputs")
-        self.valid[:, start:end] = new_valid.bool()
-        self.padded = self.padded or not bool(new_valid.all())
+        if new_valid is None:
+            self.valid[:, start:end] = True
+        else:
+            self.valid[:, start:end] = new_valid.bool()
+            self.padded = self.padded or not bool(new_valid.all())
         mask, causal = self._mask(start, end)
-        cos, sin = self.cos[0, position_ids][:, None], self.sin[0, position_ids][:, None]  # (B, 1, T, hd)
+        cos, sin = self.cos[position_ids][:, None], self.sin[position_ids][:, None]  # (B, 1, T, hd)
         for i, layer in enumerate(self.layers):
             if cross is not None and i in self.blocks:
                 x = self.blocks[i](x, cross.kv[i], cross.visible)
-            x = x + self._attend(i, layer.self_attn, layer.input_layernorm(x), cos, sin, mask, causal, start, end)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return self.head(self.norm(x[:, -1]))  # (B, V)
+            x = x + self._attend(i, layer.self_attn, rms_norm(layer.input_layernorm, x), cos, sin, mask, causal, start, end)
+            x = x + layer.mlp(rms_norm(layer.post_attention_layernorm, x))
+        return self.head(rms_norm(self.norm, x[:, -1]))  # (B, V)
 
     def _attend(self, i: int, attn, h: torch.Tensor, cos, sin, mask, causal: bool, start: int, end: int):
         b, t, _ = h.shape
