@@ -83,11 +83,11 @@ def build_model(config: RecipeConfig, tokenizer, *, pretrained: bool = True) -> 
     return FusionLM(config.model, ids, pretrained=pretrained, vocab_size=None if own else len(tokenizer))
 
 
-def _unique_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def _unique_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The state dict without aliases of tied tensors (safetensors stores each storage once)."""
     seen: set[int] = set()
     out = {}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in state.items():
         ptr = tensor.data_ptr()
         if ptr in seen and tensor.numel():
             continue
@@ -96,15 +96,17 @@ def _unique_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_model(model: FusionLM, tokenizer, config: RecipeConfig, path: str | Path, *, extra=None) -> Path:
-    """Write weights, config and tokenizer to ``path`` atomically; ``extra(tmp_dir)`` adds files."""
+def save_model(model: FusionLM, tokenizer, config: RecipeConfig, path: str | Path, *, extra=None,
+               state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write weights, config and tokenizer to ``path`` atomically; ``extra(tmp_dir)`` adds files.
+    ``state``: the weights to write, when not ``model.state_dict()`` (gathered from shards)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     # mid LoRA stage: the unmerged adapter state, with the settings a loader re-injects them from
     meta = {"format": "pt", "fusionlm": "1", **lora.metadata(model)}
-    save_file(_unique_state(model), str(tmp / WEIGHTS), metadata=meta)
+    save_file(_unique_state(model.state_dict() if state is None else state), str(tmp / WEIGHTS), metadata=meta)
     save_config(config, tmp / CONFIG)
     tokenizer.save_pretrained(str(tmp / TOKENIZER))
     if extra is not None:
@@ -144,7 +146,7 @@ def load_weights(model: torch.nn.Module, file: str | Path) -> None:
 def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
     """Copy ``state`` into ``model``: every weight present, none unknown, every shape right."""
     expected = model.state_dict()
-    wanted = _unique_state(model)
+    wanted = _unique_state(model.state_dict())
     missing = [k for k in wanted if k not in state]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:

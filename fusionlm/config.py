@@ -182,6 +182,9 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     eval_per_task: int = 50  # samples per task for `fusionlm eval` and the demo
     eval_batch_size: int = 32
+    # several processes (torchrun): ddp = every process holds the whole model, gradients summed by
+    # one all-reduce; fsdp = the LLM's decoder layers sharded across processes (FSDP2, fully_shard)
+    parallel: str = "ddp"
     report_to: list[str] = field(default_factory=list)  # also log metrics to: tensorboard, wandb
     run_name: str | None = None  # the W&B run's name; None = the run directory's name
 
@@ -410,6 +413,7 @@ CHOICES = {  # dotted key -> allowed values, checked by ``validate``
     "model.encoder.preprocess": ("letterbox", "hf"),
     "model.fusion.visibility": ("preceding", "latest"),
     "model.tiling.marker": ("tags", "newline", "none"),
+    "train.parallel": ("ddp", "fsdp"),
 }
 TRAINABLE_GROUPS = ("encoder", "connector", "llm", "cross_attention", "all")
 REPORT_TO = ("tensorboard", "wandb")  # train.report_to: where metrics go besides metrics.jsonl

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from safetensors.torch import load_file
 
 from fusionlm.config import from_dict, validate
 from fusionlm.errors import ConfigError
+from fusionlm.llm import decoder_layers
+from torch.distributed.tensor import DTensor
 from fusionlm.train.loop import Trainer, train
 from helpers_train import read_metrics, stage, tiny_dict
 
@@ -35,7 +39,12 @@ def _worker(rank: int, world: int, port: int, data: dict, out: str, resume: bool
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     try:
-        train(validate(from_dict(json.loads(json.dumps(data)))), out, resume=resume, log=lambda *_: None)
+        trainer = Trainer(validate(from_dict(json.loads(json.dumps(data)))), out, resume=resume, log=lambda *_: None)
+        if data["train"].get("parallel") == "fsdp":  # each process holds half of every decoder layer
+            for layer in decoder_layers(trainer.model.llm):
+                for p in layer.parameters():
+                    assert isinstance(p, DTensor) and p.to_local().numel() * world == p.numel(), p.shape
+        trainer.run()
     finally:
         torch.distributed.destroy_process_group()
 
@@ -44,9 +53,12 @@ def run_parallel(data: dict, out, world: int = 2, resume: bool = False) -> None:
     mp.spawn(_worker, args=(world, _free_port(), data, str(out), resume), nprocs=world, join=True)
 
 
-def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
-    train(validate(from_dict(recipe())), tmp_path / "one", log=lambda *_: None)
-    run_parallel(recipe(), tmp_path / "two")
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, parallel):
+    data = recipe()
+    data["train"]["parallel"] = parallel
+    train(validate(from_dict(data)), tmp_path / "one", log=lambda *_: None)
+    run_parallel(data, tmp_path / "two")
     one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert len(one) == len(two) == 7
     for a, b in zip(one, two):
@@ -85,6 +97,41 @@ def test_a_two_process_checkpoint_resumes_in_one_process(tmp_path):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6)
 
 
+def _resume_from(run, step: int, dest, world: int, data: dict) -> None:
+    """Copy ``run`` without its checkpoints after ``step`` to ``dest`` and finish it on ``world`` processes."""
+    shutil.copytree(run, dest)
+    for ckpt in (dest / "checkpoints").iterdir():
+        if int(ckpt.name.split("-")[1]) > step:
+            shutil.rmtree(ckpt)
+    if world == 1:
+        train(validate(from_dict(json.loads(json.dumps(data)))), dest, resume=True, log=lambda *_: None)
+    else:
+        run_parallel(data, dest, world=world, resume=True)
+
+
+def test_sharded_checkpoints_resume_on_another_number_of_processes(tmp_path):
+    """fsdp: a checkpoint taken mid-stage (optimizer state of sharded layers included) is whole, so
+    2 processes resume a 1-process run and 1 process a 2-process run, each as if uninterrupted."""
+    data = recipe()
+    data["train"].update(parallel="fsdp", checkpoint_every=2, keep_checkpoints=10)
+    train(validate(from_dict(data)), tmp_path / "one", log=lambda *_: None)
+    run_parallel(data, tmp_path / "two")
+    ref = read_metrics(tmp_path / "one")
+    for src, world in (("two", 1), ("one", 2)):
+        dest = tmp_path / f"{src}-on-{world}"
+        _resume_from(tmp_path / src, 6, dest, world, data)  # step 6: stage 1, the LLM training, sharded
+        run = read_metrics(dest)
+        assert [r["step"] for r in run] == list(range(1, 8))
+        assert run[-1]["loss"] == pytest.approx(ref[-1]["loss"], rel=1e-5, abs=1e-6), src
+        final = sorted((dest / "checkpoints").iterdir())[-1]
+        a, b = load_file(str(final / "model.safetensors")), load_file(str(sorted(
+            (tmp_path / "one" / "checkpoints").iterdir())[-1] / "model.safetensors"))
+        assert a.keys() == b.keys()
+        # Adam's step is ~lr on any gradient, float noise included (e.g. key biases): weights agree
+        # to a fraction of one step's size (a lost optimizer state would move them by whole steps)
+        assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-3
+
+
 def test_a_batch_that_does_not_split_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "1")
     data = recipe(batch=7)
@@ -92,8 +139,8 @@ def test_a_batch_that_does_not_split_is_refused(tmp_path, monkeypatch):
     from fusionlm.train import loop
 
     class Three(loop.Group):
-        def __init__(self):
-            self.world, self.rank, self.main = 3, 0, True
+        def __init__(self, parallel="ddp"):
+            self.world, self.rank, self.main, self.sharded = 3, 0, True, False
 
     monkeypatch.setattr(loop, "Group", Three)
     with pytest.raises(ConfigError, match=r"stages\.0\.batch_size: 7 does not split evenly over 3 processes"):

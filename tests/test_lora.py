@@ -39,7 +39,7 @@ def run_and_capture(tmp_path, monkeypatch, stg: dict):
     config = from_dict(tiny_dict(stages=[stg]))
     lines = []
     trainer = Trainer(config, tmp_path / "run", log=lambda s: lines.append(str(s)))
-    initial = {k: v.detach().clone() for k, v in _unique_state(trainer.model).items()}
+    initial = {k: v.detach().clone() for k, v in _unique_state(trainer.model.state_dict()).items()}
     batch = next(trainer._batches(0, config.stages[0], 0))
     seen = {}
     original = lora_mod.merge

@@ -24,6 +24,7 @@ from ..data.batches import Batch, ImageSpec, MixtureBatches, check_mixture
 from ..data.sources import build_source
 from ..data.chat import IGNORE
 from ..device import resolve_device
+from ..llm import decoder_layers
 from .distributed import Group
 from ..data.tokenizer import load_any_tokenizer, load_tokenizer, prepare_tokenizer, train_tokenizer
 from ..errors import CheckpointError, ConfigError, FusionError
@@ -63,7 +64,7 @@ def lr_lambda(stage: StageConfig):
 
 class Trainer:
     def __init__(self, config: RecipeConfig, out: str | Path, *, resume: bool = False, log=print):
-        self.group = Group()
+        self.group = Group(config.train.parallel)
         self.config, self.out = config, Path(out)
         self.log = log if self.group.main else (lambda *_: None)
         log = self.log
@@ -101,6 +102,7 @@ class Trainer:
             log(f"resuming from {ckpt} (step {self.progress.step})")
         self.resumed = ckpt is not None
         self.model.to(self.device)
+        self.group.shard(sharded_layers(self.model))  # train.parallel: fsdp
         if self.group.main:
             save_config(config, self.out / "config.yaml")
         self.images = ImageSpec.for_model(self.model, config, root=self.source.root)
@@ -115,6 +117,8 @@ class Trainer:
                 raise ConfigError(f"stages.{i}.batch_size: {stage.batch_size} does not split evenly over "
                                   f"{self.group.world} processes (it is the global batch)")
             select_trainable(self.model, stage.train, key=f"stages.{i}.train")
+            if stage.lora is not None and self.group.sharded:
+                raise ConfigError(f"stages.{i}.lora: LoRA stages do not run with train.parallel fsdp yet; use ddp")
             if stage.lora is not None:
                 from ..lora import check_targets
 
@@ -148,15 +152,19 @@ class Trainer:
     def save(self, optimizer, scheduler) -> Path:
         path = self.out / "checkpoints" / f"step-{self.progress.step:06d}"
 
+        # sharded (fsdp) tensors are gathered whole by every process; rank 0 writes them
+        weights = self.group.full_state(self.model) if self.group.sharded else None
+        state = self.group.full_optimizer_state(optimizer) if self.group.sharded else optimizer.state_dict()
+
         def extra(tmp: Path) -> None:
             (tmp / TRAINER_STATE).write_text(json.dumps(self.progress.__dict__))
-            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            torch.save({"optimizer": state, "scheduler": scheduler.state_dict(),
                         "torch_rng": torch.get_rng_state()}, tmp / OPTIMIZER_STATE)
 
         if not self.group.main:  # rank 0 writes; the others wait until the checkpoint is complete
             self.group.barrier()
             return path
-        save_model(self.model, self.tokenizer, self.config, path, extra=extra)
+        save_model(self.model, self.tokenizer, self.config, path, extra=extra, state=weights)
         self.group.barrier()
         for old in list_checkpoints(self.out)[: -max(1, self.config.train.keep_checkpoints)]:
             if old != path:
@@ -218,7 +226,7 @@ class Trainer:
         optimizer = torch.optim.AdamW(groups, lr=stage.lr, weight_decay=stage.weight_decay, betas=(0.9, 0.95))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(stage))
         if self.resume_state is not None and self.progress.stage == index and self.progress.stage_step > 0:
-            optimizer.load_state_dict(self.resume_state["optimizer"])
+            self.group.load_optimizer_state(optimizer, self.resume_state["optimizer"])
             scheduler.load_state_dict(self.resume_state["scheduler"])
             torch.set_rng_state(self.resume_state["torch_rng"])
         self.resume_state = None
@@ -265,15 +273,21 @@ class Trainer:
             # this process's share of the micro-batch's loss (``distributed``): its target tokens
             # over all processes' (language-model loss), or 1/W of the batch's (other objectives)
             share = self._loss_share(stage, batch)
-            if not finite or not batch.sample_ids:
+            if not batch.sample_ids:
+                self._idle_pass()
+                continue
+            if not finite and not self.group.sharded:
                 continue
             batch = batch.to(self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.train.bf16):
                 loss = loss_for(stage.objective)(self.model, batch) * share / stage.grad_accum
             if not torch.isfinite(loss):
                 finite = False
+            if not finite and not self.group.sharded:
                 continue
-            loss.backward()
+            loss.backward()  # sharded layers: every process runs every backward (their collectives)
+            if not finite:
+                continue
             total += float(loss.detach())
             tokens += batch.num_tokens
             micro += 1
@@ -286,13 +300,21 @@ class Trainer:
         if micro == 0:
             return None, tokens
         self.group.sum_grads(params)
-        torch.nn.utils.clip_grad_norm_(params, self.config.train.grad_clip)
+        self.group.clip_grad_norm(params, self.config.train.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         self.progress.bad_steps = 0
         self.progress.tokens += tokens
         return total, tokens  # the micro-batches' scaled losses add up to the batch's mean
+
+    def _idle_pass(self) -> None:
+        """A process left without samples in a micro-batch still runs the sharded layers' forward and
+        backward (with zero gradient), which the other processes' collectives wait for."""
+        if not self.group.sharded:
+            return
+        ids = torch.full((1, 1), self.model.ids.pad, device=self.device)
+        (self.model(ids).logits.sum() * 0.0).backward()
 
     def _bad_step(self) -> None:
         self.progress.bad_steps += 1
@@ -394,6 +416,13 @@ def trained_tasks(config: RecipeConfig, source) -> list[str]:
         mixture = check_mixture(stage.mixture, source, key=f"stages.{i}.mixture")
         tasks.update(t for t, w in mixture.items() if w > 0)
     return sorted(tasks)
+
+
+def sharded_layers(model) -> list[torch.nn.Module]:
+    """The LLM's decoder layers that every forward pass runs (``fsdp`` shards these). Llama 3.2
+    Vision's cross-attention layers are left out: a text-only batch skips them."""
+    skip = set(model.llm.config.cross_attention_layers) if model.native_cross else set()
+    return [layer for i, layer in enumerate(decoder_layers(model.llm)) if i not in skip]
 
 
 def train(config: RecipeConfig, out: str | Path, *, resume: bool = False, log=print,
