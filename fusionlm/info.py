@@ -156,10 +156,32 @@ def typical_batches(model, tokenizer, config: RecipeConfig, source, spec: ImageS
     return batches
 
 
+def count_cpu_attention() -> None:
+    """Teach ``torch.utils.flop_counter`` the CPU kernel of ``scaled_dot_product_attention``
+    (idempotent; call before making a ``FlopCounterMode``, which copies the registry). torch
+    registers formulas only for the GPU kernels (flash, efficient, cuDNN), so on CPU the attention
+    products count 0 FLOPs, and a FLOP model misses the part that grows with the square of the
+    sequence. The CPU op takes (query, key, value, ...) and its backward (grad_out, query, key,
+    value, ...) as the GPU ones do, so torch's own sdpa formulas apply as they are (they read no
+    output shape, and the CPU op returns fewer outputs than the flash one)."""
+    from torch.utils import flop_counter as fc
+
+    aten = torch.ops.aten
+    pairs = ((aten._scaled_dot_product_flash_attention_for_cpu, aten._scaled_dot_product_flash_attention),
+             (aten._scaled_dot_product_flash_attention_for_cpu_backward,
+              aten._scaled_dot_product_flash_attention_backward))
+    for cpu_op, gpu_op in pairs:
+        if cpu_op not in fc.flop_registry:
+            # the registered formula is already shape-wrapped: get_raw keeps it from being wrapped twice
+            fc.register_flop_formula(cpu_op, get_raw=True)(fc.flop_registry[gpu_op])
+
+
 @torch.no_grad()
 def forward_flops(model, batch) -> dict[str, float]:
     """FLOPs of one forward pass per part. Cross-attention blocks run inside the LLM's layers, so
-    their share is counted apart and taken out of the LLM's."""
+    their share is counted apart and taken out of the LLM's. Attention products count on CPU too
+    (``count_cpu_attention``)."""
+    count_cpu_attention()
     out: dict[str, float] = {}
     ctx = None
     if batch.images is not None:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
+import torch
+import torch.nn.functional as F
 
 from fusionlm.cli import main
 from fusionlm.config import from_dict, validate
@@ -61,3 +65,42 @@ def test_cli_info_prints_a_table_per_recipe(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "## " + str(a) + " (unified)" in out and "## " + str(b) + " (cross_attention)" in out
     assert "| cross_attention |" in out and "forward MFLOPs/sample" in out
+
+
+def test_attention_products_count_on_cpu():
+    """torch counts FLOPs only for the GPU kernels of scaled_dot_product_attention; fusionlm.info
+    registers the CPU kernel (forward and backward) with torch's own formulas."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fusionlm.info import count_cpu_attention
+
+    count_cpu_attention()
+    count_cpu_attention()  # idempotent
+    b, h, h_kv, t, s, hd = 2, 4, 2, 7, 5, 8
+    q = torch.randn(b, h, t, hd, requires_grad=True)
+    k, v = (torch.randn(b, h_kv, s, hd, requires_grad=True) for _ in range(2))
+    with FlopCounterMode(display=False) as counter:
+        out = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    assert counter.get_total_flops() == 2 * b * h * t * s * hd * 2  # q·kᵀ and p·v
+    with FlopCounterMode(display=False) as counter:
+        out.sum().backward()
+    assert counter.get_total_flops() == 5 * 2 * b * h * t * s * hd  # scores again, then 4 gradient products
+
+
+def test_llm_flops_include_attention():
+    """Doubling a text-only sequence doubles the per-token (linear) FLOPs; what is left over is the
+    attention products, quadratic in the length: layers × 2·2·heads·head_dim·((2T)² − 2T²)."""
+    from fusionlm.checkpoint import build_model
+    from fusionlm.data.sources import build_source
+    from fusionlm.info import forward_flops
+    from fusionlm.train.loop import make_tokenizer
+
+    config = recipe("unified")
+    torch.manual_seed(0)
+    model = build_model(config, make_tokenizer(config, build_source(config.data)), pretrained=False).eval()
+    llm = config.model.llm
+    flops = {t: forward_flops(model, SimpleNamespace(images=None, attention_mask=None,
+                                                     input_ids=torch.arange(10, 10 + t)[None]))["llm"]
+             for t in (16, 32)}
+    head_dim = llm.hidden_size // llm.num_heads
+    assert flops[32] - 2 * flops[16] == llm.num_layers * 2 * 2 * llm.num_heads * head_dim * (32**2 - 2 * 16**2)
