@@ -48,6 +48,35 @@ def llava_pair(hidden: int = 256, layers: int = 4, image_size: int = 64, patch: 
     return hf, LlavaProcessor.from_pretrained(src, backend="pil"), model, tokenizer, cfg, src
 
 
+def mllama_pair(hidden: int = 256, layers: int = 5, cross_layers: tuple[int, ...] = (1, 3)):
+    """(transformers Mllama, its processor, fusionlm's import of it, tokenizer, config, checkpoint dir):
+    the tests' tiny Llama 3.2 Vision (16-pixel tiles, up to 4 of them) with its text model widened
+    as ``llava_pair``'s; ``layers`` counts the cross-attention layers."""
+    from transformers import MllamaConfig, MllamaForConditionalGeneration, MllamaProcessor
+
+    from fusionlm.checkpoint import load_model
+    from fusionlm.interop import import_checkpoint
+    from hf_tiny_mllama import mllama_checkpoint
+
+    root = Path(tempfile.mkdtemp())
+    src = mllama_checkpoint(root / "src", cross_layers=cross_layers)
+    config = MllamaConfig.from_pretrained(src)
+    text = config.text_config
+    text.hidden_size, text.intermediate_size, text.num_hidden_layers = hidden, 4 * hidden, layers
+    text.num_attention_heads, text.num_key_value_heads = hidden // 32, hidden // 64
+    torch.manual_seed(0)
+    hf = MllamaForConditionalGeneration(config)
+    with torch.no_grad():  # as the helper: fresh gates are 0 and would switch the image path off
+        for name, p in hf.named_parameters():
+            if "gate" in name:
+                p.uniform_(0.5, 1.0)
+    hf.save_pretrained(src)
+    ours = import_checkpoint(str(src), root / "ours", log=lambda *_: None)
+    model, tokenizer, cfg = load_model(ours)
+    hf = MllamaForConditionalGeneration.from_pretrained(src).eval()
+    return hf, MllamaProcessor.from_pretrained(src, backend="pil"), model, tokenizer, cfg, src
+
+
 def timed(fn, repeats: int = 5, warmup: int = 2) -> float:
     """Median seconds of ``fn()`` after ``warmup`` calls."""
     for _ in range(warmup):
@@ -65,3 +94,33 @@ def matmul_flops(n: int = 1024, dtype=torch.float32) -> float:
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     seconds = timed(lambda: a @ b, repeats=10)
     return 2 * n**3 / seconds
+
+
+def count_cpu_attention() -> None:
+    """Count the attention products on CPU too: ``fusionlm.info.count_cpu_attention`` (torch
+    registers FLOP formulas only for the GPU kernels of ``scaled_dot_product_attention``)."""
+    from fusionlm.info import count_cpu_attention as register
+
+    register()
+
+
+def train_table(pairs: dict, tokens: int, step_flops: float, peak: float) -> None:
+    """The training-step table: ``pairs`` maps "fusionlm"/"transformers" to (module, forward
+    returning the loss); each precision times forward + backward + AdamW on both."""
+    print("| precision | fusionlm step ms | transformers step ms | ratio | fusionlm tokens/s | fusionlm GFLOP/s "
+          "(% of matmul peak) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for name, bf16 in (("fp32", False), ("bf16 autocast", True)):
+        def run(model, forward):
+            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+            def go():
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    forward().backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+            return go
+        ours_s, hf_s = (timed(run(*pairs[side])) for side in ("fusionlm", "transformers"))
+        achieved = step_flops / ours_s
+        print(f"| {name} | {ours_s * 1000:.1f} | {hf_s * 1000:.1f} | {hf_s / ours_s:.2f}x | {tokens / ours_s:,.0f} | "
+              f"{achieved / 1e9:.1f} ({achieved / peak:.0%}) |")

@@ -13,7 +13,7 @@ import copy
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import llava_pair, machine, matmul_flops, timed
+from common import count_cpu_attention, llava_pair, machine, matmul_flops, train_table
 from fusionlm.data.processing import ImageBatch
 
 BATCH = 8
@@ -34,17 +34,6 @@ def main() -> None:
     tokens = int(inputs["attention_mask"].sum())
     pixels = ImageBatch.of(inputs["pixel_values"], model.encoder.grid)
 
-    def step_fn(m, forward):
-        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
-
-        def step():
-            loss = forward()
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return loss
-        return step
-
     ours_model, hf_model = copy.deepcopy(model).train(), copy.deepcopy(hf).train()
     ours_fwd = lambda: ours_model(inputs["input_ids"], attention_mask=inputs["attention_mask"],  # noqa: E731
                                   pixel_values=pixels, labels=labels).loss
@@ -52,26 +41,14 @@ def main() -> None:
     with torch.no_grad():
         agree = abs(float(ours_fwd()) - float(hf_fwd()))
     peak = matmul_flops()
+    count_cpu_attention()  # else the attention products count 0 FLOPs on CPU
     with FlopCounterMode(display=False) as counter:
         ours_fwd().backward()
     ours_model.zero_grad(set_to_none=True)
     step_flops = counter.get_total_flops()
     print(f"machine: {machine()}; batch {BATCH}, {tokens} real tokens; |loss difference| {agree:.2e}")
     print(f"matmul peak ({1024}^3, fp32): {peak / 1e9:.1f} GFLOP/s")
-    print("| precision | fusionlm step ms | transformers step ms | ratio | fusionlm tokens/s | fusionlm GFLOP/s "
-          "(% of matmul peak) |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
-    for name, bf16 in (("fp32", False), ("bf16 autocast", True)):
-        def run(step):
-            def go():
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                    step()
-            return go
-        ours_s = timed(run(step_fn(ours_model, ours_fwd)))
-        hf_s = timed(run(step_fn(hf_model, hf_fwd)))
-        achieved = step_flops / ours_s
-        print(f"| {name} | {ours_s * 1000:.1f} | {hf_s * 1000:.1f} | {hf_s / ours_s:.2f}x | {tokens / ours_s:,.0f} | "
-              f"{achieved / 1e9:.1f} ({achieved / peak:.0%}) |")
+    train_table({"fusionlm": (ours_model, ours_fwd), "transformers": (hf_model, hf_fwd)}, tokens, step_flops, peak)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,58 @@
+"""Training step of a cross-attention model: fusionlm vs transformers' MllamaForConditionalGeneration
+on the same weights and the same batch (forward, backward, AdamW step), fp32 and bf16 autocast; the
+losses must agree. Also the achieved FLOP/s of fusionlm's step as a fraction of a large matmul's,
+measured in the same run (attention products included: see ``common.count_cpu_attention``).
+
+    cd benchmarks && python train_step_mllama.py
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from common import count_cpu_attention, machine, matmul_flops, mllama_pair, train_table
+
+BATCH = 8
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    hf, processor, model, tokenizer, config, _ = mllama_pair()
+    from test_interop_mllama import chat_text, our_images, pictures
+
+    imgs = pictures()  # 1x2, 1x1, 3x1 and 2x2 tiles of 16 px
+    texts = [chat_text(tokenizer, f"<image>\nWhat is shown in picture {i}?") + " A picture of noise." * (1 + i % 3)
+             for i in range(BATCH)]
+    inputs = processor(text=texts, images=[[imgs[i % len(imgs)]] for i in range(BATCH)], padding=True,
+                       padding_side="right", return_tensors="pt")
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    labels = labels.masked_fill(inputs["input_ids"] == model.ids.image, -100)  # past the LM head's vocabulary
+    tokens = int(inputs["attention_mask"].sum())
+    pixels = our_images(model, inputs)
+    tiles = int(inputs["aspect_ratio_mask"].sum())
+
+    ours_model, hf_model = copy.deepcopy(model).train(), copy.deepcopy(hf).train()
+    ours_fwd = lambda: ours_model(inputs["input_ids"], attention_mask=inputs["attention_mask"],  # noqa: E731
+                                  pixel_values=pixels, labels=labels).loss
+    hf_fwd = lambda: hf_model(**inputs, labels=labels).loss  # noqa: E731
+    with torch.no_grad():
+        agree = abs(float(ours_fwd()) - float(hf_fwd()))
+    peak = matmul_flops()
+    count_cpu_attention()
+    with FlopCounterMode(display=False) as counter:
+        ours_fwd().backward()
+    ours_model.zero_grad(set_to_none=True)
+    step_flops = counter.get_total_flops()
+    text = hf.config.text_config
+    print(f"machine: {machine()}; batch {BATCH}, {tokens} real tokens, {tiles} image tiles; "
+          f"text {text.hidden_size} wide, {text.num_hidden_layers} layers (cross-attention: "
+          f"{text.cross_attention_layers}); |loss difference| {agree:.2e}")
+    print(f"matmul peak ({1024}^3, fp32): {peak / 1e9:.1f} GFLOP/s; step: {step_flops / 1e9:.2f} GFLOP")
+    train_table({"fusionlm": (ours_model, ours_fwd), "transformers": (hf_model, hf_fwd)}, tokens, step_flops, peak)
+
+
+if __name__ == "__main__":
+    main()
