@@ -7,6 +7,7 @@ whatever the number of image tokens; prefill cost grows with them.
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
@@ -17,8 +18,10 @@ from fusionlm.config import RecipeConfig, validate
 from fusionlm.data.processing import ImageBatch
 from fusionlm.data.synthetic import World
 from fusionlm.data.tokenizer import train_tokenizer
+from fusionlm.runtime import StaticDecoder
 
-NEW = 32
+NEW = 64
+REPEATS = 9
 
 
 def main() -> None:
@@ -33,26 +36,31 @@ def main() -> None:
                                 400)
     torch.manual_seed(0)
     model = build_model(config, tokenizer).eval()
+    torch.set_grad_enabled(False)
     print(f"machine: {machine()}; decode steps: {NEW}")
-    print("| image tokens | images | prefill ms | decode ms / token |")
-    print("| ---: | ---: | ---: | ---: |")
+    print("| image tokens | images | prefill ms | decode ms / token | compiled decode ms / token |")
+    print("| ---: | ---: | ---: | ---: | ---: |")
     for n_images in (1, 2, 4, 8, 16, 32):
         ids = torch.tensor([[model.ids.image] * n_images + [40, 41, 42, 43]])  # (1, T): markers, then text
+        mask = torch.ones_like(ids)
         pixels = ImageBatch.of(torch.randn(n_images, 3, 64, 64), model.encoder.grid)
-        with torch.no_grad():
-            for _ in range(2):  # warm up, then time the second
+        times = {}
+        for compile in (False, True):
+            runs = []
+            for _ in range(REPEATS + 1):  # the first warms up (and compiles); the median of the rest
                 t0 = time.perf_counter()
                 ctx = model.encode_images(pixels, ids)
-                out = model(ids, images=ctx, use_cache=True)
+                decoder = StaticDecoder(model, 1, ids.shape[1] + NEW + 1, compile=compile)
+                logits = decoder.prefill(ids, mask, ctx)
                 prefill = time.perf_counter() - t0
-                past, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
                 t0 = time.perf_counter()
-                for step in range(NEW):
-                    out = model(tok, images=ctx, past_key_values=past, use_cache=True, query_start=ids.shape[1] + step)
-                    past, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-                decode = (time.perf_counter() - t0) / NEW
-        print(f"| {n_images * model.encoder.num_tokens} | {n_images} | {prefill * 1000:.1f} | {decode * 1000:.2f} |")
-
+                for _ in range(NEW):
+                    logits = decoder.step(logits.argmax(-1))
+                runs.append((prefill, (time.perf_counter() - t0) / NEW))
+            times[compile] = [statistics.median(x) for x in zip(*runs[1:])]
+        (prefill, eager), (_, compiled) = times[False], times[True]
+        print(f"| {n_images * model.encoder.num_tokens} | {n_images} | {prefill * 1000:.1f} | {eager * 1000:.2f} | "
+              f"{compiled * 1000:.2f} |")
 
 if __name__ == "__main__":
     main()

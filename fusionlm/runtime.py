@@ -7,11 +7,16 @@ is most of the time per token. ``StaticDecoder`` keeps what a Llama, Mistral or 
 computes: the projections, norms and MLP are the modules' own calls (so LoRA-wrapped or
 quantised linears still work); rotary tables, the cache and the masks are made once per request.
 Only the last position's logits are computed. Method B's gated blocks run before their layers,
-as the hooks of the general path do. Anything else (GPT-2, Llama 3.2 Vision's decoder, sliding
+as the hooks of the general path do. With ``compile=True`` the decoding step (every layer, at
+one new position) goes through ``torch.compile``: the cache length is rounded up to a power of
+two and each step attends to all of it under a mask, so every step has the same shapes and one
+compiled graph serves a whole request, and later requests of the same batch size and bucket. Anything else (GPT-2, Llama 3.2 Vision's decoder, sliding
 windows, dynamic RoPE) goes through the general path: ``unsupported`` says why.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -53,8 +58,10 @@ def rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
 class StaticDecoder:
     """Prefill and decode of one batch of requests over a preallocated KV cache of ``length``."""
 
-    def __init__(self, model: FusionLM, batch: int, length: int):
-        self.model = model
+    def __init__(self, model: FusionLM, batch: int, length: int, *, compile: bool = False):
+        self.model, self.compiled = model, compile
+        if compile:
+            length = 1 << (length - 1).bit_length()  # a few buckets: few recompilations
         llm = model.llm
         body = llm.get_decoder()
         self.layers, self.norm, self.head = body.layers, body.norm, llm.get_output_embeddings()
@@ -93,9 +100,20 @@ class StaticDecoder:
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """One new token per row (B,) -> next-token logits (B, V)."""
-        logits = self(tokens[:, None], None, self.next_position, self.images, self.length)
+        if self.compiled:
+            logits = self._compiled_step(tokens)
+        else:
+            logits = self(tokens[:, None], None, self.next_position, self.images, self.length)
         self.next_position, self.length = self.next_position + 1, self.length + 1
         return logits
+
+    @torch.no_grad()
+    def _compiled_step(self, tokens: torch.Tensor) -> torch.Tensor:
+        x, extra = self.model.embed(tokens[:, None], self.images, self.length, cached=True)  # (B, 1, D)
+        self.valid[:, self.length] = True
+        mask = self.valid[:, None, None, :]  # (B, 1, 1, L): the real keys so far, nothing ahead
+        at = torch.tensor([self.length], device=x.device)  # where the new keys/values go
+        return compiled_layers()(self, x, self.next_position, mask, False, extra.get("cross_inputs"), at, None)
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, new_valid: torch.Tensor | None, position_ids: torch.Tensor,
@@ -114,22 +132,39 @@ class StaticDecoder:
             self.valid[:, start:end] = new_valid.bool()
             self.padded = self.padded or not bool(new_valid.all())
         mask, causal = self._mask(start, end)
-        cos, sin = self.cos[position_ids][:, None], self.sin[position_ids][:, None]  # (B, 1, T, hd)
-        for i, layer in enumerate(self.layers):
-            if cross is not None and i in self.blocks:
-                x = self.blocks[i](x, cross.kv[i], cross.visible)
-            x = x + self._attend(i, layer.self_attn, rms_norm(layer.input_layernorm, x), cos, sin, mask, causal, start, end)
-            x = x + layer.mlp(rms_norm(layer.post_attention_layernorm, x))
-        return self.head(rms_norm(self.norm, x[:, -1]))  # (B, V)
+        return layers(self, x, position_ids, mask, causal, cross, start, end)
 
-    def _attend(self, i: int, attn, h: torch.Tensor, cos, sin, mask, causal: bool, start: int, end: int):
+
+def layers(dec: StaticDecoder, x: torch.Tensor, position_ids: torch.Tensor, mask, causal: bool, cross,
+           start: int | torch.Tensor, end: int | None) -> torch.Tensor:
+    """Every layer on x (B, T, D) -> the last position's logits (B, V). The new keys/values go to
+    cache positions ``start … end-1`` and attention reads ``… end-1``; or (a compiled step) to the
+    positions in the tensor ``start``, attention reading the whole cache under ``mask``."""
+    cos, sin = dec.cos[position_ids][:, None], dec.sin[position_ids][:, None]  # (B, 1, T, hd)
+    for i, layer in enumerate(dec.layers):
+        if cross is not None and i in dec.blocks:
+            x = dec.blocks[i](x, cross.kv[i], cross.visible)
+        attn, h = layer.self_attn, rms_norm(layer.input_layernorm, x)
         b, t, _ = h.shape
-        q = attn.q_proj(h).view(b, t, -1, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = attn.k_proj(h).view(b, t, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
-        v = attn.v_proj(h).view(b, t, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
-        self.keys[i][:, :, start:end] = rotate(k, cos, sin)
-        self.values[i][:, :, start:end] = v
-        out = F.scaled_dot_product_attention(
-            rotate(q, cos, sin), self.keys[i][:, :, :end], self.values[i][:, :, :end], attn_mask=mask,
-            is_causal=causal, scale=self.scale, enable_gqa=self.gqa)  # (B, H, T, hd)
-        return attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))  # (B, T, D)
+        q = attn.q_proj(h).view(b, t, -1, dec.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = attn.k_proj(h).view(b, t, -1, dec.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = attn.v_proj(h).view(b, t, -1, dec.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        keys, values = dec.keys[i], dec.values[i]  # each (B, Hkv, L, hd)
+        if isinstance(start, torch.Tensor):
+            keys.index_copy_(2, start, rotate(k, cos, sin))
+            values.index_copy_(2, start, v)
+        else:
+            keys[:, :, start:end] = rotate(k, cos, sin)
+            values[:, :, start:end] = v
+            keys, values = keys[:, :, :end], values[:, :, :end]
+        out = F.scaled_dot_product_attention(rotate(q, cos, sin), keys, values, attn_mask=mask, is_causal=causal,
+                                             scale=dec.scale, enable_gqa=dec.gqa)  # (B, H, T, hd)
+        x = x + attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        x = x + layer.mlp(rms_norm(layer.post_attention_layernorm, x))
+    return dec.head(rms_norm(dec.norm, x[:, -1]))  # (B, V)
+
+
+@functools.cache
+def compiled_layers():
+    """``layers`` through torch.compile, made once per process (its graphs are cached by shape)."""
+    return torch.compile(layers, dynamic=False)

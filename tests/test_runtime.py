@@ -3,6 +3,8 @@ prefill and at every decoding step, for each design and LLM family, on left-padd
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from transformers import MistralConfig
@@ -77,3 +79,21 @@ def test_unsupported_decoders_say_why(tokenizer):
     mistral = _model(tokenizer, "cross_attention", "mistral")
     assert unsupported(mistral, 4096) is None
     assert "longer than the sliding window (4096)" in unsupported(mistral, 4097)
+
+
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="torch.compile needs a C++ compiler on CPU")
+def test_compiled_decoding_equals_eager(tokenizer, world):
+    """torch.compile'd steps (whole-cache attention under a mask) give the eager steps' logits."""
+    model = _model(tokenizer, "cross_attention")
+    ids, mask, images = encode_requests(model, tokenizer, _requests(world)[:2], spec_for(model), 256)
+    assert not bool(mask.all())
+    ctx = model.encode_images(images, ids)
+    eager = StaticDecoder(model, len(ids), ids.shape[1] + STEPS)
+    compiled = StaticDecoder(model, len(ids), ids.shape[1] + STEPS, compile=True)
+    assert compiled.keys[0].shape[2] == 1 << (ids.shape[1] + STEPS - 1).bit_length()  # a power-of-two bucket
+    with torch.no_grad():
+        a, b = eager.prefill(ids, mask, ctx), compiled.prefill(ids, mask, ctx)
+        for step in range(STEPS):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=f"step {step}")
+            token = a.argmax(-1)
+            a, b = eager.step(token), compiled.step(token)
