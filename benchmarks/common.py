@@ -89,6 +89,21 @@ def timed(fn, repeats: int = 5, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
+def timed_alternately(*fns, repeats: int = 7, warmup: int = 2) -> list[float]:
+    """Median seconds of each of ``fns``, timed in turn (one call of each per round) so that the
+    machine's drift (other tenants, clock changes) falls on all of them alike."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, out in zip(fns, times):
+            started = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - started)
+    return [statistics.median(t) for t in times]
+
+
 def matmul_flops(n: int = 1024, dtype=torch.float32) -> float:
     """FLOP/s of an n×n×n matrix product: the machine's practical limit for dense work."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
@@ -120,7 +135,7 @@ def train_table(pairs: dict, tokens: int, step_flops: float, peak: float) -> Non
                     opt.step()
                     opt.zero_grad(set_to_none=True)
             return go
-        ours_s, hf_s = (timed(run(*pairs[side])) for side in ("fusionlm", "transformers"))
+        ours_s, hf_s = timed_alternately(run(*pairs["fusionlm"]), run(*pairs["transformers"]))
         achieved = step_flops / ours_s
         print(f"| {name} | {ours_s * 1000:.1f} | {hf_s * 1000:.1f} | {hf_s / ours_s:.2f}x | {tokens / ours_s:,.0f} | "
               f"{achieved / 1e9:.1f} ({achieved / peak:.0%}) |")

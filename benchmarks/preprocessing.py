@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from common import llava_pair, machine, timed
+from common import llava_pair, machine, timed_alternately
 from fusionlm.data.processing import ImageSpec
 from hf_tiny import noise_images
 
@@ -41,7 +41,7 @@ def main() -> None:
         return [letterbox.process(p).pixels for p in paths]
 
     same = all(torch.equal(a, b) for a, b in zip(ours(), theirs()))
-    t_theirs, t_ours, t_box = timed(theirs, repeats=3), timed(ours, repeats=3), timed(ours_letterbox, repeats=3)
+    t_theirs, t_ours, t_box = timed_alternately(theirs, ours, ours_letterbox, repeats=5)
     print(f"machine: {machine()}; {N} PNG files of about 320x240 to {spec.size}x{spec.size}")
     print("| pipeline | images/s | vs transformers |")
     print("| --- | ---: | ---: |")

@@ -73,13 +73,14 @@ class GatedCrossAttentionBlock(nn.Module):
         self.ffn_gate = nn.Parameter(torch.zeros(1))
 
     def project_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Image memory (B, S, D) -> keys and values, each (B, H, S, hd); once per request."""
+        """Image memory (B, S, D) -> keys and values, each (B, Hkv, S, hd); once per request. They
+        stay at the key/value heads' count (attention shares them among the query heads), so each
+        decoding step reads H/Hkv times less image memory."""
         b, s, _ = memory.shape
         m = self.kv_norm(memory)
         k = self.k_proj(m).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, S, hd)
         v = self.v_proj(m).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, S, hd)
-        rep = self.num_heads // self.num_kv_heads
-        return k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, H, S, hd)
+        return k, v
 
     def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], visible: torch.Tensor) -> torch.Tensor:
         """x (B, T, D); visible (B, T, S) bool: which memory slots each text position may see."""
@@ -89,7 +90,8 @@ class GatedCrossAttentionBlock(nn.Module):
         any_visible = visible.any(-1, keepdim=True)  # (B, T, 1): rows before the first image see nothing
         # A fully masked row would give NaN in softmax: let it see everything, then zero its output.
         mask = (visible | ~any_visible).unsqueeze(1)  # (B, 1, T, S)
-        attn = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)  # (B, H, T, hd)
+        attn = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
+                                              enable_gqa=self.num_heads != self.num_kv_heads)  # (B, H, T, hd)
         attn = self.o_proj(attn.transpose(1, 2).reshape(b, t, d)) * any_visible  # (B, T, D)
         x = x + torch.tanh(self.attn_gate) * attn
         x = x + torch.tanh(self.ffn_gate) * self.ffn(self.ffn_norm(x)) * any_visible
