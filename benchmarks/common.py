@@ -119,6 +119,26 @@ def count_cpu_attention() -> None:
     register()
 
 
+def train_pair(model, hf, inputs: dict, pixels, labels: torch.Tensor):
+    """Training copies of fusionlm's model and transformers' on one batch: (``train_table``'s pairs,
+    |loss difference| of the two, FLOPs of one forward + backward, attention products included)."""
+    import copy
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    ours_model, hf_model = copy.deepcopy(model).train(), copy.deepcopy(hf).train()
+    ours_fwd = lambda: ours_model(inputs["input_ids"], attention_mask=inputs["attention_mask"],  # noqa: E731
+                                  pixel_values=pixels, labels=labels).loss
+    hf_fwd = lambda: hf_model(**inputs, labels=labels).loss  # noqa: E731
+    with torch.no_grad():
+        agree = abs(float(ours_fwd()) - float(hf_fwd()))
+    count_cpu_attention()  # else the attention products count 0 FLOPs on CPU
+    with FlopCounterMode(display=False) as counter:
+        ours_fwd().backward()
+    ours_model.zero_grad(set_to_none=True)
+    return {"fusionlm": (ours_model, ours_fwd), "transformers": (hf_model, hf_fwd)}, agree, counter.get_total_flops()
+
+
 def train_table(pairs: dict, tokens: int, step_flops: float, peak: float | None = None) -> None:
     """The training-step table: ``pairs`` maps "fusionlm"/"transformers" to (module, forward
     returning the loss); each precision times forward + backward + AdamW on both, in turn with a

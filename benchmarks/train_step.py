@@ -8,12 +8,10 @@ same run.
 
 from __future__ import annotations
 
-import copy
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-from common import count_cpu_attention, llava_pair, machine, train_table
+from common import train_pair, llava_pair, machine, train_table
 from fusionlm.data.processing import ImageBatch
 
 BATCH = 8
@@ -34,19 +32,9 @@ def main() -> None:
     tokens = int(inputs["attention_mask"].sum())
     pixels = ImageBatch.of(inputs["pixel_values"], model.encoder.grid)
 
-    ours_model, hf_model = copy.deepcopy(model).train(), copy.deepcopy(hf).train()
-    ours_fwd = lambda: ours_model(inputs["input_ids"], attention_mask=inputs["attention_mask"],  # noqa: E731
-                                  pixel_values=pixels, labels=labels).loss
-    hf_fwd = lambda: hf_model(**inputs, labels=labels).loss  # noqa: E731
-    with torch.no_grad():
-        agree = abs(float(ours_fwd()) - float(hf_fwd()))
-    count_cpu_attention()  # else the attention products count 0 FLOPs on CPU
-    with FlopCounterMode(display=False) as counter:
-        ours_fwd().backward()
-    ours_model.zero_grad(set_to_none=True)
-    step_flops = counter.get_total_flops()
+    pairs, agree, step_flops = train_pair(model, hf, inputs, pixels, labels)
     print(f"machine: {machine()}; batch {BATCH}, {tokens} real tokens; |loss difference| {agree:.2e}")
-    train_table({"fusionlm": (ours_model, ours_fwd), "transformers": (hf_model, hf_fwd)}, tokens, step_flops)
+    train_table(pairs, tokens, step_flops)
 
 
 if __name__ == "__main__":

@@ -8,12 +8,10 @@ measured in the same run (attention products included: see ``common.count_cpu_at
 
 from __future__ import annotations
 
-import copy
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-from common import count_cpu_attention, machine, mllama_pair, train_table
+from common import train_pair, machine, mllama_pair, train_table
 
 BATCH = 8
 
@@ -34,23 +32,13 @@ def main() -> None:
     pixels = our_images(model, inputs)
     tiles = int(inputs["aspect_ratio_mask"].sum())
 
-    ours_model, hf_model = copy.deepcopy(model).train(), copy.deepcopy(hf).train()
-    ours_fwd = lambda: ours_model(inputs["input_ids"], attention_mask=inputs["attention_mask"],  # noqa: E731
-                                  pixel_values=pixels, labels=labels).loss
-    hf_fwd = lambda: hf_model(**inputs, labels=labels).loss  # noqa: E731
-    with torch.no_grad():
-        agree = abs(float(ours_fwd()) - float(hf_fwd()))
-    count_cpu_attention()
-    with FlopCounterMode(display=False) as counter:
-        ours_fwd().backward()
-    ours_model.zero_grad(set_to_none=True)
-    step_flops = counter.get_total_flops()
+    pairs, agree, step_flops = train_pair(model, hf, inputs, pixels, labels)
     text = hf.config.text_config
     print(f"machine: {machine()}; batch {BATCH}, {tokens} real tokens, {tiles} image tiles; "
           f"text {text.hidden_size} wide, {text.num_hidden_layers} layers (cross-attention: "
           f"{text.cross_attention_layers}); |loss difference| {agree:.2e}")
     print(f"step: {step_flops / 1e9:.2f} GFLOP")
-    train_table({"fusionlm": (ours_model, ours_fwd), "transformers": (hf_model, hf_fwd)}, tokens, step_flops)
+    train_table(pairs, tokens, step_flops)
 
 
 if __name__ == "__main__":
