@@ -136,17 +136,29 @@ def train_pair(model, hf, inputs: dict, pixels, labels: torch.Tensor):
     with FlopCounterMode(display=False) as counter:
         ours_fwd().backward()
     ours_model.zero_grad(set_to_none=True)
-    return {"fusionlm": (ours_model, ours_fwd), "transformers": (hf_model, hf_fwd)}, agree, counter.get_total_flops()
+    from fusionlm.llm import decoder_layers
+
+    compiled_model = copy.deepcopy(model).train()  # train.compile: each decoder layer through torch.compile
+    for layer in decoder_layers(compiled_model.llm):
+        layer.compile()
+    compiled_fwd = lambda: compiled_model(inputs["input_ids"], attention_mask=inputs["attention_mask"],  # noqa: E731
+                                          pixel_values=pixels, labels=labels).loss
+    with torch.no_grad():
+        agree = max(agree, abs(float(compiled_fwd()) - float(hf_fwd())))
+    pairs = {"fusionlm": (ours_model, ours_fwd), "compiled": (compiled_model, compiled_fwd),
+             "transformers": (hf_model, hf_fwd)}
+    return pairs, agree, counter.get_total_flops()
 
 
 def train_table(pairs: dict, tokens: int, step_flops: float, peak: float | None = None) -> None:
-    """The training-step table: ``pairs`` maps "fusionlm"/"transformers" to (module, forward
-    returning the loss); each precision times forward + backward + AdamW on both, in turn with a
+    """The training-step table: ``pairs`` maps "fusionlm", "compiled" (its decoder layers through
+    torch.compile) and "transformers" to (module, forward returning the loss); each row times forward + backward + AdamW on both, in turn with a
     1024³ matmul, whose FLOP/s (the machine's practical peak at that moment) the % column divides by."""
     print("| precision | fusionlm step ms | transformers step ms | ratio | fusionlm tokens/s | fusionlm GFLOP/s "
           "(% of matmul peak) |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
-    for name, bf16 in (("fp32", False), ("bf16 autocast", True)):
+    for name, bf16, ours in (("fp32", False, "fusionlm"), ("fp32, `train.compile`", False, "compiled"),
+                             ("bf16 autocast", True, "fusionlm")):
         def run(model, forward):
             opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
@@ -157,7 +169,7 @@ def train_table(pairs: dict, tokens: int, step_flops: float, peak: float | None 
                     opt.zero_grad(set_to_none=True)
             return go
         a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-        mm_s, ours_s, hf_s = timed_alternately(lambda: a @ b, run(*pairs["fusionlm"]), run(*pairs["transformers"]))
+        mm_s, ours_s, hf_s = timed_alternately(lambda: a @ b, run(*pairs[ours]), run(*pairs["transformers"]))
         peak = 2 * 1024**3 / mm_s
         achieved = step_flops / ours_s
         print(f"| {name} | {ours_s * 1000:.1f} | {hf_s * 1000:.1f} | {hf_s / ours_s:.2f}x | {tokens / ours_s:,.0f} | "

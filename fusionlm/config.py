@@ -177,6 +177,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     device: str = "auto"  # auto (a GPU when there is one) | cpu | cuda | cuda:N | mps
     bf16: bool = False  # bf16 autocast for the forward pass
+    # torch.compile each LLM decoder layer (fused elementwise work; the first steps of each new
+    # sequence length compile, so it pays on long runs)
+    compile: bool = False
     grad_clip: float = 1.0
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
     threads: int = 0  # torch intra-op threads; 0 = torch's default

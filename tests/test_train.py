@@ -13,6 +13,7 @@ import torch
 from fusionlm.checkpoint import list_checkpoints, load_model, resolve_checkpoint
 from fusionlm.cli import main
 from fusionlm.config import from_dict
+from fusionlm.llm import decoder_layers
 from fusionlm.data.formats import read_llava_json
 from fusionlm.errors import CheckpointError
 from fusionlm.model import FusionLM
@@ -335,3 +336,18 @@ def test_non_finite_every_step_stops_after_max_bad_steps(tmp_path, capsys, monke
     assert "3 non-finite losses in a row" in err and "step 3" in err
     assert len(read_metrics(tmp_path / "run")) == 2
     assert list_checkpoints(tmp_path / "run") == []
+
+
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="torch.compile needs a C++ compiler on CPU")
+def test_compiled_layers_train_as_eager(tmp_path):
+    """train.compile: the same losses as eager, and checkpoints with the same parameter names."""
+    stages = [stage("s", steps=3, train=["connector", "llm"])]
+    eager, compiled = (tiny_dict(stages=stages, train={"compile": flag}) for flag in (False, True))
+    trainer = Trainer(from_dict(compiled), tmp_path / "probe", log=quiet)
+    assert all(layer._compiled_call_impl is not None for layer in decoder_layers(trainer.model.llm))
+    train(from_dict(eager), tmp_path / "eager", log=quiet)
+    train(from_dict(compiled), tmp_path / "compiled", log=quiet)
+    a, b = read_metrics(tmp_path / "eager"), read_metrics(tmp_path / "compiled")
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-4)
+    wa, wb = weights(checkpoints(tmp_path / "eager")[-1]), weights(checkpoints(tmp_path / "compiled")[-1])
+    assert wa.keys() == wb.keys()

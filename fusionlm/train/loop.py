@@ -103,6 +103,9 @@ class Trainer:
         self.resumed = ckpt is not None
         self.model.to(self.device)
         self.group.shard(sharded_layers(self.model))  # train.parallel: fsdp
+        if config.train.compile:
+            for layer in decoder_layers(self.model.llm):
+                layer.compile()  # in place: parameter names (and checkpoints) unchanged
         if self.group.main:
             save_config(config, self.out / "config.yaml")
         self.images = ImageSpec.for_model(self.model, config, root=self.source.root)
