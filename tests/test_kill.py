@@ -348,6 +348,7 @@ def test_kill_9_anywhere_then_resume_matches_the_uninterrupted_run(synthetic, zy
     child = Child(zygote, tmp_path, "p3", recipe, run, resume=True, hook="torn-line", arg="11")
     child.kill_when_stalled("a torn metrics line")
     assert_resumed_from(child.output, run, 6)
+    assert not list((run / "checkpoints").glob(".step-*.tmp-*"))  # the resume removed the half-written one
     text = (run / "metrics.jsonl").read_text()
     assert not text.endswith("\n") and text.count("\n") == 10, "the stall did not leave a torn line"
     assert last_step(run) == 10

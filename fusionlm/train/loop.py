@@ -77,6 +77,9 @@ class Trainer:
         self.progress = Progress()
         ckpt = None
         if resume:
+            if self.group.main:  # checkpoints a killed run left half written: never complete, never read
+                for tmp in (self.out / "checkpoints").glob(".step-*.tmp-*"):
+                    shutil.rmtree(tmp, ignore_errors=True)
             found = list_checkpoints(self.out)
             if not found:
                 log(f"{self.out}: no complete checkpoint to resume from; starting afresh")
