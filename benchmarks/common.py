@@ -111,20 +111,14 @@ def matmul_flops(n: int = 1024, dtype=torch.float32) -> float:
     return 2 * n**3 / seconds
 
 
-def count_cpu_attention() -> None:
-    """Count the attention products on CPU too: ``fusionlm.info.count_cpu_attention`` (torch
-    registers FLOP formulas only for the GPU kernels of ``scaled_dot_product_attention``)."""
-    from fusionlm.info import count_cpu_attention as register
-
-    register()
-
-
 def train_pair(model, hf, inputs: dict, pixels, labels: torch.Tensor):
     """Training copies of fusionlm's model and transformers' on one batch: (``train_table``'s pairs,
     |loss difference| of the two, FLOPs of one forward + backward, attention products included)."""
     import copy
 
     from torch.utils.flop_counter import FlopCounterMode
+
+    from fusionlm.info import count_cpu_attention
 
     ours_model, hf_model = copy.deepcopy(model).train(), copy.deepcopy(hf).train()
     ours_fwd = lambda: ours_model(inputs["input_ids"], attention_mask=inputs["attention_mask"],  # noqa: E731

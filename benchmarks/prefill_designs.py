@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import torch
 
-from common import count_cpu_attention, machine, matmul_flops, timed
+from common import machine, matmul_flops, timed
 from fusionlm.checkpoint import build_model
 from fusionlm.config import RecipeConfig, validate
 from fusionlm.data.processing import ImageBatch, ImageInput
@@ -60,7 +60,6 @@ def prompt(model, n: int):
 
 
 def main() -> None:
-    count_cpu_attention()  # else the attention products, the quadratic part, count 0 FLOPs on CPU
     world = World(64, 0)
     tokenizer = train_tokenizer([world.sample(t, "train", i).all_text() for t in ("color", "caption") for i in range(50)],
                                 400)

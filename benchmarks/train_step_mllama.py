@@ -1,7 +1,7 @@
 """Training step of a cross-attention model: fusionlm vs transformers' MllamaForConditionalGeneration
 on the same weights and the same batch (forward, backward, AdamW step), fp32 and bf16 autocast; the
 losses must agree. Also the achieved FLOP/s of fusionlm's step as a fraction of a large matmul's,
-measured in the same run (attention products included: see ``common.count_cpu_attention``).
+measured in the same run (attention products included: see ``fusionlm.info.count_cpu_attention``).
 
     cd benchmarks && python train_step_mllama.py
 """

@@ -146,7 +146,7 @@ def load_weights(model: torch.nn.Module, file: str | Path) -> None:
 def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
     """Copy ``state`` into ``model``: every weight present, none unknown, every shape right."""
     expected = model.state_dict()
-    wanted = _unique_state(model.state_dict())
+    wanted = _unique_state(expected)
     missing = [k for k in wanted if k not in state]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:

@@ -150,8 +150,10 @@ def generate_ids(model: FusionLM, tokenizer, requests: list[Request], images: Im
     ctx = model.encode_images(batch.to(device), ids) if batch is not None else None
     generator = torch.Generator(device).manual_seed(seed) if temperature > 0 else None
     length = ids.shape[1] + budget
-    decoder = (StaticDecoder(model, len(ids), length, compile=compile) if use_cache and static and unsupported(model, length) is None
-               else GeneralDecoder(model, use_cache))
+    if use_cache and static and unsupported(model, length) is None:
+        decoder = StaticDecoder(model, len(ids), length, compile=compile)
+    else:
+        decoder = GeneralDecoder(model, use_cache)
     end = model.ids.end
     never = torch.tensor(sorted({model.ids.image, model.ids.newline}), device=device)
     done = torch.zeros(len(ids), dtype=torch.bool, device=device)

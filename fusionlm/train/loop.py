@@ -283,15 +283,13 @@ class Trainer:
                 self._idle_pass()
                 continue
             if not finite and not self.group.sharded:
-                continue
+                continue  # the step is lost already (with sharded layers every process runs on)
             batch = batch.to(self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.train.bf16):
                 loss = loss_for(stage.objective)(self.model, batch) * share / stage.grad_accum
-            if not torch.isfinite(loss):
-                finite = False
-            if not finite and not self.group.sharded:
-                continue
-            loss.backward()  # sharded layers: every process runs every backward (their collectives)
+            finite = finite and bool(torch.isfinite(loss))
+            if finite or self.group.sharded:
+                loss.backward()  # sharded layers: every process runs every backward (their collectives)
             if not finite:
                 continue
             total += float(loss.detach())
