@@ -145,3 +145,21 @@ def test_a_batch_that_does_not_split_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "Group", Three)
     with pytest.raises(ConfigError, match=r"stages\.0\.batch_size: 7 does not split evenly over 3 processes"):
         Trainer(validate(from_dict(data)), tmp_path / "bad", log=lambda *_: None)
+
+
+def test_lora_stages_are_refused_with_fsdp(tmp_path, monkeypatch):
+    """peft would wrap layers FSDP has already sharded: refused before step 0, naming the stage."""
+    data = recipe()
+    data["train"]["parallel"] = "fsdp"
+    data["stages"][1].update(train=["connector"], lora={"parts": ["llm"], "r": 4})
+    from fusionlm.train import loop
+
+    class Two(loop.Group):
+        def __init__(self, parallel="ddp"):
+            self.world, self.rank, self.main, self.sharded = 2, 0, True, parallel == "fsdp"
+
+    monkeypatch.setattr(loop, "Group", Two)
+    with pytest.raises(ConfigError, match=r"stages\.1\.lora: LoRA stages do not run with train\.parallel fsdp yet"):
+        Trainer(validate(from_dict(data)), tmp_path / "run", log=lambda *_: None)
+    data["train"]["parallel"] = "ddp"  # the same stages with ddp are fine
+    Trainer(validate(from_dict(data)), tmp_path / "ok", log=lambda *_: None)
