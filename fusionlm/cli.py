@@ -112,7 +112,7 @@ def _load(checkpoint: str):
 
 def cmd_generate(args) -> None:
     from .data.video import Video
-    from .generate import Request, generate
+    from .generate import MAX_NEW_TOKENS, Request, generate
 
     model, tokenizer, _, spec = _load(args.checkpoint)
     for path in args.image + args.video:
@@ -120,14 +120,14 @@ def cmd_generate(args) -> None:
             raise FusionError(f"{path}: file not found")
     items = list(args.image) + [Video(path) for path in args.video]  # in this order when the prompt has no placeholders
     (answer,) = generate(model, tokenizer, [Request(args.prompt, items)], spec,
-                         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                         seed=args.seed)
+                         max_new_tokens=MAX_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens,
+                         temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     print(answer)
 
 
 def cmd_eval(args) -> None:
     from .data.sources import build_source
-    from .evaluate.harness import evaluate, evaluate_tasks, markdown_table, write_results
+    from .evaluate.harness import evaluate, evaluate_tasks, markdown_table, skipped_lines, write_results
     from .evaluate.tasks import load_task_file
 
     model, tokenizer, config, spec = _load(args.checkpoint)
@@ -142,6 +142,8 @@ def cmd_eval(args) -> None:
         else:
             results += evaluate(model, tokenizer, source, spec, split=args.split, shots=shots, **kw)
     print(markdown_table(results))
+    for line in skipped_lines(results):  # questions over the context: not asked, not scored
+        print(line)
     if args.out:
         write_results(results, args.out)
         print(f"wrote {args.out} and {Path(args.out).with_suffix('.md')}")
@@ -224,7 +226,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--image", action="append", default=[])
     g.add_argument("--video", action="append", default=[], help="a folder of frames or an animated GIF")
     g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--max-new-tokens", type=int, help="the answer's budget in tokens (default: the library's, "
+                   "fusionlm.generate.MAX_NEW_TOKENS, as for eval)")
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)

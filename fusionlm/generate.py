@@ -1,4 +1,5 @@
-"""Batched, KV-cached decoding: greedy or temperature/top-p sampling, stopping at end of turn.
+"""Batched, KV-cached decoding: greedy or temperature/top-p sampling, stopping at end of turn
+(or at any end id of the LLM's generation config).
 
 Images are encoded once per request (for Method B their keys/values are projected once too) and
 the same ``ImageContext`` is handed to every decoding step.
@@ -19,6 +20,12 @@ from .errors import SampleError
 from .device import model_device
 from .model import FusionLM
 from .runtime import StaticDecoder, unsupported
+
+# The one default answer budget: ``generate``, ``fusionlm generate``, the eval harness and the
+# lmms-eval adapter all use it. Twice the longest answer of the synthetic world's eval tasks (a
+# table, 23 tokens with the demo's tokenizer) and the harness's budget from the start, so the
+# demo's scores (and which k-shot examples fit the context) do not change with it.
+MAX_NEW_TOKENS = 48
 
 
 @dataclass
@@ -124,11 +131,22 @@ def encode_requests(model: FusionLM, tokenizer, requests: list[Request], images:
     return ids, mask, ImageBatch.collate(pixels)
 
 
+def stop_ids(model: FusionLM) -> list[int]:
+    """The ids that end an answer: the model's end of turn, and every end id (an int or a list)
+    of its LLM's ``generation_config`` (an instruct model may have several, e.g. Llama 3's
+    ``<|eot_id|>`` and ``<|end_of_text|>``)."""
+    config = getattr(model.llm, "generation_config", None)
+    eos = getattr(config, "eos_token_id", None)
+    extra = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    return sorted({model.ids.end, *(int(i) for i in extra)})
+
+
 @torch.no_grad()
-def generate_ids(model: FusionLM, tokenizer, requests: list[Request], images: ImageSpec, *, max_new_tokens: int = 32,
+def generate_ids(model: FusionLM, tokenizer, requests: list[Request], images: ImageSpec, *,
+                 max_new_tokens: int = MAX_NEW_TOKENS,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, use_cache: bool = True,
                  max_length: int | None = None, static: bool = True, compile: bool = False) -> list[list[int]]:
-    """The new token ids of each request, without the end-of-turn token.
+    """The new token ids of each request, without the token that ended it (``stop_ids``).
 
     ``static``: decode through ``runtime.StaticDecoder`` where the LLM allows (else, and with
     ``static=False``, through transformers' forward pass; ``use_cache=False`` recomputes the
@@ -154,7 +172,7 @@ def generate_ids(model: FusionLM, tokenizer, requests: list[Request], images: Im
         decoder = StaticDecoder(model, len(ids), length, compile=compile)
     else:
         decoder = GeneralDecoder(model, use_cache)
-    end = model.ids.end
+    end = set(stop_ids(model))
     never = torch.tensor(sorted({model.ids.image, model.ids.newline}), device=device)
     done = torch.zeros(len(ids), dtype=torch.bool, device=device)
     out: list[list[int]] = [[] for _ in range(len(ids))]
@@ -167,7 +185,7 @@ def generate_ids(model: FusionLM, tokenizer, requests: list[Request], images: Im
         token = torch.where(done, torch.full_like(token, tokenizer.pad_token_id), token)
         for i, t in enumerate(token.tolist()):
             if not done[i]:
-                if t == end:
+                if t in end:
                     done[i] = True
                 else:
                     out[i].append(t)

@@ -1,5 +1,5 @@
-"""The evaluation harness: tasks as data, k-shot prompts, own data files, batch independence;
-and `fusionlm compare` end to end on a tiny budget."""
+"""The evaluation harness: tasks as data, k-shot prompts, own data files, batch independence,
+questions over the context skipped and reported; and `fusionlm compare` end to end on a tiny budget."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from PIL import Image
 from fusionlm.cli import main
 from fusionlm.data.formats import read_qa_jsonl
 from fusionlm.errors import ConfigError, SampleError
-from fusionlm.evaluate.harness import TaskData, evaluate_tasks, request_of
+from fusionlm.evaluate.harness import TaskData, evaluate_tasks, request_of, write_results
 from fusionlm.evaluate.tasks import EvalTask, builtin_tasks, load_task_file
 from conftest import spec_for
 from helpers_train import stage, tiny_dict, write_recipe
@@ -30,6 +30,24 @@ def qa_file(tmp_path_factory):
         lines.append(json.dumps(rec))
     (root / "qa.jsonl").write_text("\n".join(lines) + "\n")
     return root / "qa.jsonl"
+
+
+def write_qa(path, long: bool):
+    """Four colour questions (ids q0-q3); with ``long``, q2's prompt is far over the tiny models'
+    context of 128 tokens."""
+    lines = []
+    for i, (name, rgb) in enumerate([("red", (220, 30, 30)), ("blue", (30, 30, 220)), ("green", (30, 200, 30)),
+                                     ("red", (200, 40, 40))]):
+        Image.new("RGB", (24, 16), rgb).save(path.parent / f"{i}.png")
+        question = "What colour is the picture?" + (" Look closely." * 80 if long and i == 2 else "")
+        lines.append(json.dumps({"id": f"q{i}", "image": f"{i}.png", "question": question, "answers": [name]}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def long_qa_file(tmp_path_factory):
+    return write_qa(tmp_path_factory.mktemp("long") / "qa.jsonl", long=True)
 
 
 def test_jsonl_reads_questions_images_and_choices(qa_file):
@@ -88,6 +106,33 @@ def test_results_do_not_depend_on_batch_size(make_model, tokenizer, qa_file):
     assert [r.n for r in one] == [6, 6, 6] and all(r.shots == 1 for r in one)
 
 
+def test_a_question_over_the_context_is_skipped_counted_and_reported(make_model, tokenizer, long_qa_file, tmp_path):
+    """One question too long for the context does not end the eval: it is skipped, the task is
+    scored on the others (as if it were not there), and the results name it."""
+    model = make_model("unified")
+    spec = spec_for(model)
+    (tmp_path / "short").mkdir()
+    short = write_qa(tmp_path / "short" / "qa.jsonl", long=False)
+    task = EvalTask(name="mine", metric="vqa_accuracy", data=str(long_qa_file))
+    (result,) = evaluate_tasks(model, tokenizer, [task], spec, per_task=4, batch_size=4)
+    assert result.skipped == ["q2"] and result.n == 3
+    assert [e["id"] for e in result.examples] == ["q0", "q1", "q3"]
+    (others,) = evaluate_tasks(model, tokenizer, [EvalTask(name="mine", metric="vqa_accuracy", data=str(short))],
+                               spec, per_task=4, batch_size=4)
+    kept = [e for e in others.examples if e["id"] != "q2"]
+    assert [e["answer"] for e in result.examples] == [e["answer"] for e in kept]
+    assert result.score == pytest.approx(sum(e["score"] for e in kept) / 3)
+    (shots,) = evaluate_tasks(model, tokenizer, [task], spec, per_task=4, batch_size=4, shots=1)
+    assert shots.skipped == ["q2"] and shots.n == 3  # nor as an example: dropped to fit
+    write_results([result, shots], tmp_path / "scores.json")
+    data = json.loads((tmp_path / "scores.json").read_text())
+    reason = "the prompt does not fit the context of 128 tokens"
+    assert data["skipped"] == {"mine": {"n": 1, "reason": reason, "ids": ["q2"]},
+                               "mine (1-shot)": {"n": 1, "reason": reason, "ids": ["q2"]}}
+    assert data["n"] == {"mine": 3, "mine (1-shot)": 3}
+    assert f"skipped: mine (0-shot): 1 question(s), {reason}: q2" in (tmp_path / "scores.md").read_text()
+
+
 def test_task_file(tmp_path, qa_file):
     (tmp_path / "tasks.yaml").write_text(
         f"- {{name: mine, data: {qa_file}, metric: choice_accuracy, prompt: '{{question}} Be brief.'}}\n"
@@ -117,6 +162,14 @@ def test_cli_eval_with_a_task_file_and_shots(run_dir, qa_file, tmp_path, capsys)
     data = json.loads((tmp_path / "scores.json").read_text())
     assert set(data["scores"]) == {"mine", "mine (2-shot)"} and data["n"]["mine"] == 4
     assert "| mine | vqa_accuracy | 2 |" in (tmp_path / "scores.md").read_text()
+
+
+def test_cli_eval_reports_skipped_questions(run_dir, long_qa_file, tmp_path, capsys):
+    (tmp_path / "tasks.yaml").write_text(f"- {{name: mine, data: {long_qa_file}, metric: vqa_accuracy}}\n")
+    assert main(["eval", "--checkpoint", str(run_dir), "--tasks", str(tmp_path / "tasks.yaml"), "--per-task", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "(n=3, 0-shot, skipped 1 over the context)" in out and "| mine | vqa_accuracy | 0 |" in out
+    assert "skipped: mine (0-shot): 1 question(s), the prompt does not fit the context of 128 tokens: q2" in out
 
 
 def test_compare_end_to_end_on_a_tiny_budget(tmp_path, capsys):

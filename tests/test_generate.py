@@ -1,5 +1,5 @@
 """Decoding invariances on tiny models: KV cache vs none, batched vs one by one, seeded sampling,
-refused prompts, and Method B's image keys/values projected once per request."""
+refused prompts, the LLM's own end ids, and Method B's image keys/values projected once per request."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from fusionlm.checkpoint import build_model
 from fusionlm.data.chat import encode
 from fusionlm.errors import SampleError
 from fusionlm.fusion import GatedCrossAttentionBlock
-from fusionlm.generate import Request, generate
+from fusionlm.generate import MAX_NEW_TOKENS, Request, generate, generate_ids, stop_ids
 
 TRAIN = [("color", 0), ("price", 0), ("shape", 1), ("count", 2)]
 
@@ -101,6 +101,45 @@ def test_image_tokens_are_never_generated(make_model, tokenizer, world):
             out = generate(model, tokenizer, [Request(sample.messages[0]["content"], sample.images)],
                            spec_for(model), max_new_tokens=3, use_cache=cache)
             assert out == [tokenizer.decode([word] * 3).strip()]
+
+
+@pytest.mark.parametrize("static", [True, False])
+def test_generation_stops_at_every_eos_id_of_the_llm(static, make_model, tokenizer, world):
+    """An id in the LLM's ``generation_config.eos_token_id`` (an int or a list) ends an answer, as
+    the end of turn does; with none there, the same id is an ordinary token."""
+    model = make_model("unified")
+    word, stop, other = (tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in ("green", "red", "blue"))
+    assert len({word, stop, other, model.ids.end}) == 4
+    calls: list[int] = []
+
+    def force(module, args, logits):  # the first two tokens are `word`, every later one `stop`
+        logits = logits.clone()
+        logits[..., word if len(calls) < 2 else stop] += 100.0
+        calls.append(1)
+        return logits
+
+    model.llm.lm_head.register_forward_hook(force)
+    sample = world.sample("color", "train", 0)
+    reqs = [Request(sample.messages[0]["content"], sample.images), Request("What colour?", [])]
+
+    def run(eos) -> list[list[int]]:
+        model.llm.generation_config.eos_token_id = eos
+        calls.clear()
+        return generate_ids(model, tokenizer, reqs, spec_for(model), max_new_tokens=5, static=static)
+
+    assert run(None) == [[word, word, stop, stop, stop]] * 2
+    assert stop_ids(model) == [model.ids.end]
+    assert run(stop) == [[word, word]] * 2
+    assert run([other, stop]) == [[word, word]] * 2
+    assert stop_ids(model) == sorted({model.ids.end, other, stop})
+
+
+def test_one_max_new_tokens_default(make_model, tokenizer, no_end):
+    """``generate`` decodes ``MAX_NEW_TOKENS`` tokens when not told otherwise (the model's end never wins)."""
+    model = make_model("unified")
+    no_end(model)
+    (ids,) = generate_ids(model, tokenizer, [Request("What colour?", [])], spec_for(model))
+    assert len(ids) == MAX_NEW_TOKENS
 
 
 def test_refused_prompts(make_model, tokenizer, world):

@@ -34,7 +34,7 @@ from fusionlm.evaluate.lmms import (
     generation_settings,
     to_request,
 )
-from fusionlm.generate import Request, generate, generate_ids
+from fusionlm.generate import MAX_NEW_TOKENS, Request, generate, generate_ids
 
 TRAIN = [("color", 0), ("price", 0), ("shape", 1), ("count", 2)]
 HAS_LMMS = importlib.util.find_spec("lmms_eval") is not None
@@ -128,10 +128,11 @@ def test_generation_settings():
     assert s == GenSettings(16, 0.0, 1.0) and stops == ["\n\n"]
     s, stops = generation_settings({"until": "ASSISTANT:", "top_p": None}, default_max_new_tokens=32)
     assert s == GenSettings(32, 0.0, 1.0) and stops == ["ASSISTANT:"]
-    assert generation_settings({"temperature": 0.7, "top_p": 0.9})[0] == GenSettings(256, 0.7, 0.9)
-    assert generation_settings({"temperature": 0.7, "do_sample": False})[0] == GenSettings(256, 0.0, 1.0)
-    assert generation_settings({"do_sample": True})[0] == GenSettings(256, 1.0, 1.0)
-    assert generation_settings(None) == (GenSettings(256), [])
+    n = MAX_NEW_TOKENS  # the default, as for fusionlm's own generate and eval
+    assert generation_settings({"temperature": 0.7, "top_p": 0.9})[0] == GenSettings(n, 0.7, 0.9)
+    assert generation_settings({"temperature": 0.7, "do_sample": False})[0] == GenSettings(n, 0.0, 1.0)
+    assert generation_settings({"do_sample": True})[0] == GenSettings(n, 1.0, 1.0)
+    assert generation_settings(None) == (GenSettings(n), [])
 
 
 def test_cut_at_stops():
@@ -163,6 +164,7 @@ def test_adapter_arguments(checkpoints, tmp_path):
     assert a.batch_size == 8 and a.device == torch.device("cpu") and a.image_placement == "first"
     assert FusionLMAdapter.create_from_arg_string(f"pretrained={path}", {"batch_size": "3"}).batch_size == 3
     assert FusionLMAdapter(pretrained=path, batch_size="auto", max_batch_size=4).batch_size == 4
+    assert a.max_new_tokens == MAX_NEW_TOKENS  # one default, fusionlm's
     with pytest.raises(TypeError, match="unknown model argument.*pretrain\\b"):
         FusionLMAdapter.create_from_arg_string(f"pretrain={path}")
     with pytest.raises(TypeError, match="pretrained=PATH"):

@@ -5,6 +5,9 @@ the batch it is in. k-shot prompts put k solved examples, their images interleav
 text, before the question (``data.fewshot``); the examples come from a split disjoint from the
 questions (the world's val split, or the other samples of a file), drawn with a fixed seed, and
 never include the question itself.
+
+A question whose prompt does not fit the model's context (even with no examples) is skipped, not
+answered: the task is scored on the others, and its ``TaskResult.skipped`` names the skipped ones.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from ..data.fewshot import few_shot
 from ..data.sample import Sample
 from ..data.sources import build_source
 from ..errors import ConfigError
-from ..generate import Request, generate
+from ..generate import MAX_NEW_TOKENS, Request, generate
 from .metrics import METRICS, metric_for
 from .tasks import WORLD_EVAL_TASKS, EvalTask
 
@@ -37,6 +40,11 @@ class TaskResult:
     shots: int = 0
     examples: list[dict] = field(default_factory=list)
     fewer_shots: int = 0  # questions asked with fewer examples, the full prompt being over the context
+    skipped: list[str] = field(default_factory=list)  # ids of the questions not asked: over the context
+    context: int = 0  # the model's context (tokens), which the skipped questions' prompts do not fit in
+
+    def skip_reason(self) -> str:
+        return f"the prompt does not fit the context of {self.context} tokens"
 
 
 def question_of(sample) -> str:
@@ -89,25 +97,42 @@ def prompt_length(model, tokenizer, images: ImageSpec, request: Request) -> int:
                       end_token=tcfg.end_token, add_generation_prompt=True).input_ids)
 
 
+def fit_shots(model, tokenizer, images: ImageSpec, data: TaskData, sample: Sample, index: int, shots: int,
+              seed: int) -> tuple[Sample, int, int]:
+    """The question with as many of its ``shots`` examples as fit the context with its answer budget:
+    (prompt, examples kept, the prompt's length)."""
+    task, context = data.task, model.config.llm.max_length
+    k = shots
+    while True:
+        prompt = data.with_shots(sample, index, k, seed)
+        length = prompt_length(model, tokenizer, images, request_of(prompt, task.prompt))
+        if k == 0 or length + task.max_new_tokens <= context:
+            return prompt, k, length
+        k -= 1  # drop examples until the question and its answer fit
+
+
 def evaluate_tasks(model, tokenizer, tasks: list[EvalTask], images: ImageSpec, *, per_task: int = 50,
                    batch_size: int = 32, shots: int = 0, seed: int = 0, progress=None,
                    sources: dict | None = None) -> list[TaskResult]:
-    """Score ``model`` on each task: greedy answers to ``per_task`` questions, ``shots`` examples each."""
+    """Score ``model`` on each task: greedy answers to ``per_task`` questions, ``shots`` examples each.
+
+    A question whose prompt alone leaves no room in the context for an answer is skipped (listed in
+    ``TaskResult.skipped``); the task is scored on the rest.
+    """
     sources = dict(sources or {})
+    context = model.config.llm.max_length
     results = []
     for task in tasks:
         data = TaskData(task, sources)
         images.root = data.source.root
-        questions = data.questions(per_task)
-        prompts, fewer = [], 0
-        for i, s in enumerate(questions):
-            k = shots
-            prompt = data.with_shots(s, i, k, seed)
-            while k and prompt_length(model, tokenizer, images, request_of(prompt, task.prompt)) \
-                    + task.max_new_tokens > model.config.llm.max_length:
-                k -= 1  # drop examples until the question and its answer fit
-                prompt = data.with_shots(s, i, k, seed)
+        questions, prompts, skipped, fewer = [], [], [], 0
+        for i, s in enumerate(data.questions(per_task)):
+            prompt, k, length = fit_shots(model, tokenizer, images, data, s, i, shots, seed)
+            if length >= context:
+                skipped.append(s.id)
+                continue
             fewer += k < shots
+            questions.append(s)
             prompts.append(prompt)
         preds: list[str] = []
         for start in range(0, len(prompts), batch_size):
@@ -117,15 +142,17 @@ def evaluate_tasks(model, tokenizer, tasks: list[EvalTask], images: ImageSpec, *
         score, per = METRICS.get(task.metric)(preds, refs)
         examples = [{"id": s.id, "question": question_of(s), "answer": p, "references": s.answers, "score": v}
                     for s, p, v in zip(questions, preds, per)]
-        results.append(TaskResult(task.name, task.metric, score, len(questions), shots, examples, fewer))
+        results.append(TaskResult(task.name, task.metric, score, len(questions), shots, examples, fewer, skipped,
+                                  context))
         if progress:
-            progress(f"{task.name:<10} {task.metric:<18} {score:.3f}  (n={len(questions)}, {shots}-shot)")
+            note = f", skipped {len(skipped)} over the context" if skipped else ""
+            progress(f"{task.name:<10} {task.metric:<18} {score:.3f}  (n={len(questions)}, {shots}-shot{note})")
     return results
 
 
 def evaluate(model, tokenizer, source, images: ImageSpec, *, split: str = "test", per_task: int = 50,
-                 batch_size: int = 32, tasks: list[str] | None = None, max_new_tokens: int = 48, shots: int = 0,
-                 seed: int = 0, progress=None) -> list[TaskResult]:
+                 batch_size: int = 32, tasks: list[str] | None = None, max_new_tokens: int = MAX_NEW_TOKENS,
+                 shots: int = 0, seed: int = 0, progress=None) -> list[TaskResult]:
     """The tasks of a data source (the world's, or a file's) by name, each with its usual metric."""
     names = tasks or [t for t in source.tasks() if t in EVAL_TASKS or t not in ("interleaved", "text_only")]
     data = getattr(source, "path", "synthetic")
@@ -142,13 +169,23 @@ def markdown_table(results: list[TaskResult]) -> str:
     return "\n".join(lines)
 
 
+def skipped_lines(results: list[TaskResult]) -> list[str]:
+    """One line per task with skipped questions: how many, why, and which."""
+    return [f"skipped: {r.task} ({r.shots}-shot): {len(r.skipped)} question(s), {r.skip_reason()}: "
+            f"{', '.join(r.skipped)}" for r in results if r.skipped]
+
+
 def write_results(results: list[TaskResult], path: str | Path, *, extra: dict | None = None) -> None:
-    """``path`` (JSON: scores, counts, examples) and the same stem with ``.md`` (the table)."""
+    """``path`` (JSON: scores, counts, skipped questions, examples) and the same stem with ``.md``
+    (the table, then a line per task with skipped questions)."""
     path = Path(path)
     key = {id(r): r.task if r.shots == 0 else f"{r.task} ({r.shots}-shot)" for r in results}
     data = {"scores": {key[id(r)]: r.score for r in results}, "metrics": {key[id(r)]: r.metric for r in results},
             "n": {key[id(r)]: r.n for r in results}, "shots": {key[id(r)]: r.shots for r in results},
             "fewer_shots": {key[id(r)]: r.fewer_shots for r in results if r.fewer_shots},
+            "skipped": {key[id(r)]: {"n": len(r.skipped), "reason": r.skip_reason(), "ids": r.skipped}
+                        for r in results if r.skipped},
             **(extra or {}), "examples": {key[id(r)]: r.examples for r in results}}
     path.write_text(json.dumps(data, indent=1))
-    path.with_suffix(".md").write_text(markdown_table(results) + "\n")
+    notes = "".join(f"\n{line}\n" for line in skipped_lines(results))
+    path.with_suffix(".md").write_text(markdown_table(results) + "\n" + notes)

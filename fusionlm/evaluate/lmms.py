@@ -56,7 +56,7 @@ from ..data.processing import ImageBatch, ImageSpec
 from ..data.video import VIDEO_FILE_SUFFIXES, Video, placeholder
 from ..device import model_device
 from ..errors import FusionError, SampleError
-from ..generate import Request, generate
+from ..generate import MAX_NEW_TOKENS, Request, generate
 
 MODEL_NAME = "fusionlm"
 MODULE = "fusionlm.evaluate.lmms"  # also when run as ``python -m``, where __name__ is __main__
@@ -134,7 +134,8 @@ class GenSettings:
         return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p}
 
 
-def generation_settings(gen_kwargs: dict | None, *, default_max_new_tokens: int = 256) -> tuple[GenSettings, list[str]]:
+def generation_settings(gen_kwargs: dict | None, *,
+                        default_max_new_tokens: int = MAX_NEW_TOKENS) -> tuple[GenSettings, list[str]]:
     """lmms-eval gen_kwargs -> (settings, stop strings).
 
     Greedy unless ``do_sample`` is true or, with no ``do_sample``, ``temperature`` is positive
@@ -289,7 +290,8 @@ class FusionLMAdapter:
         pretrained: a checkpoint directory or a run directory (its latest checkpoint).
         device: ``auto`` (a GPU when there is one), ``cpu``, ``cuda``, ``cuda:N``, ``mps``.
         batch_size: requests per forward pass / decoding batch.
-        max_new_tokens: used when a task's gen_kwargs set none.
+        max_new_tokens: used when a task's gen_kwargs set none (default ``generate.MAX_NEW_TOKENS``,
+            the same as ``fusionlm generate`` and ``fusionlm eval``).
         image_placement: ``auto`` (keep the context's ``<image>`` placeholders when they match the
             visuals, else images first) or ``first`` (always images first).
         strict: raise on a request fusionlm refuses instead of answering ``""`` / ``-inf``.
@@ -301,7 +303,7 @@ class FusionLMAdapter:
     MAX_ROUNDS = 1000  # generate_until_multi_round: a task that never says it is done
 
     def __init__(self, pretrained: str | os.PathLike | None = None, device: str = "auto",
-                 batch_size: int | str = 1, max_new_tokens: int = 256, image_placement: str = "auto",
+                 batch_size: int | str = 1, max_new_tokens: int = MAX_NEW_TOKENS, image_placement: str = "auto",
                  strict: bool = False, seed: int = 0, max_batch_size: int | None = None, *,
                  model=None, tokenizer=None, config=None, **unknown: Any) -> None:
         super().__init__()

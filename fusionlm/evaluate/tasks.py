@@ -19,6 +19,7 @@ import yaml
 
 from ..config import from_dict
 from ..errors import ConfigError
+from ..generate import MAX_NEW_TOKENS
 from .metrics import metric_for
 
 WORLD_EVAL_TASKS = ("caption", "color", "shape", "count", "position", "text", "table", "chart", "price", "motion")
@@ -34,7 +35,7 @@ class EvalTask:
     split: str = "test"  # the world's split the questions come from (files: the whole file)
     shots_split: str = "val"  # the world's split k-shot examples come from (files: the other samples)
     image_root: str | None = None
-    max_new_tokens: int = 48
+    max_new_tokens: int = MAX_NEW_TOKENS  # the answer budget (``generate.MAX_NEW_TOKENS`` unless the task sets one)
 
     @property
     def data_task(self) -> str:
