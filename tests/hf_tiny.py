@@ -38,7 +38,8 @@ LLAVA_TEMPLATE = (
 
 
 def llava_checkpoint(path: Path, *, tower: str = "clip", feature_layer: int = -2, strategy: str = "default",
-                     kv_heads: int = 2, image_size: int = 32, seed: int = 0) -> Path:
+                     kv_heads: int = 2, image_size: int = 32, chat_template: bool = True, seed: int = 0) -> Path:
+    """``chat_template=False``: neither the tokenizer nor the processor has one (as a new user's may not)."""
     from transformers import (
         CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
         LlavaProcessor, SiglipImageProcessorPil, SiglipVisionConfig,
@@ -46,7 +47,8 @@ def llava_checkpoint(path: Path, *, tower: str = "clip", feature_layer: int = -2
 
     tokenizer = tiny_tokenizer(["<unk>", "<s>", "</s>", "<pad>", "<image>"], unk_token="<unk>", bos_token="<s>",
                                eos_token="</s>", pad_token="<pad>")
-    tokenizer.chat_template = LLAVA_TEMPLATE
+    template = LLAVA_TEMPLATE if chat_template else None
+    tokenizer.chat_template = template
     vision_kw = dict(image_size=image_size, patch_size=8, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
                      intermediate_size=64)
     if tower == "clip":
@@ -66,7 +68,7 @@ def llava_checkpoint(path: Path, *, tower: str = "clip", feature_layer: int = -2
     model.save_pretrained(path)
     extra = 1 if tower == "clip" else 0
     LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy=strategy,
-                   chat_template=LLAVA_TEMPLATE, num_additional_image_tokens=extra).save_pretrained(path)
+                   chat_template=template, num_additional_image_tokens=extra).save_pretrained(path)
     return Path(path)
 
 

@@ -195,3 +195,71 @@ def test_walkthrough_fine_tune_an_imported_llava_and_export_it_back(tmp_path, ca
     inputs = processor_inputs(LlavaProcessor.from_pretrained(tmp_path / "ft-hf", backend="pil"), tokenizer, PROMPTS[:1])
     with torch.no_grad():
         assert (back(**inputs).logits - our_logits(model, inputs)).abs().max() <= TOL
+
+
+# ----------------------------------------------------------------------------- a checkpoint without a chat template
+
+
+@pytest.fixture(scope="module")
+def bare(tmp_path_factory):
+    """A LLaVA checkpoint saved with no chat template, imported with the CLI as a new user would:
+    (transformers model, its processor, source dir, our dir)."""
+    tmp = tmp_path_factory.mktemp("no-template")
+    src = llava_checkpoint(tmp / "src", chat_template=False)
+    assert main(["import", str(src), str(tmp / "ours")]) == 0
+    hf = LlavaForConditionalGeneration.from_pretrained(src).eval()
+    return hf, LlavaProcessor.from_pretrained(src, backend="pil"), src, tmp / "ours"
+
+
+def plain_inputs(processor):
+    """LLaVA-1.5 prompts written out by hand (there is no template), in the checkpoint's own tokens only."""
+    texts = [f"USER: {p} ASSISTANT:" for p, _ in PROMPTS]
+    imgs = pictures()
+    inputs = processor(text=texts, images=[imgs[i] for _, n in PROMPTS for i in range(n)], padding=True,
+                       padding_side="left", return_tensors="pt")
+    assert inputs["input_ids"].max() < len(processor.tokenizer)
+    return inputs
+
+
+def test_import_without_a_chat_template_keeps_the_checkpoint_vocabulary(bare):
+    hf, processor, _, ours_dir = bare
+    model, tokenizer, _ = load_model(ours_dir)
+    vocab, theirs = tokenizer.get_vocab(), processor.tokenizer.get_vocab()
+    n = len(theirs)
+    assert {t: vocab[t] for t in theirs} == theirs  # every token of the checkpoint keeps its id
+    added = sorted((i, t) for t, i in vocab.items() if t not in theirs)
+    assert [i for i, _ in added] == list(range(n, len(tokenizer)))  # fusionlm's template tokens come after
+    assert {t for _, t in added} == {"<|user|>", "<|assistant|>", "<|system|>", "<|end|>"}
+    for ours, source in [(model.llm.get_input_embeddings(), hf.get_input_embeddings()),
+                         (model.llm.get_output_embeddings(), hf.get_output_embeddings())]:
+        assert ours.weight.shape[0] == len(tokenizer)
+        assert torch.equal(ours.weight[:n], source.weight)  # the checkpoint's rows, exactly
+        assert ours.weight[n:].abs().sum() > 0  # the added rows are initialised, not left at zero
+
+
+def test_import_without_a_chat_template_gives_transformers_logits(bare):
+    hf, processor, _, ours_dir = bare
+    model, *_ = load_model(ours_dir)
+    inputs = plain_inputs(processor)
+    with torch.no_grad():
+        theirs = hf(**inputs).logits
+    ours = our_logits(model, inputs)
+    real = inputs["attention_mask"].bool()
+    assert (ours[..., : theirs.shape[-1]] - theirs)[real].abs().max() == 0.0
+
+
+def test_export_without_a_chat_template_round_trips(bare, tmp_path):
+    hf, processor, _, ours_dir = bare
+    model, tokenizer, _ = load_model(ours_dir)
+    out = export_checkpoint(ours_dir, tmp_path / "llava", "llava", log=quiet)
+    back = LlavaForConditionalGeneration.from_pretrained(out).eval()
+    n = hf.get_input_embeddings().weight.shape[0]
+    assert torch.equal(back.get_input_embeddings().weight[:n], hf.get_input_embeddings().weight)
+    assert torch.equal(back.get_output_embeddings().weight[:n], hf.get_output_embeddings().weight)
+    inputs = plain_inputs(processor)
+    real = inputs["attention_mask"].bool()
+    with torch.no_grad():
+        again, theirs = back(**inputs).logits, hf(**inputs).logits
+    assert (again - our_logits(model, inputs))[real].abs().max() == 0.0
+    assert (again[..., :n] - theirs)[real].abs().max() == 0.0
+    assert LlavaProcessor.from_pretrained(out).tokenizer.get_vocab() == tokenizer.get_vocab()

@@ -108,11 +108,32 @@ def import_checkpoint(source: str, out: str | Path, *, dtype: str = "float32", a
     tcfg = config.model.tokenizer
     tokenizer = prepare_tokenizer(fmt.adapt_tokenizer(tokenizer, config.model), image_token=tcfg.image_token,
                                   newline_token=tcfg.newline_token, need_newline=needs_newline(config.model))
-    model = build_model(config, tokenizer, pretrained=False)
-    load_state(model, fmt.to_ours(hf.state_dict()), source)
+    model = build_model(config, tokenizer, pretrained=False)  # grown by any tokens added above
+    load_state(model, with_added_rows(fmt.to_ours(hf.state_dict()), model), source)
     path = save_model(model.eval(), tokenizer, config, out)
     log(f"wrote {path}")
     return path
+
+
+def vocab_names(model: FusionLM) -> set[str]:
+    """The state-dict names of the LLM's input and output embeddings (one row per token)."""
+    llm = model.llm
+    tables = {id(m.weight) for m in (llm.get_input_embeddings(), llm.get_output_embeddings()) if m is not None}
+    return {name for name, p in model.named_parameters(remove_duplicate=False) if id(p) in tables}
+
+
+def with_added_rows(state: dict[str, torch.Tensor], model: FusionLM) -> dict[str, torch.Tensor]:
+    """``state`` with its embedding tables extended to ``model``'s vocabulary: the checkpoint's rows
+    first, exactly, then ``model``'s own freshly initialised rows for the tokens added at import
+    (a chat template's role tokens, an image token…). Every other weight is left as it is."""
+    expected = model.state_dict()
+    out = dict(state)
+    for name in vocab_names(model):
+        theirs, ours = state.get(name), expected[name]
+        if theirs is None or theirs.shape[1:] != ours.shape[1:] or theirs.shape[0] >= ours.shape[0]:
+            continue  # absent or not a smaller table of the same width: load_state says what is wrong
+        out[name] = torch.cat([theirs.to(ours.dtype), ours[theirs.shape[0]:]])
+    return out
 
 
 def _image_processor(source: str) -> dict[str, Any] | None:
