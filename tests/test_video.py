@@ -13,12 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, features
 
 from conftest import make_batch, spec_for, tiny_config
 from fusionlm.checkpoint import build_model
 from fusionlm.cli import main
-from fusionlm.config import validate
+from fusionlm.config import RecipeConfig, from_dict, validate
+from fusionlm.data import images
 from fusionlm.data.batches import MixtureBatches
 from fusionlm.data.chat import check_placeholders
 from fusionlm.data.formats import read_llava_json, write_llava_json
@@ -28,7 +29,7 @@ from fusionlm.data.render import COLORS
 from fusionlm.data.sample import VIDEO_TOKEN, Sample
 from fusionlm.data.sources import WorldSource
 from fusionlm.data.synthetic import MOTION_FRAMES, SPLITS, World
-from fusionlm.data.video import Video, frame_sources, sample_indices
+from fusionlm.data.video import DEFAULT_MAX_VIDEO_PIXELS, Video, frame_sources, sample_indices
 from fusionlm.errors import ConfigError, ImageError, SampleError
 from fusionlm.evaluate.harness import EVAL_TASKS
 from fusionlm.evaluate.metrics import metric_for
@@ -178,6 +179,44 @@ def test_video_config_is_validated():
     config.model.video.frames = 0
     with pytest.raises(ConfigError, match="model.video: frames"):
         validate(config)
+
+
+def save_webp(path: Path, frames: list[Image.Image]) -> Path:
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=80, loop=0, lossless=True)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["gif", "webp"])
+def test_a_clip_over_the_video_pixel_cap_is_refused_from_its_header(kind, tmp_path, monkeypatch):
+    """An animated file decodes every frame: its frames x width x height is capped as a whole
+    (12 frames of 20x20 = 4800 pixels, each far under the per-image cap), before any decoding."""
+    if kind == "webp" and not features.check("webp"):
+        pytest.skip("Pillow built without WebP")
+    path = (save_gif if kind == "gif" else save_webp)(tmp_path / f"long.{kind}", clip_frames(12))
+    with Image.open(path) as im:
+        assert im.n_frames == 12 and im.size == (20, 20)
+    decoded = []
+    real = images._decode
+    monkeypatch.setattr(images, "_decode", lambda *a, **kw: decoded.append(1) or real(*a, **kw))
+    with pytest.raises(ImageError, match=rf"{path}: clip of 12 frames of 20×20 = 4800 pixels, over the limit "
+                                         rf"of 4799 decoded pixels per clip \(data\.max_video_pixels\)"):
+        frame_sources(Video(path), 4, max_video_pixels=4799)
+    assert not decoded  # refused from the header
+    assert len(frame_sources(Video(path), 4, max_video_pixels=4800)) == 4  # at the cap: read
+    assert len(frame_sources(Video(path), 4, max_video_pixels=None)) == 4  # null: no cap
+    assert len(frame_sources(Video(path), 4)) == 4  # the default cap (400 M pixels)
+
+
+def test_max_video_pixels_is_a_positive_int_or_null():
+    assert RecipeConfig().data.max_video_pixels == DEFAULT_MAX_VIDEO_PIXELS
+    assert validate(from_dict({"data": {"max_video_pixels": None}})).data.max_video_pixels is None
+    assert validate(from_dict({"data": {"max_video_pixels": 10**6}})).data.max_video_pixels == 10**6
+    for bad in (0, -5):
+        with pytest.raises(ConfigError, match=rf"data\.max_video_pixels: {bad} must be a positive number of pixels"):
+            validate(from_dict({"data": {"max_video_pixels": bad}}))
+    for bad in ("lots", True, 1.5):
+        with pytest.raises(ConfigError, match=r"data\.max_video_pixels: expected int"):
+            from_dict({"data": {"max_video_pixels": bad}})
 
 
 # ----------------------------------------------------------------------------- placeholders and token counts

@@ -5,20 +5,33 @@ Batch ``k`` of a stage is a pure function of (seed, stage, k): it holds sample n
 run one integer, lets worker processes build batches ahead in any order, and makes a resumed run
 see exactly the batches the uninterrupted one would. Samples that cannot be used (a broken image,
 too long, nothing to learn) are left out of their batch and reported with their reason.
+
+Which record a sample reads: a task of limited size is drawn as a stream of passes
+(``order.PassOrder``: each pass a permutation, read row-group window by row-group window), and
+sample ``n`` reads the stream at the number of draws of its task before it. Those counts are a
+pure function of the task choices, which are drawn per block of sample numbers, so they are
+computed (and cached) rather than remembered. One optimizer step (``grad_accum`` micro-batches of
+all ranks) never straddles two passes of a task: when a step's draws of a task would run past the
+end of a pass, the step starts the next pass, and the few records left at the end of that pass
+(fewer than the step's draws) wait for a later pass. So a step never holds a record twice, unless
+the task has fewer records than the step draws from it; then every record appears
+``draws // size`` or ``draws // size + 1`` times. Unlimited tasks (the synthetic world) draw a
+fresh index per sample number.
 """
 
 from __future__ import annotations
 
-import hashlib
-import random
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Protocol
+from typing import Iterator, Protocol
 
+import numpy as np
 import torch
 
 from ..errors import ConfigError, FusionError, ImageError
 from .chat import IGNORE, Encoded, SkipSample, encode
 from .layout import ImageLayout
+from .order import PassOrder, generator, stable_seed
 from .packing import packed
 from .processing import ImageBatch, ImageInput, ImageSpec
 from .sample import Sample
@@ -37,10 +50,13 @@ class SampleSource(Protocol):
 
     def size(self, task: str) -> int | None: ...  # samples of a task (None: unlimited)
 
+    # Optional: ``row_groups(task) -> list[int] | None``, the sizes of the runs of consecutive
+    # indices the source decodes together (parquet row groups), so draws follow them (``order``).
 
-def stable_seed(*parts: Any) -> int:
-    """A seed from any parts, stable across processes (unlike ``hash``)."""
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little")
+
+TASK_BLOCK = 4096  # sample numbers whose tasks are drawn with one generator
+MARK_EVERY = 1024  # steps between the saved stream positions of the draw count
+SCAN_NUMBERS = 1 << 20  # sample numbers counted at once when catching up on the stream positions
 
 
 @dataclass
@@ -115,12 +131,16 @@ def check_mixture(mixture: dict[str, float], source: SampleSource, *, key: str) 
 
 
 class MixtureBatches(torch.utils.data.Dataset):
-    """Map-style dataset: index k -> training batch k of one stage."""
+    """Map-style dataset: index k -> training micro-batch k of one stage.
+
+    Optimizer step ``s`` is micro-batches ``s*grad_accum …``: sample numbers ``s*S … s*S+S-1`` with
+    ``S = batch_size * grad_accum``; each rank takes its contiguous share of every micro-batch.
+    """
 
     def __init__(self, source: SampleSource, mixture: dict[str, float], *, seed: int, stage: int,
                  batch_size: int, tokenizer, layout: ImageLayout, max_length: int, images: ImageSpec,
                  image_token: str, end_token: str, split: str = "train", rank: int = 0, world: int = 1,
-                 pack: bool = False):
+                 pack: bool = False, grad_accum: int = 1):
         mixture = check_mixture(mixture, source, key=f"stages.{stage}.mixture")
         self.source, self.split = source, split
         self.task_names = [t for t, w in mixture.items() if w > 0]
@@ -130,14 +150,97 @@ class MixtureBatches(torch.utils.data.Dataset):
         self.image_token, self.end_token = image_token, end_token
         self.rank, self.world = rank, world  # data parallelism: this process's share of each batch
         self.pack = pack  # several samples per row, up to max_length tokens (``data.packing``)
+        if grad_accum < 1:
+            raise ConfigError(f"stages.{stage}.grad_accum: must be >= 1, got {grad_accum}")
+        self.step_size = batch_size * grad_accum  # sample numbers of one optimizer step: all ranks, micro-batches
+        self._cum = np.cumsum(self.weights) / sum(self.weights)  # (T,) for drawing task ids
+        groups = getattr(source, "row_groups", None)
+        self.orders: list[PassOrder | None] = []  # per task; None: unlimited (or empty), any index is new
+        for t in self.task_names:
+            n = source.size(t)
+            self.orders.append(PassOrder(n, groups(t) if groups else None, (seed, stage, t)) if n else None)
+        self._blocks: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._marks = {0: np.zeros(len(self.task_names), dtype=np.int64)}  # step -> stream positions before it
+        self._last = (0, self._marks[0])  # the latest step whose stream positions are known
+        self._steps: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
 
     def __len__(self) -> int:
         return 2**31 - 1  # batches are generated on demand
 
     def sample_at(self, number: int) -> Sample:
-        rng = random.Random(stable_seed(self.seed, self.stage, number))
-        task = rng.choices(self.task_names, weights=self.weights)[0]
-        return self.source.get(task, self.split, stable_seed(self.seed, self.stage, number, "index") % 2**31)
+        step, i = divmod(number, self.step_size)
+        tasks, draws = self._draws(step)
+        t = int(tasks[i])
+        order = self.orders[t]
+        if order is None:
+            index = stable_seed(self.seed, self.stage, number, "index") % 2**31
+        else:
+            index = order.record(int(draws[i]))
+        return self.source.get(self.task_names[t], self.split, index)
+
+    # ---------------------------------------------------------------- which record each sample reads
+
+    def _block(self, j: int, keep: bool = True) -> np.ndarray:
+        """(TASK_BLOCK,) the task ids of sample numbers ``j*TASK_BLOCK …``, drawn by the weights."""
+        if j in self._blocks:
+            return self._blocks[j]
+        u = generator(self.seed, self.stage, "tasks", j).random(TASK_BLOCK)
+        ids = np.minimum(np.searchsorted(self._cum, u, side="right"), len(self._cum) - 1)
+        if keep:
+            self._blocks[j] = ids
+            while len(self._blocks) > 4:
+                self._blocks.popitem(last=False)
+        return ids
+
+    def _tasks(self, a: int, b: int, keep: bool = True) -> np.ndarray:
+        """(b-a,) the task ids of sample numbers ``a … b-1``."""
+        first, last = a // TASK_BLOCK, (b - 1) // TASK_BLOCK
+        ids = np.concatenate([self._block(j, keep) for j in range(first, last + 1)])
+        return ids[a - first * TASK_BLOCK: b - first * TASK_BLOCK]
+
+    def _start(self, t: int, q: int, count: int) -> int:
+        """Where task ``t``'s ``count`` draws of one step start, its stream being at draw ``q``:
+        at ``q``, or at the next pass when they would run past the end of this one."""
+        size = self.orders[t].size
+        into = q % size
+        return q + size - into if into and into + count > size else q
+
+    def _positions(self, step: int) -> np.ndarray:
+        """(T,) each task's stream position before ``step``: a pure function of the earlier steps' draws."""
+        finite = [t for t, o in enumerate(self.orders) if o is not None]
+        if not finite:
+            return self._marks[0]
+        at, q = self._last if self._last[0] <= step else max(
+            ((s, v) for s, v in self._marks.items() if s <= step), key=lambda sv: sv[0])
+        q = q.copy()
+        while at < step:
+            n = min(step - at, max(1, SCAN_NUMBERS // self.step_size))
+            ids = self._tasks(at * self.step_size, (at + n) * self.step_size, keep=False).reshape(n, -1)
+            counts = np.stack([(ids == t).sum(axis=1) for t in finite], axis=1)  # (n, finite tasks)
+            for row in counts.tolist():
+                for t, c in zip(finite, row):
+                    if c:
+                        q[t] = self._start(t, int(q[t]), c) + c
+                at += 1
+                if at % MARK_EVERY == 0:
+                    self._marks[at] = q.copy()
+        self._last = (at, q)
+        return q
+
+    def _draws(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """(S,) task ids of the step's samples and (S,) each one's draw number in its task's stream."""
+        if step not in self._steps:
+            tasks = self._tasks(step * self.step_size, (step + 1) * self.step_size)
+            q, draws = self._positions(step), np.zeros(self.step_size, dtype=np.int64)
+            for t, order in enumerate(self.orders):
+                mine = tasks == t
+                count = int(mine.sum())
+                if order is not None and count:
+                    draws[mine] = self._start(t, int(q[t]), count) + np.arange(count)
+            self._steps[step] = (tasks, draws)
+            while len(self._steps) > 2:
+                self._steps.popitem(last=False)
+        return self._steps[step]
 
     def __getitem__(self, k: int) -> Batch:
         encoded, pixels, tasks, skipped = [], [], [], []

@@ -78,6 +78,14 @@ def _check_size(img: Image.Image, name: str, max_pixels: int) -> None:
         )
 
 
+def _check_clip_size(img: Image.Image, frames: int, name: str, max_total_pixels: int | None) -> None:
+    # Counting frames read only their headers: this refuses a long clip before decoding any frame.
+    w, h = img.size
+    if max_total_pixels is not None and frames * w * h > max_total_pixels:
+        raise ImageError(f"{name}: clip of {frames} frames of {w}×{h} = {frames * w * h} pixels, over the "
+                         f"limit of {max_total_pixels} decoded pixels per clip (data.max_video_pixels)")
+
+
 def _pillow_bomb_message(exc: Exception, name: str, max_pixels: int) -> str:
     # Pillow refuses > 2 * MAX_IMAGE_PIXELS inside Image.open, before we see the size; its
     # message carries the pixel count, which we reuse so the refusal reads like ours.
@@ -208,14 +216,18 @@ def load_frames(
     root: str | Path | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     pick: Callable[[int], Sequence[int]] | None = None,
+    max_total_pixels: int | None = None,
 ) -> list[Image.Image]:
     """The frames of an animated image file (GIF, animated WebP or PNG) as RGB images.
 
     The same checks and conversion rules as :func:`load_image`, applied to every frame: every
     frame is decoded (so a truncated or corrupt frame anywhere is an error; only a GIF cut exactly
     between two frames reads as a shorter clip, which the format cannot tell apart), and
-    ``pick(n_frames)`` (default: all) says which ones to return, in that order, repeats allowed. A file with a single frame is refused (it is an image, not a clip); each
-    frame counts against ``max_pixels`` on its own.
+    ``pick(n_frames)`` (default: all) says which ones to return, in that order, repeats allowed.
+    A file with a single frame is refused (it is an image, not a clip); each frame counts against
+    ``max_pixels`` on its own, and all of them together (frames x width x height, every frame
+    being decoded at the file's full size) against ``max_total_pixels`` (None: no cap), both
+    checked from the headers before any frame is decoded.
     """
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES was set to True by other code; fusionlm "
@@ -233,6 +245,7 @@ def load_frames(
                 if total < 2:
                     raise ImageError(f"{name}: not an animated image ({total} frame); a video is a folder of "
                                      f"frames or an animated GIF/WebP/PNG")
+                _check_clip_size(img, total, name, max_total_pixels)
                 wanted = list(pick(total)) if pick is not None else list(range(total))
                 if any(not 0 <= i < total for i in wanted):
                     raise ValueError(f"load_frames: frame indices {wanted} outside 0..{total - 1}")

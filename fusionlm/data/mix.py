@@ -82,6 +82,18 @@ class MultiSource:
         sizes = [source.size(t) for t in source.tasks()]
         return None if None in sizes else sum(sizes)
 
+    def row_groups(self, task: str) -> list[int] | None:
+        """The sizes of the runs of consecutive indices a source decodes together (see ``get``'s
+        layout: a whole source's tasks one after the other); None: any order is as cheap."""
+        name, _, sub = task.partition("/")
+        groups = getattr(self.sources[name], "row_groups", None)
+        if groups is None:
+            return None
+        if sub:
+            return groups(sub)
+        parts = [groups(t) for t in self.sources[name].tasks()]
+        return None if any(p is None for p in parts) else [n for p in parts for n in p]
+
     def get(self, task: str, split: str, index: int) -> Sample:
         name, _, sub = task.partition("/")
         source = self.sources[name]

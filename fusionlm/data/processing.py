@@ -20,7 +20,7 @@ import torch
 from ..errors import ConfigError, ImageError
 from .images import DEFAULT_MAX_PIXELS, fit_square, load_image, to_pixels
 from .tiling import cut_tiles, tile_grid
-from .video import Video, frame_sources
+from .video import DEFAULT_MAX_VIDEO_PIXELS, Video, frame_sources
 
 
 @dataclass
@@ -167,6 +167,7 @@ class ImageSpec:
     tiling: Any = None  # a TilingConfig with max_tiles >= 1: images are cut into tiles (+ thumbnail)
     frames: int = 8  # a video is sampled to this many frames (model.video.frames)
     temporal_pool: int = 1  # ... whose features are averaged this many at a time (model.video.temporal_pool)
+    max_video_pixels: int | None = DEFAULT_MAX_VIDEO_PIXELS  # decoded pixels of one animated clip (all frames)
 
     @classmethod
     def for_model(cls, model, config, *, root: str | None = None) -> "ImageSpec":
@@ -180,7 +181,8 @@ class ImageSpec:
         tiling = config.model.tiling if config.model.tiling.max_tiles else None
         return cls(size=model.encoder.image_size, mean=model.encoder.mean, std=model.encoder.std, root=root,
                    max_pixels=config.data.max_image_pixels, grid=model.encoder.grid, hf=hf, tiling=tiling,
-                   frames=config.model.video.frames, temporal_pool=config.model.video.temporal_pool)
+                   frames=config.model.video.frames, temporal_pool=config.model.video.temporal_pool,
+                   max_video_pixels=config.data.max_video_pixels)
 
     def pixels(self, source: Any) -> torch.Tensor:
         return self.process(source).pixels
@@ -195,7 +197,8 @@ class ImageSpec:
             if self.frames < 1 or self.temporal_pool < 1 or self.frames % self.temporal_pool:
                 raise ConfigError(f"model.video.temporal_pool: {self.temporal_pool} does not divide "
                                   f"model.video.frames {self.frames}")
-            frames = frame_sources(source, self.frames, root=self.root, max_pixels=self.max_pixels)
+            frames = frame_sources(source, self.frames, root=self.root, max_pixels=self.max_pixels,
+                                   max_video_pixels=self.max_video_pixels)
             return [replace(self.process(f), role="frame", pool=self.temporal_pool) for f in frames]
         if self.tiling is None:
             return [self.process(source)]

@@ -64,6 +64,10 @@ class StreamSource:
     def size(self, task: str) -> int:
         return len(self)
 
+    def row_groups(self, task: str) -> list[int] | None:
+        """The sizes of the runs of consecutive records decoded together; None: each is read alone."""
+        return None
+
     def get(self, task: str, split: str, index: int) -> Sample:
         if not len(self):
             raise SampleError(f"{self.root}: no readable records")
@@ -166,6 +170,12 @@ class ParquetRows(StreamSource):
 
     def __len__(self) -> int:
         return self.total
+
+    def row_groups(self, task: str) -> list[int]:
+        """Records per row group, in record order: training draws a window of groups at a time
+        (``order.PassOrder``), so with the ``cache_groups`` cache each is decoded about once per pass."""
+        ends = list(self.starts[1:]) + [self.total]
+        return [end - start for start, end in zip(self.starts, ends)]
 
     def _rows(self, f: str, g: int) -> list[dict]:
         if (f, g) not in self._cache:

@@ -8,8 +8,13 @@ is one of:
   out, sorted by name with runs of digits compared as numbers (``f2.png`` before ``f10.png``);
   only the sampled frames are opened, each through :func:`~fusionlm.data.images.load_image`;
 * an animated image file (GIF, animated WebP or PNG): every frame is decoded by
-  :func:`~fusionlm.data.images.load_frames` (the one loader's checks, per frame);
+  :func:`~fusionlm.data.images.load_frames` (the one loader's checks, per frame), so a clip whose
+  frames x width x height is over ``max_video_pixels`` (``data.max_video_pixels``) is refused
+  from its header, naming the file, before any frame is decoded;
 * a list of ``PIL.Image`` frames (in memory, e.g. the synthetic world's clips).
+
+A folder decodes only its sampled frames (at most ``frames`` images, each under the image pixel
+cap), so the clip cap is for animated files, which decode all of theirs.
 
 Sampling is uniform and always gives exactly ``frames`` frames (``model.video.frames``): the middle
 frame of each of ``frames`` equal segments of the clip; a clip shorter than that repeats frames.
@@ -35,6 +40,7 @@ from ..errors import ImageError
 from .images import DEFAULT_MAX_PIXELS, ImageSource, _resolve, load_frames
 from .sample import IMAGE_TOKEN, VIDEO_TOKEN
 
+DEFAULT_MAX_VIDEO_PIXELS = 400_000_000  # an animated file's frames x width x height (data.max_video_pixels)
 VIDEO_FILE_SUFFIXES = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv", ".flv", ".ts")
 
 VideoSource = Union[str, os.PathLike, list]
@@ -99,10 +105,11 @@ def frame_files(folder: str | os.PathLike, *, root: str | Path | None = None) ->
     return files
 
 
-def frame_sources(video: Video, n: int, *, root: str | Path | None = None,
-                  max_pixels: int = DEFAULT_MAX_PIXELS) -> list[ImageSource]:
+def frame_sources(video: Video, n: int, *, root: str | Path | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                  max_video_pixels: int | None = DEFAULT_MAX_VIDEO_PIXELS) -> list[ImageSource]:
     """The ``n`` sampled frames of ``video``: file paths for a folder (each then goes through
-    ``load_image``, so a bad frame's error names its file), decoded images otherwise."""
+    ``load_image``, so a bad frame's error names its file), decoded images otherwise.
+    ``max_video_pixels`` caps an animated file's decoded pixels, all frames together (None: no cap)."""
     source = video.source
     if isinstance(source, list):
         if not source:
@@ -116,4 +123,5 @@ def frame_sources(video: Video, n: int, *, root: str | Path | None = None,
     if os.path.splitext(name)[1].lower() in VIDEO_FILE_SUFFIXES:
         raise ImageError(f"{name}: video files are not decoded by fusionlm; extract the frames to a folder "
                          f"(e.g. ffmpeg -i {os.path.basename(name)} frames/%05d.png) or convert the clip to a GIF")
-    return load_frames(source, root=root, max_pixels=max_pixels, pick=lambda total: sample_indices(total, n))
+    return load_frames(source, root=root, max_pixels=max_pixels, pick=lambda total: sample_indices(total, n),
+                       max_total_pixels=max_video_pixels)
