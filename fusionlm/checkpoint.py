@@ -2,6 +2,8 @@
 
 A checkpoint directory is complete or absent: it is written under a temporary name and renamed
 into place, so a crash (even ``kill -9``) mid-write leaves the previous checkpoint as the latest.
+One that replaces a checkpoint of the same name sets the old one aside first and deletes it only
+once the new one is in place; ``recover_checkpoints`` puts it back if a kill came in between.
 Loading reads safetensors only (no pickle, no code) and checks every key and shape.
 """
 
@@ -112,10 +114,31 @@ def save_model(model: FusionLM, tokenizer, config: RecipeConfig, path: str | Pat
     if extra is not None:
         extra(tmp)
     _fsync_tree(tmp)
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
+    if path.exists():  # the old one is set aside, not deleted, until the new one is in its place
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, path)
     return path
+
+
+def recover_checkpoints(run_dir: str | Path) -> None:
+    """Tidy what a killed run left in ``run_dir/checkpoints``: half-written checkpoints (never
+    complete, never read) are deleted; a checkpoint set aside by a swap the kill cut short goes
+    back into place when its replacement never arrived, and is deleted when it did."""
+    folder = Path(run_dir) / "checkpoints"
+    for tmp in folder.glob(".step-*.tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    for old in folder.glob(".step-*.old-*"):
+        path = folder / old.name[1:].rsplit(".old-", 1)[0]
+        if (path / WEIGHTS).is_file():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+            os.replace(old, path)
 
 
 def _fsync_tree(folder: Path) -> None:

@@ -159,6 +159,9 @@ class DataConfig:
     world_image_size: int = 64  # synthetic world: the side of a rendered scene, in pixels
     world_seed: int = 0
     max_image_pixels: int = 40_000_000  # refused from the header above this
+    # an animated GIF/WebP/PNG clip's frames x width x height (all are decoded), refused from the
+    # header above this; null: no cap
+    max_video_pixels: int | None = 400_000_000
     max_bad_fraction: float = 0.1  # training stops when more samples than this are bad
     loader_workers: int = 0  # background processes that prepare batches
     pack: bool = False  # several short samples per row up to model.llm.max_length (unified and fuyu)
@@ -180,14 +183,18 @@ class TrainConfig:
     # torch.compile each LLM decoder layer (fused elementwise work; the first steps of each new
     # sequence length compile, so it pays on long runs)
     compile: bool = False
-    grad_clip: float = 1.0
+    grad_clip: float | None = 1.0  # the gradients' global L2 norm is clipped to this; 0 or null: no clipping
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     eval_per_task: int = 50  # samples per task for `fusionlm eval` and the demo
     eval_batch_size: int = 32
     # several processes (torchrun): ddp = every process holds the whole model, gradients summed by
-    # one all-reduce; fsdp = the LLM's decoder layers sharded across processes (FSDP2, fully_shard)
+    # PyTorch's DDP during backward; fsdp = weights, gradients and optimizer state sharded across
+    # processes (FSDP2, fully_shard: each decoder layer, then the rest)
     parallel: str = "ddp"
+    backend: str = "auto"  # auto: NCCL for CUDA tensors (CPU ones over gloo) on GPUs, else gloo | gloo | nccl
+    timeout_s: int = 1800  # a collective that waits longer than this stops the run (a process died or hangs)
+    activation_checkpointing: bool = False  # recompute each decoder layer in backward (less memory, ~1/3 more compute)
     report_to: list[str] = field(default_factory=list)  # also log metrics to: tensorboard, wandb
     run_name: str | None = None  # the W&B run's name; None = the run directory's name
 
@@ -417,6 +424,7 @@ CHOICES = {  # dotted key -> allowed values, checked by ``validate``
     "model.fusion.visibility": ("preceding", "latest"),
     "model.tiling.marker": ("tags", "newline", "none"),
     "train.parallel": ("ddp", "fsdp"),
+    "train.backend": ("auto", "gloo", "nccl"),
 }
 TRAINABLE_GROUPS = ("encoder", "connector", "llm", "cross_attention", "all")
 REPORT_TO = ("tensorboard", "wandb")  # train.report_to: where metrics go besides metrics.jsonl
@@ -469,6 +477,11 @@ def validate(config: RecipeConfig) -> RecipeConfig:
     unknown = [name for name in config.train.report_to if name not in REPORT_TO]
     if unknown:
         raise ConfigError(f"train.report_to: {unknown[0]!r} is not one of {', '.join(REPORT_TO)}")
+    if config.train.grad_clip is not None and config.train.grad_clip < 0:
+        raise ConfigError(f"train.grad_clip: {config.train.grad_clip} is negative (a maximum gradient norm; "
+                          "0 or null turns clipping off)")
+    if config.train.timeout_s <= 0:
+        raise ConfigError(f"train.timeout_s: {config.train.timeout_s} must be a positive number of seconds")
     if not config.stages:
         raise ConfigError("stages: at least one stage is needed")
     for i, stage in enumerate(config.stages):
@@ -516,6 +529,9 @@ def _validate_lora(stage: StageConfig, key: str) -> None:
 
 
 def _validate_sources(data: DataConfig) -> None:
+    if data.max_video_pixels is not None and data.max_video_pixels < 1:
+        raise ConfigError(f"data.max_video_pixels: {data.max_video_pixels} must be a positive number of pixels "
+                          f"(a clip's frames x width x height) or null for no cap")
     if data.sources and data.source != "synthetic":
         raise ConfigError("data.sources: set either data.source or data.sources, not both")
     for name, spec in data.sources.items():

@@ -208,6 +208,7 @@ class FusionLM(nn.Module):
         use_cache: bool = False,
         query_start: int = 0,
         segment_ids: torch.Tensor | None = None,
+        loss_reduction: str = "mean",
     ) -> Output:
         """Args:
             input_ids: (B, T) with image layouts already expanded.
@@ -217,6 +218,8 @@ class FusionLM(nn.Module):
             query_start: sequence index of input_ids[:, 0] (the KV-cache length when decoding).
             segment_ids: (B, T) packed rows (``data.packing``): attention stays inside each sample
                 and positions restart at each (overrides ``attention_mask`` and ``position_ids``).
+            loss_reduction: ``mean`` over the target tokens, or their ``sum`` (the training loop
+                divides by the whole step's count, over micro-batches and processes).
         """
         if segment_ids is not None:
             if self.fusion in ("cross_attention", "hybrid"):
@@ -235,7 +238,8 @@ class FusionLM(nn.Module):
         loss = None
         if labels is not None:
             loss = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100,
+                reduction=loss_reduction,
             )
         return Output(logits=logits, loss=loss, past_key_values=out.past_key_values if use_cache else None)
 

@@ -139,8 +139,11 @@ def test_a_batch_that_does_not_split_is_refused(tmp_path, monkeypatch):
     from fusionlm.train import loop
 
     class Three(loop.Group):
-        def __init__(self, parallel="ddp"):
-            self.world, self.rank, self.main, self.sharded = 3, 0, True, False
+        def __init__(self, train):
+            self.world, self.rank, self.main, self.sharded, self.device = 3, 0, True, False, torch.device("cpu")
+
+        def barrier(self):
+            pass  # no process group here: the refusal comes first
 
     monkeypatch.setattr(loop, "Group", Three)
     with pytest.raises(ConfigError, match=r"stages\.0\.batch_size: 7 does not split evenly over 3 processes"):
@@ -155,11 +158,62 @@ def test_lora_stages_are_refused_with_fsdp(tmp_path, monkeypatch):
     from fusionlm.train import loop
 
     class Two(loop.Group):
-        def __init__(self, parallel="ddp"):
-            self.world, self.rank, self.main, self.sharded = 2, 0, True, parallel == "fsdp"
+        def __init__(self, train):
+            self.world, self.rank, self.main, self.sharded = 2, 0, True, train.parallel == "fsdp"
+            self.device = torch.device("cpu")
+
+        def shard(self, root, layers, *, bf16):
+            pass  # no process group here: the refusal comes first
+
+        def barrier(self):
+            pass
 
     monkeypatch.setattr(loop, "Group", Two)
     with pytest.raises(ConfigError, match=r"stages\.1\.lora: LoRA stages do not run with train\.parallel fsdp yet"):
         Trainer(validate(from_dict(data)), tmp_path / "run", log=lambda *_: None)
     data["train"]["parallel"] = "ddp"  # the same stages with ddp are fine
     Trainer(validate(from_dict(data)), tmp_path / "ok", log=lambda *_: None)
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_the_contrastive_stage_is_the_same_on_two_processes(tmp_path, parallel):
+    """Negatives are gathered over processes: 1 and 2 processes give the same contrastive losses
+    (with local negatives only, 2 processes scored ~ln 2 lower), and the LM stage after it too."""
+    data = recipe()
+    data["train"]["parallel"] = parallel
+    data["stages"] = [stage("align", objective="contrastive", steps=3, batch_size=8, mixture={"caption": 1},
+                            train=["encoder", "connector"]),
+                      stage("lm", steps=2, batch_size=8, mixture={"caption": 1}, train=["connector", "llm"])]
+    train(validate(from_dict(data)), tmp_path / "one", log=lambda *_: None)
+    run_parallel(data, tmp_path / "two")
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert [r["stage"] for r in two] == [0, 0, 0, 1, 1]
+    for a, b in zip(one, two):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6), (a["step"], a["loss"], b["loss"])
+
+
+def test_each_process_is_placed_on_its_own_device(monkeypatch):
+    """torchrun's variables place process r of a node on cuda:LOCAL_RANK, in one process group
+    serving CPU tensors over gloo and CUDA tensors over NCCL; on CPUs everything is gloo."""
+    from fusionlm.train.distributed import plan
+
+    assert plan({}, "cpu") == plan({}, "auto") == \
+        type(plan({}, "cpu"))(1, 0, 0, torch.device("cpu"), None) if not torch.cuda.is_available() else True
+    cpu = plan({"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1"}, "cpu")
+    assert (cpu.world, cpu.rank, cpu.local_rank, cpu.device, cpu.backend) == (4, 3, 1, torch.device("cpu"), "gloo")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for rank, local in ((0, 0), (1, 1), (2, 0), (3, 1)):  # two nodes of two GPUs
+        env = {"WORLD_SIZE": "4", "RANK": str(rank), "LOCAL_RANK": str(local)}
+        for device in ("auto", "cuda"):
+            p = plan(env, device)
+            assert (p.rank, p.device, p.backend) == (rank, torch.device("cuda", local), "cpu:gloo,cuda:nccl")
+        assert plan(env, "cuda", "gloo").backend == "gloo"
+    assert plan({}, "cuda").device == torch.device("cuda", 0)
+    assert plan({}, "cuda:1").device == torch.device("cuda", 1)  # one process may pick its GPU
+    with pytest.raises(ConfigError, match="LOCAL_RANK 2: this machine has 2 GPU"):
+        plan({"WORLD_SIZE": "3", "RANK": "2", "LOCAL_RANK": "2"}, "cuda")
+    with pytest.raises(ConfigError, match=r"train\.device: 'cuda:1' puts every process on one GPU"):
+        plan({"WORLD_SIZE": "2", "RANK": "0"}, "cuda:1")
+    with pytest.raises(ConfigError, match=r"train\.backend: nccl needs CUDA devices"):
+        plan({"WORLD_SIZE": "2", "RANK": "0"}, "cpu", "nccl")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
@@ -120,8 +121,25 @@ def hook_metrics_rewrite(arg, ready):  # a write-mode open of metrics.jsonl*: ha
     io.open = builtins.open = stalling_open
 
 
+def hook_swap(arg, ready):  # checkpoint ARG replaced: the old one set aside, the new one not yet in place
+    ck = fusionlm.checkpoint
+    replace = ck.os.replace
+
+    class Os:
+        def __getattr__(self, name):
+            return getattr(os, name)
+
+        @staticmethod
+        def replace(src, dst):
+            replace(src, dst)
+            if Path(src).name == arg and ".old-" in Path(dst).name:
+                stall(ready)
+
+    ck.os = Os()
+
+
 HOOKS = {"none": lambda arg, ready: None, "checkpoint": hook_checkpoint, "torn-line": hook_torn_line,
-         "metrics-rewrite": hook_metrics_rewrite}
+         "metrics-rewrite": hook_metrics_rewrite, "swap": hook_swap}
 
 
 def child(req):
@@ -364,6 +382,26 @@ def test_kill_9_anywhere_then_resume_matches_the_uninterrupted_run(synthetic, zy
     out = Child(zygote, tmp_path, "p5", recipe, run, resume=True).finish()
     assert_resumed_from(out, run, 10)
     assert_same_run(ref, run, STEPS)
+
+
+def test_kill_9_while_a_checkpoint_is_replaced_loses_neither(synthetic, zygote, tmp_path):
+    """A run started afresh in the directory of a finished one replaces its checkpoints one by one.
+    Killed between setting the old step-12 aside and renaming the new one in, the old one is still
+    whole, and the next resume puts it back in its place."""
+    recipe, ref = synthetic
+    run = tmp_path / "run"
+    shutil.copytree(ref, run)
+    child = Child(zygote, tmp_path, "p1", recipe, run, resume=False, hook="swap", arg="step-000012")
+    child.kill_when_stalled("step-12 set aside, its replacement not yet in place")
+    folder = run / "checkpoints"
+    aside = list(folder.glob(".step-000012.old-*"))
+    assert not (folder / "step-000012").exists() and len(aside) == 1
+    assert (aside[0] / "model.safetensors").is_file() and (aside[0] / "trainer.json").is_file()
+    out = Child(zygote, tmp_path, "p2", recipe, run, resume=True).finish()
+    assert "nothing to resume" in out  # the latest complete checkpoint is the finished run's
+    assert not list(folder.glob(".step-*"))
+    back, original = weights(folder / "step-000012"), weights(ref / "checkpoints" / "step-000012")
+    assert back.keys() == original.keys() and all(torch.equal(back[k], original[k]) for k in back)
 
 
 # ----------------------------------------------------------------------------- bad images

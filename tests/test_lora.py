@@ -182,3 +182,26 @@ def test_resume_mid_lora_stage_reproduces_the_run(tmp_path, monkeypatch):
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_resume_of_a_finished_lora_run_changes_nothing(tmp_path, capsys):
+    """The stage's last checkpoint resumes at the next stage, here at nothing: --resume says so and
+    leaves the trained adapter, the weights and the metrics as they are (it used to re-enter the
+    stage, inject fresh adapters and save an untrained adapter over the trained one)."""
+    from fusionlm.cli import main
+    from tests.helpers_train import write_recipe
+
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_dict(stages=[lora_stage(steps=3)]))
+    assert main(["train", str(recipe), "--out", str(tmp_path / "run")]) == 0
+    ckpt = checkpoints(tmp_path / "run")[-1]
+    adapter = {p.relative_to(ckpt): p.read_bytes() for p in (ckpt / "adapter").rglob("*") if p.is_file()}
+    before, metrics = weights(ckpt), (tmp_path / "run" / "metrics.jsonl").read_text()
+    assert json.loads((ckpt / "trainer.json").read_text())["stage"] == 1
+    capsys.readouterr()
+    assert main(["train", str(recipe), "--out", str(tmp_path / "run"), "--resume"]) == 0
+    assert "finished at step 3" in capsys.readouterr().out
+    assert checkpoints(tmp_path / "run") == [ckpt]
+    assert {p.relative_to(ckpt): p.read_bytes() for p in (ckpt / "adapter").rglob("*") if p.is_file()} == adapter
+    after = weights(ckpt)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics

@@ -122,6 +122,32 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, capsys, monkeypatch, 
     assert state_a == state_b
 
 
+def test_a_stage_end_checkpoint_resumes_at_the_next_stage(tmp_path, capsys, monkeypatch):
+    """Killed right after stage 0's last checkpoint: the resume starts stage 1, without re-entering
+    stage 0 (no second 'stage 0' line, no rewrite of its checkpoint)."""
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_dict(stages=[stage("a", steps=3, train=["connector"]),
+                                                                 stage("b", steps=2)]))
+    import fusionlm.train.loop as loop_mod
+
+    original = loop_mod.Trainer._run_stage
+
+    def stop_after_stage_0(self, index):
+        if index == 1:
+            raise KeyboardInterrupt
+        return original(self, index)
+
+    with monkeypatch.context() as m:
+        m.setattr(loop_mod.Trainer, "_run_stage", stop_after_stage_0)
+        assert run_cli(capsys, "train", recipe, "--out", tmp_path / "run")[0] == 130
+    (end0,) = checkpoints(tmp_path / "run")
+    assert json.loads((end0 / "trainer.json").read_text())["stage"] == 1
+    written = (end0 / "model.safetensors").stat().st_mtime_ns
+    rc, out, _ = run_cli(capsys, "train", recipe, "--out", tmp_path / "run", "--resume")
+    assert rc == 0 and "stage 0 (a)" not in out and "stage 1 (b)" in out
+    assert (end0 / "model.safetensors").stat().st_mtime_ns == written
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3, 4, 5]
+
+
 def test_resume_without_checkpoint_starts_afresh(tmp_path):
     config = from_dict(tiny_dict(stages=[stage("s", steps=2)]))
     lines: list[str] = []
@@ -333,7 +359,7 @@ def test_non_finite_every_step_stops_after_max_bad_steps(tmp_path, capsys, monke
     _poison_loss(monkeypatch, None)
     rc, _, err = run_cli(capsys, "train", recipe, "--out", tmp_path / "run", "--set", "train.max_bad_steps=3")
     assert rc == 2 and len(err.strip().splitlines()) == 1
-    assert "3 non-finite losses in a row" in err and "step 3" in err
+    assert "3 non-finite steps in a row" in err and "step 3" in err
     assert len(read_metrics(tmp_path / "run")) == 2
     assert list_checkpoints(tmp_path / "run") == []
 

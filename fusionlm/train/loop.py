@@ -13,24 +13,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from ..checkpoint import (
-    CONFIG, TOKENIZER, WEIGHTS, build_model, list_checkpoints, load_weights, needs_newline, required_tokens,
-    resolve_checkpoint, save_model,
+    CONFIG, TOKENIZER, WEIGHTS, build_model, list_checkpoints, load_weights, needs_newline, recover_checkpoints,
+    required_tokens, resolve_checkpoint, save_model,
 )
 from ..config import RecipeConfig, StageConfig, load_config, save_config
 from ..data.batches import Batch, ImageSpec, MixtureBatches, check_mixture
 from ..data.sources import build_source
-from ..data.chat import IGNORE
-from ..device import resolve_device
 from ..llm import decoder_layers
 from .distributed import Group
 from ..data.tokenizer import load_any_tokenizer, load_tokenizer, prepare_tokenizer, train_tokenizer
 from ..errors import CheckpointError, ConfigError, FusionError
-from .objectives import loss_for
+from .objectives import OBJECTIVES
+from .precision import master_weights
 from .report import Reporters
 from .stages import apply_trainable, param_groups, select_trainable
+from .step import TrainStep
 
 TRAINER_STATE, OPTIMIZER_STATE = "trainer.json", "optimizer.pt"
 
@@ -45,7 +46,7 @@ class Progress:
     samples_seen: int = 0
     samples_trained: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
-    bad_steps: int = 0  # non-finite losses skipped
+    bad_steps: int = 0  # non-finite steps skipped in a row
     tokens: int = 0
 
 
@@ -64,7 +65,7 @@ def lr_lambda(stage: StageConfig):
 
 class Trainer:
     def __init__(self, config: RecipeConfig, out: str | Path, *, resume: bool = False, log=print):
-        self.group = Group(config.train.parallel)
+        self.group = Group(config.train)
         self.config, self.out = config, Path(out)
         self.log = log if self.group.main else (lambda *_: None)
         log = self.log
@@ -77,9 +78,8 @@ class Trainer:
         self.progress = Progress()
         ckpt = None
         if resume:
-            if self.group.main:  # checkpoints a killed run left half written: never complete, never read
-                for tmp in (self.out / "checkpoints").glob(".step-*.tmp-*"):
-                    shutil.rmtree(tmp, ignore_errors=True)
+            if self.group.main:  # what a killed run left: half-written checkpoints, a swap cut short
+                recover_checkpoints(self.out)
             found = list_checkpoints(self.out)
             if not found:
                 log(f"{self.out}: no complete checkpoint to resume from; starting afresh")
@@ -89,12 +89,16 @@ class Trainer:
             init = resolve_checkpoint(init)
             config.model = load_config(init / CONFIG).model  # the model is the checkpoint's, as saved
             log(f"starting from the weights of {init}")
-        self.tokenizer = self._tokenizer(ckpt or init)
-        torch.manual_seed(config.train.seed)
-        random.seed(config.train.seed)
-        self.model = build_model(config, self.tokenizer, pretrained=ckpt is None and init is None)
+        with self.group.main_first():  # rank 0 downloads hub files into the cache, the others then read them
+            self.tokenizer = self._tokenizer(ckpt or init)
+            torch.manual_seed(config.train.seed)
+            random.seed(config.train.seed)
+            self.model = build_model(config, self.tokenizer, pretrained=ckpt is None and init is None)
         self._check_stages()
-        self.device = resolve_device(config.train.device)
+        self.device = self.group.device
+        # low-precision parts that train: float32 masters (before any weights load), computed in bf16
+        upcast = master_weights(self.model, config, log)
+        self.autocast = config.train.bf16 or upcast is not None
         self.resume_state = None
         if init is not None:
             load_weights(self.model, init / WEIGHTS)
@@ -105,7 +109,10 @@ class Trainer:
             log(f"resuming from {ckpt} (step {self.progress.step})")
         self.resumed = ckpt is not None
         self.model.to(self.device)
-        self.group.shard(sharded_layers(self.model))  # train.parallel: fsdp
+        if config.train.activation_checkpointing:
+            self.model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.train_step = TrainStep(self.model, self.group)
+        self.group.shard(self.train_step, sharded_layers(self.model), bf16=config.train.bf16)  # train.parallel: fsdp
         if config.train.compile:
             for layer in decoder_layers(self.model.llm):
                 layer.compile()  # in place: parameter names (and checkpoints) unchanged
@@ -155,17 +162,18 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def save(self, optimizer, scheduler) -> Path:
+    def save(self, optimizer, scheduler, state: dict | None = None) -> Path:
+        """A checkpoint of the run as it stands; ``state``: the optimizer's, when taken already."""
         path = self.out / "checkpoints" / f"step-{self.progress.step:06d}"
 
-        # sharded (fsdp) tensors are gathered whole by every process; rank 0 writes them
-        weights = self.group.full_state(self.model) if self.group.sharded else None
-        state = self.group.full_optimizer_state(optimizer) if self.group.sharded else optimizer.state_dict()
+        # whole tensors, keyed by name, gathered from every process's shards; rank 0 writes them
+        weights = self.group.model_state(self.model)
+        state = state if state is not None else self.group.optimizer_state(self.model, optimizer)
+        rng = self.group.gather_objects(rng_state())  # each process's own (dropout differs per process)
 
         def extra(tmp: Path) -> None:
             (tmp / TRAINER_STATE).write_text(json.dumps(self.progress.__dict__))
-            torch.save({"optimizer": state, "scheduler": scheduler.state_dict(),
-                        "torch_rng": torch.get_rng_state()}, tmp / OPTIMIZER_STATE)
+            torch.save({"optimizer": state, "scheduler": scheduler.state_dict(), "rng": rng}, tmp / OPTIMIZER_STATE)
 
         if not self.group.main:  # rank 0 writes; the others wait until the checkpoint is complete
             self.group.barrier()
@@ -180,12 +188,15 @@ class Trainer:
     # ------------------------------------------------------------------ the run
 
     def run(self) -> Progress:
+        if self.resumed and self.progress.stage >= len(self.config.stages):
+            self.log(f"{self.out}: this run finished at step {self.progress.step}, after all "
+                     f"{len(self.config.stages)} stages; nothing to resume")
+            return self.progress
         failed = True
         try:
             self.reporters.start(self.progress.step, resumed=self.resumed)
             for index in range(self.progress.stage, len(self.config.stages)):
                 self._run_stage(index)
-                self.progress.stage, self.progress.stage_step = index + 1, 0
             failed = False
         finally:  # also when interrupted or stopped by an error: flush what was reported
             self.reporters.close(failed=failed)
@@ -199,7 +210,7 @@ class Trainer:
             tokenizer=self.tokenizer, layout=self.model.layout, max_length=self.config.model.llm.max_length,
             images=self.images, image_token=self.config.model.tokenizer.image_token,
             end_token=self.config.model.tokenizer.end_token, rank=self.group.rank, world=self.group.world,
-            pack=self.config.data.pack,
+            pack=self.config.data.pack, grad_accum=stage.grad_accum,
         )
         order = range(start * stage.grad_accum, stage.steps * stage.grad_accum)
         workers = self.config.data.loader_workers
@@ -225,16 +236,16 @@ class Trainer:
         stage = self.config.stages[index]
         if stage.stand_in_for and self.pretrained(stage.stand_in_for):
             self.log(f"stage {index} ({stage.name}): skipped, the {stage.stand_in_for} is pretrained")
+            self.progress.stage, self.progress.stage_step = index + 1, 0
             return
         self.log(f"stage {index} ({stage.name}): {stage.steps} steps, training {', '.join(stage.train)}")
         params = apply_trainable(self.model, stage.train, key=f"stages.{index}.train", log=self.log, lora=stage.lora)
         groups = param_groups(self.model, params, stage.lr, stage.lr_scale)
         optimizer = torch.optim.AdamW(groups, lr=stage.lr, weight_decay=stage.weight_decay, betas=(0.9, 0.95))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(stage))
+        engine = self.group.engine(self.train_step)  # DDP is built once the stage has chosen what trains
         if self.resume_state is not None and self.progress.stage == index and self.progress.stage_step > 0:
-            self.group.load_optimizer_state(optimizer, self.resume_state["optimizer"])
-            scheduler.load_state_dict(self.resume_state["scheduler"])
-            torch.set_rng_state(self.resume_state["torch_rng"])
+            self._load_state(optimizer, scheduler, self.resume_state)
         self.resume_state = None
         self.model.train()
         batches = self._batches(index, stage, self.progress.stage_step)
@@ -249,7 +260,7 @@ class Trainer:
                          f"{self.progress.stage_step} of {stage.steps} steps")
                 break
             started = time.perf_counter()
-            loss, tokens = self._step(stage, batches, optimizer, scheduler, params)
+            loss, tokens = self._step(stage, batches, optimizer, scheduler, params, engine)
             elapsed = time.perf_counter() - started
             self.progress.stage_step += 1
             self.progress.step += 1
@@ -262,81 +273,84 @@ class Trainer:
         bar.close()
         from ..lora import ADAPTER_DIR, merge, save_adapters  # LoRA stages (see fusionlm.lora)
 
+        del engine
+        state = self.group.optimizer_state(self.model, optimizer)  # named by the adapters, before they merge
         merged = merge(self.model)  # adapters fold into the base weights: what follows sees a plain model
-        path = self.save(optimizer, scheduler)
+        # the stage is done: its checkpoint resumes at the next stage (a finished run: at nothing)
+        self.progress.stage, self.progress.stage_step = index + 1, 0
+        path = self.save(optimizer, scheduler, state)
         if merged:  # the adapter alone, in peft's format, beside the stage's last checkpoint
             save_adapters(merged, path / ADAPTER_DIR)
 
-    def _step(self, stage, batches, optimizer, scheduler, params) -> tuple[float | None, int]:
-        """One optimizer step over ``grad_accum`` micro-batches; None loss = skipped (non-finite)."""
-        total, tokens, micro, finite = 0.0, 0, 0, True
+    def _load_state(self, optimizer, scheduler, state: dict) -> None:
+        """Optimizer, schedule and random state of a checkpoint taken mid-stage, on any number of processes."""
+        saved = state["optimizer"]
+        if any(isinstance(k, int) for k in saved["state"]):  # written before states were keyed by name
+            optimizer.load_state_dict(saved)
+        else:
+            self.group.load_optimizer_state(self.model, optimizer, saved)
+        scheduler.load_state_dict(state["scheduler"])
+        rngs = state.get("rng") or [{"cpu": state["torch_rng"], "cuda": None}]
+        set_rng_state(rngs[self.group.rank % len(rngs)])
+
+    def _step(self, stage, batches, optimizer, scheduler, params, engine) -> tuple[float | None, int]:
+        """One optimizer step over ``grad_accum`` micro-batches; None loss = no update (nothing to
+        learn from, or a non-finite loss or gradient). The schedule advances either way: the
+        learning rate stays a function of the step."""
+        # Every micro-batch of the step is drawn, so the data position stays steps x grad_accum
+        # and a resumed run sees the same batches.
+        micro: list[Batch] = [next(batches) for _ in range(stage.grad_accum)]
         counts = Counts()
-        for _ in range(stage.grad_accum):
-            # Every micro-batch of the step is drawn, even after a bad one, so the data position
-            # stays steps x grad_accum and a resumed run sees the same batches.
-            batch: Batch = next(batches)
+        for batch in micro:
             counts.add(batch, self.log)
-            # this process's share of the micro-batch's loss (``distributed``): its target tokens
-            # over all processes' (language-model loss), or 1/W of the batch's (other objectives)
-            share = self._loss_share(stage, batch)
-            if not batch.sample_ids:
-                self._idle_pass()
-                continue
-            if not finite and not self.group.sharded:
-                continue  # the step is lost already (with sharded layers every process runs on)
-            batch = batch.to(self.device)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.train.bf16):
-                loss = loss_for(stage.objective)(self.model, batch) * share / stage.grad_accum
-            finite = finite and bool(torch.isfinite(loss))
-            if finite or self.group.sharded:
-                loss.backward()  # sharded layers: every process runs every backward (their collectives)
-            if not finite:
-                continue
-            total += float(loss.detach())
-            tokens += batch.num_tokens
-            micro += 1
-        bad, micro, total, tokens = self.group.sum([float(not finite), micro, total, tokens])
-        tokens = int(tokens)
+        loss, tokens, items, finite = self._gradients(stage, micro, engine)
         self._count(counts)
-        if bad:
-            optimizer.zero_grad(set_to_none=True)
-            return self._bad_step(), tokens
-        if micro == 0:
-            return None, tokens
-        self.group.sum_grads(params)
-        self.group.clip_grad_norm(params, self.config.train.grad_clip)
-        optimizer.step()
+        norm = self._grad_norm(params)
+        optimizer_steps = items > 0 and finite and math.isfinite(norm)
+        if optimizer_steps:
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
+        if items == 0:
+            return None, tokens
+        if not optimizer_steps:
+            return self._bad_step("loss" if not finite else f"gradient norm ({norm})"), tokens
         self.progress.bad_steps = 0
         self.progress.tokens += tokens
-        return total, tokens  # the micro-batches' scaled losses add up to the batch's mean
+        return loss, tokens
 
-    def _idle_pass(self) -> None:
-        """A process left without samples in a micro-batch still runs the sharded layers' forward and
-        backward (with zero gradient), which the other processes' collectives wait for."""
-        if not self.group.sharded:
-            return
-        ids = torch.full((1, 1), self.model.ids.pad, device=self.device)
-        (self.model(ids).logits.sum() * 0.0).backward()
+    def _gradients(self, stage: StageConfig, micro: list[Batch], engine) -> tuple[float, int, int, bool]:
+        """Back-propagate the step's micro-batches: (its loss, tokens, items, whether the loss is
+        finite), each over all processes. Each process divides its summed loss by the items of the
+        whole step (target tokens for ``lm``) and the engine sums the gradients over processes, once,
+        with the last micro-batch: the gradients are those of one batch of all the step's samples."""
+        objective = OBJECTIVES[stage.objective]
+        local = sum(objective.items(batch) for batch in micro if batch.sample_ids)
+        (items,) = self.group.sum([local])
+        shown = 0.0
+        for k, batch in enumerate(micro):
+            with self.group.accumulating(engine, sync=k == len(micro) - 1):
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                    train, part = engine(batch.to(self.device) if batch.sample_ids else None, objective)
+                (train / max(items, 1)).backward()  # a process without samples joins the reductions
+            shown += float(part) / max(items, 1)
+        finite = math.isfinite(shown)
+        loss, tokens, bad = self.group.sum([shown if finite else 0.0, sum(b.num_tokens for b in micro), not finite])
+        return loss, int(tokens), int(items), not bad
 
-    def _bad_step(self) -> None:
+    def _grad_norm(self, params: list[torch.nn.Parameter]) -> float:
+        """The gradients' global L2 norm, after clipping them to ``train.grad_clip`` (0 or null: not clipped)."""
+        norm = torch.nn.utils.clip_grad_norm_(params, self.config.train.grad_clip or math.inf)
+        return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+
+    def _bad_step(self, what: str) -> None:
         self.progress.bad_steps += 1
-        self.log(f"step {self.progress.step + 1}: non-finite loss, step skipped (no update)")
+        self.log(f"step {self.progress.step + 1}: non-finite {what}, step skipped (no update)")
         self.progress.skipped["nonfinite_step"] = self.progress.skipped.get("nonfinite_step", 0) + 1
         if self.progress.bad_steps >= self.config.train.max_bad_steps:
-            raise FusionError(f"training stopped: {self.progress.bad_steps} non-finite losses in a row "
+            raise FusionError(f"training stopped: {self.progress.bad_steps} non-finite steps in a row "
                               f"at step {self.progress.step + 1}; lower the learning rate or check the data")
         return None
-
-    def _loss_share(self, stage: StageConfig, batch: Batch) -> float:
-        if self.group.world == 1:
-            return 1.0
-        if stage.objective != "lm":
-            return 1.0 / self.group.world
-        local = int((batch.labels[:, 1:] != IGNORE).sum()) if batch.sample_ids else 0
-        (everyone,) = self.group.sum([local])
-        return local / everyone if everyone else 0.0
 
     def _count(self, counts: "Counts") -> None:
         p = self.progress
@@ -362,6 +376,18 @@ class Trainer:
         with open(self.metrics_path, "a") as fh:
             fh.write(json.dumps(row) + "\n")
         self.reporters.log(row, p.step)
+
+
+def rng_state() -> dict:
+    """This process's random state: the CPU's and, when there is one, every GPU's."""
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def plot_losses(metrics: Path, out: Path) -> None:

@@ -1,14 +1,23 @@
 """What a stage optimises. ``lm``: next-token loss on target tokens. ``contrastive``: CLIP-style
 alignment of images with their texts, a cheap encoder pre-training stage (seed 003's lever).
 
+Each objective is a class behind ``OBJECTIVES``. It counts the *items* a micro-batch holds (target
+tokens; samples) and returns the *sum* of their losses: the loop divides by the count of the whole
+step, over every micro-batch and process, so that accumulation and data parallelism change nothing
+(as transformers does with ``num_items_in_batch``).
+
 The contrastive objective adds no module: the image vector is the mean of the connector's output
 tokens, the text vector the mean of the LLM's own input embeddings of the target tokens. Matching
-images to texts within a batch (symmetric InfoNCE) teaches the encoder what the words distinguish
-— shape, colour, place — and lands image features in the LLM's word-embedding space, so the
-language stage starts from an encoder whose features already separate the concepts.
+images to texts (symmetric InfoNCE) teaches the encoder what the words distinguish — shape, colour,
+place — and lands image features in the LLM's word-embedding space. Its negatives are every other
+sample of the micro-batch *over all processes* (the vectors are gathered, as open_clip does), so one
+process and N give the same loss; with ``grad_accum`` > 1 they are those of the micro-batch only.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -18,37 +27,121 @@ from ..data.chat import IGNORE
 from ..data.processing import ImageBatch
 from ..errors import ConfigError
 from ..model import FusionLM
+from .distributed import all_rows
 
-OBJECTIVES = ("lm", "contrastive")
 TEMPERATURE = 0.07
 
 
+@dataclass
+class Loss:
+    """A micro-batch's loss in one process, summed over its items."""
+
+    train: torch.Tensor  # what this process back-propagates
+    shown: torch.Tensor  # its part of the logged loss: the parts of all processes add up to the whole
+
+
+class Objective:
+    name: ClassVar[str]
+
+    def items(self, batch: Batch) -> int:
+        """How many items the loss of ``batch`` sums over."""
+        raise NotImplementedError
+
+    def loss(self, model: FusionLM, batch: Batch, group=None) -> Loss:
+        raise NotImplementedError
+
+    def idle(self, model: FusionLM, group=None) -> Loss:
+        """A process without samples in this micro-batch: zero, while it joins the collectives that
+        ``loss`` runs in the others (gathered vectors, sharded layers)."""
+        raise NotImplementedError
+
+
+OBJECTIVES: dict[str, Objective] = {}
+
+
+def objective(cls: type[Objective]) -> type[Objective]:
+    OBJECTIVES[cls.name] = cls()
+    return cls
+
+
+@objective
+class LanguageModel(Objective):
+    name = "lm"
+
+    def items(self, batch: Batch) -> int:
+        return int((batch.labels[:, 1:] != IGNORE).sum())
+
+    def loss(self, model: FusionLM, batch: Batch, group=None) -> Loss:
+        out = model(batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values,
+                    labels=batch.labels, segment_ids=batch.segments, loss_reduction="sum")
+        return Loss(out.loss, out.loss.detach())
+
+    def idle(self, model: FusionLM, group=None) -> Loss:
+        ids = torch.full((1, 1), model.ids.pad, device=model.llm.get_input_embeddings().weight.device)
+        zero = model(ids).logits.sum() * 0.0  # runs the (sharded) decoder layers as the others do
+        return Loss(zero, zero.detach())
+
+
+@objective
+class Contrastive(Objective):
+    """Symmetric InfoNCE between each sample's image and its target text (one image per sample)."""
+
+    name = "contrastive"
+
+    def items(self, batch: Batch) -> int:
+        return batch.input_ids.shape[0]
+
+    def loss(self, model: FusionLM, batch: Batch, group=None) -> Loss:
+        return self._over_all(torch.cat(self.vectors(model, batch), dim=-1), group)
+
+    def idle(self, model: FusionLM, group=None) -> Loss:
+        weight = model.llm.get_input_embeddings().weight
+        return self._over_all(weight.new_zeros((0, 2 * weight.shape[1])), group)
+
+    @staticmethod
+    def vectors(model: FusionLM, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, D) image vectors and (B, D) text vectors."""
+        n = batch.input_ids.shape[0]
+        images = whole_images(batch.images)
+        count = 0 if images is None else len(images)
+        if count != n:
+            raise ConfigError(
+                f"the contrastive objective needs exactly one image per sample; a batch of {n} samples "
+                f"has {count} images (use single-image tasks such as caption)"
+            )
+        features = model.image_features(images)  # (B, N, D), images with fewer tokens zero-padded
+        counts = torch.tensor(model.slot_tokens(images), device=features.device)
+        real = (torch.arange(features.shape[1], device=features.device)[None] < counts[:, None]).unsqueeze(-1)  # (B, N, 1)
+        image = (features * real).sum(1) / counts[:, None]  # (B, D): the mean of each image's real tokens
+        targets = (batch.labels != IGNORE) & (batch.labels != model.ids.end)  # (B, T)
+        embeds = model.llm.get_input_embeddings()(batch.input_ids)  # (B, T, D)
+        text = (embeds * targets.unsqueeze(-1)).sum(1) / targets.sum(1, keepdim=True).clamp(min=1)  # (B, D)
+        return image, text
+
+    @staticmethod
+    def _over_all(local: torch.Tensor, group) -> Loss:
+        """The InfoNCE terms of every sample of the micro-batch over all processes (n local rows of
+        [image | text], N in all): each process back-propagates all N terms (only its own rows carry
+        gradient) and shows its own n."""
+        both, start = all_rows(local, group)  # (N, 2D)
+        image, text = both.chunk(2, dim=-1)  # (N, D) each
+        logits = F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T / TEMPERATURE  # (N, N)
+        labels = torch.arange(logits.shape[0], device=logits.device)
+        terms = 0.5 * (F.cross_entropy(logits, labels, reduction="none")
+                       + F.cross_entropy(logits.T, labels, reduction="none"))  # (N,)
+        return Loss(terms.sum(), terms[start: start + local.shape[0]].sum().detach())
+
+
 def lm_loss(model: FusionLM, batch: Batch) -> torch.Tensor:
-    out = model(batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values,
-                labels=batch.labels, segment_ids=batch.segments)
-    return out.loss
+    """The mean next-token loss over ``batch``'s target tokens."""
+    return model(batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values,
+                 labels=batch.labels, segment_ids=batch.segments).loss
 
 
 def contrastive_loss(model: FusionLM, batch: Batch) -> torch.Tensor:
-    """Symmetric InfoNCE between each sample's image and its target text (one image per sample)."""
-    n = batch.input_ids.shape[0]
-    images = whole_images(batch.images)
-    count = 0 if images is None else len(images)
-    if count != n:
-        raise ConfigError(
-            f"the contrastive objective needs exactly one image per sample; a batch of {n} samples "
-            f"has {count} images (use single-image tasks such as caption)"
-        )
-    features = model.image_features(images)  # (B, N, D), images with fewer tokens zero-padded
-    counts = torch.tensor(model.slot_tokens(images), device=features.device)
-    real = (torch.arange(features.shape[1], device=features.device)[None] < counts[:, None]).unsqueeze(-1)  # (B, N, 1)
-    image = (features * real).sum(1) / counts[:, None]  # (B, D): the mean of each image's real tokens
-    targets = (batch.labels != IGNORE) & (batch.labels != model.ids.end)  # (B, T)
-    embeds = model.llm.get_input_embeddings()(batch.input_ids)  # (B, T, D)
-    text = (embeds * targets.unsqueeze(-1)).sum(1) / targets.sum(1, keepdim=True).clamp(min=1)  # (B, D)
-    logits = F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T / TEMPERATURE  # (B, B)
-    labels = torch.arange(n, device=logits.device)
-    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+    """The mean symmetric InfoNCE over ``batch`` (one process)."""
+    contrastive = OBJECTIVES["contrastive"]
+    return contrastive.loss(model, batch).train / contrastive.items(batch)
 
 
 def whole_images(images: ImageBatch | None) -> ImageBatch | None:
@@ -60,7 +153,3 @@ def whole_images(images: ImageBatch | None) -> ImageBatch | None:
         raise ConfigError("the contrastive objective with tiling compares whole images: set model.tiling.thumbnail")
     return ImageBatch(images.pixel_values[keep], [images.grids[i] for i in keep],
                       {k: v[keep] for k, v in images.extras.items()})
-
-
-def loss_for(objective: str):
-    return {"lm": lm_loss, "contrastive": contrastive_loss}[objective]

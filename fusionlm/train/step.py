@@ -1,0 +1,36 @@
+"""One micro-batch's loss as a module's forward: what DDP and FSDP wrap, so that the objective's whole
+computation (the encoder, the gathered contrastive vectors, the LLM) runs inside their hooks."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from ..data.batches import Batch
+from .objectives import Loss, Objective
+
+
+class TrainStep(nn.Module):
+    def __init__(self, model: nn.Module, group) -> None:
+        super().__init__()
+        self.model = model
+        self.group = group
+
+    def forward(self, batch: Batch | None, objective: Objective) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the loss this process back-propagates, its part of the logged loss); ``batch`` None: this
+        process has no sample in the micro-batch."""
+        loss: Loss = objective.idle(self.model, self.group) if batch is None else \
+            objective.loss(self.model, batch, self.group)
+        return loss.train + touch(self.model, loss.train), loss.shown
+
+
+def touch(model: nn.Module, like: torch.Tensor) -> torch.Tensor:
+    """Zero times one element of every trainable weight: every process then gives every trainable
+    weight a gradient in every backward, so DDP's and FSDP's reductions are the same on all of them
+    (a micro-batch without images skips the encoder). Weights FSDP left sharded (a layer that did
+    not run here, nor anywhere) are left out."""
+    picked = [p.reshape(-1)[:1] for p in model.parameters() if p.requires_grad and not isinstance(p, DTensor)]
+    if not picked:
+        return like.new_zeros(())
+    return torch.cat(picked).sum() * 0.0
