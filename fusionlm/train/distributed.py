@@ -38,7 +38,6 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_optimizer_state_dict,
 )
-from torch.distributed.tensor import DTensor
 
 from ..device import resolve_device
 from ..errors import ConfigError
@@ -223,8 +222,3 @@ def all_rows(local: torch.Tensor, group: Group | None) -> tuple[torch.Tensor, in
     rows = [part[:n] for part, n in zip(parts, sizes)]
     rows[group.rank] = local  # (n, D), with its gradient
     return torch.cat(rows), sum(sizes[: group.rank])  # (N, D)
-
-
-def gathered(value):
-    """A sharded tensor gathered whole (a collective); anything else as it is."""
-    return value.full_tensor() if isinstance(value, DTensor) else value
