@@ -217,3 +217,24 @@ def test_each_process_is_placed_on_its_own_device(monkeypatch):
         plan({"WORLD_SIZE": "2", "RANK": "0"}, "cuda:1")
     with pytest.raises(ConfigError, match=r"train\.backend: nccl needs CUDA devices"):
         plan({"WORLD_SIZE": "2", "RANK": "0"}, "cpu", "nccl")
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_a_process_without_samples_joins_the_others(tmp_path, parallel):
+    """A 36-token context skips the long caption samples: with one sample per process, some steps
+    leave one process (or both) with nothing to train on. The run neither hangs nor changes: the
+    same losses (None where no process had a sample) and counts as one process."""
+    data = recipe(batch=2)
+    data["train"]["parallel"] = parallel
+    data["model"]["llm"]["max_length"] = 36
+    data["stages"] = [stage("s", steps=8, batch_size=2, mixture={"color": 1, "caption": 1})]
+    train(validate(from_dict(data)), tmp_path / "one", log=lambda *_: None)
+    run_parallel(data, tmp_path / "two")
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    trained = [r["samples_trained"] for r in one]
+    assert trained[0] == 0 and any(b - a == 1 for a, b in zip(trained, trained[1:]))  # empty and half steps
+    for a, b in zip(one, two):
+        assert (a["loss"] is None) == (b["loss"] is None)
+        if a["loss"] is not None:
+            assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6)
+        assert (a["samples_trained"], a["skipped"]) == (b["samples_trained"], b["skipped"])
