@@ -175,7 +175,8 @@ class Group:
         first: dict[int, str] = {}  # tied weights (e.g. the LM head and the embeddings) are written once
         for name, tensor in model.state_dict(keep_vars=True).items():
             first.setdefault(id(tensor), name)
-        return {k: v for k, v in full.items() if k in set(first.values())}
+        keep = set(first.values())
+        return {k: v for k, v in full.items() if k in keep}
 
     def optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
         """The optimizer's state keyed by parameter name, whole (every process must call it)."""
