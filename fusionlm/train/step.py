@@ -29,8 +29,8 @@ def touch(model: nn.Module, like: torch.Tensor) -> torch.Tensor:
     """Zero times one element of every trainable weight: every process then gives every trainable
     weight a gradient in every backward, so DDP's and FSDP's reductions are the same on all of them
     (a micro-batch without images skips the encoder). One process does it too, so that a weight no
-    forward uses gets the same (zero) gradient, Adam state and weight decay as under N. Weights FSDP left sharded (a layer that did
-    not run here, nor anywhere) are left out."""
+    forward uses gets the same (zero) gradient, Adam state and weight decay as under N. Weights
+    FSDP left sharded (a layer that did not run here, nor anywhere) are left out."""
     picked = [p.reshape(-1)[:1] for p in model.parameters() if p.requires_grad and not isinstance(p, DTensor)]
     if not picked:
         return like.new_zeros(())
