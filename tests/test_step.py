@@ -59,7 +59,8 @@ def test_two_micro_batches_give_the_gradients_of_one_batch(tmp_path, objective, 
 def test_a_non_finite_gradient_from_a_finite_loss_is_not_applied(tmp_path):
     """A gradient poisoned in backward (the loss stays finite) skips the step, is counted, and the
     learning-rate schedule still advances: it stays a function of the step."""
-    data = tiny_dict(stages=[stage("s", steps=5, warmup_steps=2)], train={"checkpoint_every": 1, "keep_checkpoints": 10})
+    data = tiny_dict(stages=[stage("s", steps=5, warmup_steps=2)],
+                     train={"checkpoint_every": 1, "keep_checkpoints": 10})
     trainer = Trainer(validate(from_dict(data)), tmp_path / "run", log=quiet)
     calls = {"n": 0}
 
