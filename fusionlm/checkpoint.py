@@ -5,6 +5,11 @@ into place, so a crash (even ``kill -9``) mid-write leaves the previous checkpoi
 One that replaces a checkpoint of the same name sets the old one aside first and deletes it only
 once the new one is in place; ``recover_checkpoints`` puts it back if a kill came in between.
 Loading reads safetensors only (no pickle, no code) and checks every key and shape.
+
+A training run may instead write its weights as shards (``train.checkpoint_format: sharded``):
+each process writes its own part into ``SHARDED/`` with ``torch.distributed.checkpoint``, nothing
+gathered on one process; such a checkpoint loads on any number of processes (its shards are
+re-split) and ``fusionlm export`` turns it into one whole file.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ import json
 import os
 import re
 import shutil
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -23,12 +30,13 @@ from .config import ModelConfig, RecipeConfig, TilingConfig, TokenizerConfig, lo
 from .data.chat import end_of_turn
 from .data.layout import SpecialIds
 from .data.tokenizer import load_tokenizer
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, first_line
 from .device import resolve_device
 from . import lora
 from .model import FusionLM
 
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.yaml", "tokenizer"
+SHARDED = "sharded"  # torch.distributed.checkpoint's folder: each process's shards, then its .metadata
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -99,16 +107,16 @@ def _unique_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def save_model(model: FusionLM, tokenizer, config: RecipeConfig, path: str | Path, *, extra=None,
-               state: dict[str, torch.Tensor] | None = None) -> Path:
+               state: dict[str, torch.Tensor] | None = None, staged: Path | None = None) -> Path:
     """Write weights, config and tokenizer to ``path`` atomically; ``extra(tmp_dir)`` adds files.
-    ``state``: the weights to write, when not ``model.state_dict()`` (gathered from shards)."""
+    ``state``: the weights to write, when not ``model.state_dict()`` (gathered from shards).
+    ``staged``: a folder from ``staging(path)`` that holds the weights already, as ``SHARDED``."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    # mid LoRA stage: the unmerged adapter state, with the settings a loader re-injects them from
-    meta = {"format": "pt", "fusionlm": "1", **lora.metadata(model)}
-    save_file(_unique_state(model.state_dict() if state is None else state), str(tmp / WEIGHTS), metadata=meta)
+    tmp = staged if staged is not None else staging(path)
+    if staged is None:
+        # mid LoRA stage: the unmerged adapter state, with the settings a loader re-injects them from
+        meta = {"format": "pt", "fusionlm": "1", **lora.metadata(model)}
+        save_file(_unique_state(model.state_dict() if state is None else state), str(tmp / WEIGHTS), metadata=meta)
     save_config(config, tmp / CONFIG)
     tokenizer.save_pretrained(str(tmp / TOKENIZER))
     if extra is not None:
@@ -125,6 +133,20 @@ def save_model(model: FusionLM, tokenizer, config: RecipeConfig, path: str | Pat
     return path
 
 
+def staging(path: str | Path) -> Path:
+    """A new, empty temporary folder beside ``path``, where the checkpoint for ``path`` is written."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def is_complete(path: Path) -> bool:
+    """Whether ``path`` holds a checkpoint's weights: one safetensors file or a finished set of shards."""
+    return (path / WEIGHTS).is_file() or (path / SHARDED / ".metadata").is_file()
+
+
 def recover_checkpoints(run_dir: str | Path) -> None:
     """Tidy what a killed run left in ``run_dir/checkpoints``: half-written checkpoints (never
     complete, never read) are deleted; a checkpoint set aside by a swap the kill cut short goes
@@ -134,7 +156,7 @@ def recover_checkpoints(run_dir: str | Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     for old in folder.glob(".step-*.old-*"):
         path = folder / old.name[1:].rsplit(".old-", 1)[0]
-        if (path / WEIGHTS).is_file():
+        if is_complete(path):
             shutil.rmtree(old, ignore_errors=True)
         else:
             shutil.rmtree(path, ignore_errors=True)
@@ -166,6 +188,53 @@ def load_weights(model: torch.nn.Module, file: str | Path) -> None:
     load_state(model, state, str(file))
 
 
+def load_checkpoint_weights(model: torch.nn.Module, ckpt: Path) -> None:
+    """The weights of checkpoint folder ``ckpt`` into ``model``: its safetensors file or its shards."""
+    if (ckpt / WEIGHTS).is_file():
+        load_weights(model, ckpt / WEIGHTS)
+    else:
+        load_shards(model, ckpt / SHARDED)
+
+
+def unique_names(model: torch.nn.Module) -> set[str]:
+    """The name of each weight once: tied weights (the LM head and the embeddings) by their first name."""
+    first: dict[int, str] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        first.setdefault(id(tensor), name)
+    return set(first.values())
+
+
+def load_shards(model: torch.nn.Module, folder: Path) -> None:
+    """Load the model weights that ``torch.distributed.checkpoint`` wrote as shards into ``folder``,
+    re-split for this number of processes (every process of a group calls it; one alone reads all)."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    keep = unique_names(model)
+    state = {"model": {k: v for k, v in model.state_dict().items() if k in keep}}
+    with shard_io(folder, "load these shards into the model"):
+        dcp.load(state, checkpoint_id=str(folder), no_dist=not dist.is_initialized())
+
+
+@contextmanager
+def shard_io(folder: Path, doing: str):
+    """Around a ``torch.distributed.checkpoint`` call on ``folder``: its failure on any process
+    becomes one ``CheckpointError`` naming the folder and the first failing process's error (a
+    wrong shape, a missing key, a truncated file); its notice that one process works alone is muted."""
+    from torch.distributed.checkpoint import CheckpointException  # a BaseException: caught by name
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        try:
+            yield
+        except (Exception, CheckpointException) as exc:
+            failures = sorted(getattr(exc, "failures", {}).items())
+            inner = failures[0][1][0] if failures else exc
+            where = f"process {failures[0][0]}: " if failures else ""
+            raise CheckpointError(f"{folder}: cannot {doing} ({where}{type(inner).__name__}"
+                                  f"{': ' + first_line(inner) if str(inner).strip() else ''})") from None
+
+
 def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
     """Copy ``state`` into ``model``: every weight present, none unknown, every shape right."""
     expected = model.state_dict()
@@ -188,11 +257,12 @@ def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], where: st
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory, or a training output directory's latest complete checkpoint."""
     path = Path(path)
-    if (path / WEIGHTS).is_file():
+    if is_complete(path):
         return path
     steps = list_checkpoints(path)
     if not steps:
-        raise CheckpointError(f"{path}: no complete checkpoint here (expected {WEIGHTS} or checkpoints/step-N/)")
+        raise CheckpointError(f"{path}: no complete checkpoint here (expected {WEIGHTS}, {SHARDED}/ "
+                              "or checkpoints/step-N/)")
     return steps[-1]
 
 
@@ -201,7 +271,7 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     folder = Path(run_dir) / "checkpoints"
     if not folder.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := STEP_DIR.match(p.name)) and (p / WEIGHTS).is_file()]
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := STEP_DIR.match(p.name)) and is_complete(p)]
     return [p for _, p in sorted(found)]
 
 
@@ -223,7 +293,7 @@ def load_model(path: str | Path, *, device: str = "cpu") -> tuple[FusionLM, obje
     config = load_config(ckpt / CONFIG)
     tokenizer = load_tokenizer(ckpt / TOKENIZER, required_tokens(config))
     model = build_model(config, tokenizer, pretrained=False)
-    load_weights(model, ckpt / WEIGHTS)
+    load_checkpoint_weights(model, ckpt)
     lora.merge(model)  # a checkpoint saved mid LoRA stage: its adapters folded into the weights
     model.eval().to(resolve_device(device))
     return model, tokenizer, config

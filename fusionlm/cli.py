@@ -257,10 +257,11 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("--allow-custom-code", action="store_true", help="let the checkpoint's own code (auto_map) run")
     i.set_defaults(fn=cmd_import)
 
-    x = sub.add_parser("export", help="write a fusionlm checkpoint in a transformers format")
+    x = sub.add_parser("export", help="write a fusionlm checkpoint in a transformers format, or whole")
     x.add_argument("checkpoint", help="a checkpoint or a run directory (its latest checkpoint)")
     x.add_argument("out")
-    x.add_argument("--format", required=True, choices=["llava", "mllama", "fuyu"])
+    x.add_argument("--format", required=True, choices=["llava", "mllama", "fuyu", "fusionlm"],
+                   help="fusionlm: one whole fusionlm checkpoint (e.g. of a run that wrote shards)")
     x.set_defaults(fn=cmd_export)
 
     n = sub.add_parser("info", help="parameters, image tokens and FLOPs per part of one or more recipes")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import build_model, list_checkpoints, load_model, load_weights, WEIGHTS
+from .checkpoint import build_model, list_checkpoints, load_checkpoint_weights, load_model
 from .config import RecipeConfig, load_recipe
 from .data.batches import collate
 from .data.chat import SkipSample, encode
@@ -200,7 +200,7 @@ def _text_loss_before(run: Path, config: RecipeConfig, model, tokenizer, metrics
         return None
     torch.manual_seed(0)
     before = build_model(config, tokenizer, pretrained=False).to(next(model.parameters()).device).eval()
-    load_weights(before, ckpt / WEIGHTS)
+    load_checkpoint_weights(before, ckpt)
     return text_loss(before, tokenizer, config, build_source(config.data))
 
 

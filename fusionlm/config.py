@@ -178,6 +178,9 @@ class TrainConfig:
     init_from: str | None = None  # start from this fusionlm checkpoint's model, tokenizer and weights
     checkpoint_every: int = 0  # optimizer steps; 0 = only at the end of each stage
     keep_checkpoints: int = 2
+    # full: whole tensors in one safetensors file, gathered and written by rank 0; sharded: each
+    # process writes its own shards (torch.distributed.checkpoint), nothing gathered (large fsdp runs)
+    checkpoint_format: str = "full"
     device: str = "auto"  # auto (a GPU when there is one) | cpu | cuda | cuda:N | mps
     bf16: bool = False  # bf16 autocast for the forward pass
     # torch.compile each LLM decoder layer (fused elementwise work; the first steps of each new
@@ -424,6 +427,7 @@ CHOICES = {  # dotted key -> allowed values, checked by ``validate``
     "model.fusion.visibility": ("preceding", "latest"),
     "model.tiling.marker": ("tags", "newline", "none"),
     "train.parallel": ("ddp", "fsdp"),
+    "train.checkpoint_format": ("full", "sharded"),
     "train.backend": ("auto", "gloo", "nccl"),
 }
 TRAINABLE_GROUPS = ("encoder", "connector", "llm", "cross_attention", "all")

@@ -27,3 +27,8 @@ class CheckpointError(FusionError):
 
 class ExportError(FusionError):
     """A model's structure does not fit the checkpoint format it is being exported to."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of ``exc``'s message (its type's name when it has none), for a one-line error."""
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)

@@ -199,6 +199,27 @@ def test_truncated_weights_are_refused_by_name(run_with_two_checkpoints, capsys)
     assert rc == 2 and "model.safetensors" in err and "Traceback" not in err
 
 
+def test_a_run_written_as_shards_loads_exports_and_names_a_damaged_shard(tmp_path, capsys):
+    """train.checkpoint_format: sharded on one process: the checkpoints hold shards, no safetensors
+    file; eval and export read them whole (export --format fusionlm writes the one-file checkpoint);
+    a truncated shard is refused naming its folder, with no traceback."""
+    run = tmp_path / "run"
+    train(from_dict(tiny_dict(stages=[stage("s", steps=4)], train={"checkpoint_format": "sharded",
+                                                                   "checkpoint_every": 2})), run, log=quiet)
+    assert [p.name for p in list_checkpoints(run)] == ["step-000002", "step-000004"]
+    last = list_checkpoints(run)[-1]
+    assert (last / "sharded" / ".metadata").is_file() and not (last / "model.safetensors").exists()
+    model, _, _ = load_model(run)
+    assert run_cli(capsys, "export", run, tmp_path / "whole", "--format", "fusionlm")[0] == 0
+    assert same_tensors(weights(tmp_path / "whole"), model.state_dict())
+    shard = last / "sharded" / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:200])
+    with pytest.raises(CheckpointError, match="cannot load these shards into the model"):
+        load_model(run)
+    rc, _, err = run_cli(capsys, "train", run / "config.yaml", "--out", run, "--resume")
+    assert rc == 2 and str(last / "sharded") in err and "Traceback" not in err
+
+
 # ----------------------------------------------------------------------------- user data with problems
 
 

@@ -81,6 +81,7 @@ class FormatRegistry(Registry[Format]):
 
 
 FORMATS = FormatRegistry("format", "--format")
+WHOLE = "fusionlm"  # export's own format: a whole fusionlm checkpoint
 
 
 def register(fmt: Format) -> Format:
@@ -147,7 +148,11 @@ def _image_processor(source: str) -> dict[str, Any] | None:
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, format_name: str, *, log=print) -> Path:
-    """Write ``checkpoint`` as a directory transformers' class for ``format_name`` loads."""
+    """Write ``checkpoint`` as a directory transformers' class for ``format_name`` loads, or
+    (``fusionlm``) as one whole fusionlm checkpoint: one safetensors file, e.g. from a run's shards."""
+    if format_name == WHOLE:
+        model, tokenizer, config = load_model(checkpoint)
+        return save_model(model, tokenizer, config, out)
     fmt = FORMATS.get(format_name)
     model, tokenizer, _ = load_model(checkpoint)
     fmt.check(model)

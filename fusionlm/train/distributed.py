@@ -20,8 +20,10 @@ Two ways to hold the model (``train.parallel``):
   its gradients during backward. With ``train.bf16`` the gathered weights are bf16 and the
   gradients are reduced in fp32 (``MixedPrecisionPolicy``).
 
-Checkpoints hold whole tensors, gathered with ``torch.distributed.checkpoint.state_dict``: rank 0
-writes them and they resume on any number of processes.
+Checkpoints (``train.checkpoint_format``) hold either whole tensors, gathered with
+``torch.distributed.checkpoint.state_dict`` and written by rank 0 (``full``), or each process's own
+shards, written by every process at once with ``torch.distributed.checkpoint`` and nothing gathered
+(``sharded``, for models too big to gather on one process). Both resume on any number of processes.
 """
 
 from __future__ import annotations
@@ -30,15 +32,18 @@ import os
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Mapping
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_optimizer_state_dict,
 )
 
+from ..checkpoint import shard_io, unique_names
 from ..device import resolve_device
 from ..errors import ConfigError
 
@@ -172,20 +177,37 @@ class Group:
         if not self.sharded:
             return None
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        first: dict[int, str] = {}  # tied weights (e.g. the LM head and the embeddings) are written once
-        for name, tensor in model.state_dict(keep_vars=True).items():
-            first.setdefault(id(tensor), name)
-        keep = set(first.values())
+        keep = unique_names(model)  # tied weights (e.g. the LM head and the embeddings) are written once
         return {k: v for k, v in full.items() if k in keep}
 
-    def optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-        """The optimizer's state keyed by parameter name, whole (every process must call it)."""
-        return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
-                                                                                   cpu_offload=self.sharded))
+    def optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, full: bool = True) -> dict:
+        """The optimizer's state keyed by parameter name (every process must call it): whole, or
+        (``full=False``) each process's own shards of it, as ``save_shards`` writes them."""
+        return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=full,
+                                                                                   cpu_offload=self.sharded and full))
 
     def load_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
         """Load a whole optimizer state (as ``optimizer_state`` wrote it), each process keeping its shards."""
         set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+    # ------------------------------------------------------------------ each process's shards
+
+    def save_shards(self, model: nn.Module, optimizer_state: dict, folder: Path) -> None:
+        """Every process writes its own shards of the model and of ``optimizer_state`` (from
+        ``optimizer_state(full=False)``) into ``folder`` at once; nothing is gathered (every process
+        must call it, ``folder`` on a file system they all see)."""
+        keep = unique_names(model)
+        weights = {k: v for k, v in get_model_state_dict(model).items() if k in keep}
+        with shard_io(folder, "write the shards"):
+            dcp.save({"model": weights, "optimizer": optimizer_state}, checkpoint_id=str(folder),
+                     no_dist=self.world == 1)
+
+    def load_optimizer_shards(self, model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+        """The optimizer state that ``save_shards`` wrote into ``folder``, re-split for these processes."""
+        state = get_optimizer_state_dict(model, optimizer)  # this process's shards, initialised: the layout to fill
+        with shard_io(folder, "load its optimizer state into this stage's optimizer"):
+            dcp.load({"optimizer": state}, checkpoint_id=str(folder), no_dist=self.world == 1)
+        set_optimizer_state_dict(model, optimizer, state)
 
 
 @contextmanager

@@ -17,8 +17,8 @@ from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from ..checkpoint import (
-    CONFIG, TOKENIZER, WEIGHTS, build_model, list_checkpoints, load_weights, needs_newline, recover_checkpoints,
-    required_tokens, resolve_checkpoint, save_model,
+    CONFIG, SHARDED, TOKENIZER, build_model, list_checkpoints, load_checkpoint_weights, needs_newline,
+    recover_checkpoints, required_tokens, resolve_checkpoint, save_model, staging,
 )
 from ..config import RecipeConfig, StageConfig, load_config, save_config
 from ..data.batches import Batch, ImageSpec, MixtureBatches, check_mixture
@@ -101,13 +101,13 @@ class Trainer:
         self.autocast = config.train.bf16 or upcast is not None
         self.resume_state = None
         if init is not None:
-            load_weights(self.model, init / WEIGHTS)
+            load_checkpoint_weights(self.model, init)
         if ckpt is not None:
-            load_weights(self.model, ckpt / WEIGHTS)
+            load_checkpoint_weights(self.model, ckpt)  # whole weights on every process, sharded below
             self.progress = Progress(**json.loads((ckpt / TRAINER_STATE).read_text()))
             self.resume_state = torch.load(ckpt / OPTIMIZER_STATE, weights_only=True, map_location="cpu")
             log(f"resuming from {ckpt} (step {self.progress.step})")
-        self.resumed = ckpt is not None
+        self.resumed, self.resume_dir = ckpt is not None, ckpt
         self.model.to(self.device)
         if config.train.activation_checkpointing:
             self.model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -132,6 +132,9 @@ class Trainer:
             select_trainable(self.model, stage.train, key=f"stages.{i}.train")
             if stage.lora is not None and self.group.sharded:
                 raise ConfigError(f"stages.{i}.lora: LoRA stages do not run with train.parallel fsdp yet; use ddp")
+            if stage.lora is not None and self.sharded_checkpoints:
+                raise ConfigError(f"stages.{i}.lora: LoRA stages write whole checkpoints; "
+                                  "set train.checkpoint_format: full")
             if stage.lora is not None:
                 from ..lora import check_targets
 
@@ -162,23 +165,37 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def save(self, optimizer, scheduler, state: dict | None = None) -> Path:
-        """A checkpoint of the run as it stands; ``state``: the optimizer's, when taken already."""
-        path = self.out / "checkpoints" / f"step-{self.progress.step:06d}"
+    @property
+    def sharded_checkpoints(self) -> bool:
+        return self.config.train.checkpoint_format == "sharded"
 
-        # whole tensors, keyed by name, gathered from every process's shards; rank 0 writes them
-        weights = self.group.model_state(self.model)
-        state = state if state is not None else self.group.optimizer_state(self.model, optimizer)
+    def optimizer_state(self, optimizer) -> dict:
+        """What a checkpoint keeps of ``optimizer``: its whole state, or this process's shards of it."""
+        return self.group.optimizer_state(self.model, optimizer, full=not self.sharded_checkpoints)
+
+    def save(self, optimizer, scheduler, state: dict | None = None) -> Path:
+        """A checkpoint of the run as it stands; ``state``: the optimizer's (``optimizer_state``), when
+        taken already. Every process must call it."""
+        path = self.out / "checkpoints" / f"step-{self.progress.step:06d}"
+        state = state if state is not None else self.optimizer_state(optimizer)
         rng = self.group.gather_objects(rng_state())  # each process's own (dropout differs per process)
+        resume = {"scheduler": scheduler.state_dict(), "rng": rng}
+        weights = staged = None
+        if self.sharded_checkpoints:  # every process writes its shards into rank 0's temporary folder
+            staged = self.group.gather_objects(staging(path) if self.group.main else None)[0]
+            self.group.save_shards(self.model, state, staged / SHARDED)
+        else:  # whole tensors, keyed by name, gathered from every process's shards; rank 0 writes them
+            weights = self.group.model_state(self.model)
+            resume["optimizer"] = state
 
         def extra(tmp: Path) -> None:
             (tmp / TRAINER_STATE).write_text(json.dumps(self.progress.__dict__))
-            torch.save({"optimizer": state, "scheduler": scheduler.state_dict(), "rng": rng}, tmp / OPTIMIZER_STATE)
+            torch.save(resume, tmp / OPTIMIZER_STATE)
 
         if not self.group.main:  # rank 0 writes; the others wait until the checkpoint is complete
             self.group.barrier()
             return path
-        save_model(self.model, self.tokenizer, self.config, path, extra=extra, state=weights)
+        save_model(self.model, self.tokenizer, self.config, path, extra=extra, state=weights, staged=staged)
         self.group.barrier()
         for old in list_checkpoints(self.out)[: -max(1, self.config.train.keep_checkpoints)]:
             if old != path:
@@ -274,7 +291,7 @@ class Trainer:
         from ..lora import ADAPTER_DIR, merge, save_adapters  # LoRA stages (see fusionlm.lora)
 
         del engine
-        state = self.group.optimizer_state(self.model, optimizer)  # named by the adapters, before they merge
+        state = self.optimizer_state(optimizer)  # named by the adapters, before they merge
         merged = merge(self.model)  # adapters fold into the base weights: what follows sees a plain model
         # the stage is done: its checkpoint resumes at the next stage (a finished run: at nothing)
         self.progress.stage, self.progress.stage_step = index + 1, 0
@@ -284,8 +301,10 @@ class Trainer:
 
     def _load_state(self, optimizer, scheduler, state: dict) -> None:
         """Optimizer, schedule and random state of a checkpoint taken mid-stage, on any number of processes."""
-        saved = state["optimizer"]
-        if any(isinstance(k, int) for k in saved["state"]):  # written before states were keyed by name
+        saved = state.get("optimizer")
+        if saved is None:  # a sharded checkpoint: each process reads its own part
+            self.group.load_optimizer_shards(self.model, optimizer, self.resume_dir / SHARDED)
+        elif any(isinstance(k, int) for k in saved["state"]):  # written before states were keyed by name
             optimizer.load_state_dict(saved)
         else:
             self.group.load_optimizer_state(self.model, optimizer, saved)
