@@ -30,6 +30,7 @@ from .config import ModelConfig, RecipeConfig, TilingConfig, TokenizerConfig, lo
 from .data.chat import end_of_turn
 from .data.layout import SpecialIds
 from .data.tokenizer import load_tokenizer
+from .designs import design_of
 from .errors import CheckpointError, ConfigError, first_line
 from .device import resolve_device
 from . import lora
@@ -53,7 +54,7 @@ def tile_tags(tokenizer, tiling: TilingConfig | None) -> tuple[tuple[int, ...], 
 
 def needs_newline(model: ModelConfig) -> bool:
     """Whether the image-newline token is used: Fuyu's rows, or tiles marked by a newline."""
-    return model.fusion.kind == "fuyu" or (model.tiling.max_tiles > 0 and model.tiling.marker == "newline")
+    return design_of(model.fusion.kind).sequence.newline or (model.tiling.max_tiles > 0 and model.tiling.marker == "newline")
 
 
 def special_ids(tokenizer, tcfg: TokenizerConfig, *, need_newline: bool,

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from .designs import design_of
 from .errors import ConfigError
 
 
@@ -80,7 +81,8 @@ class LLMConfig:
 
 @dataclass
 class FusionConfig:
-    """How image features reach the decoder. ``kind``: unified | cross_attention | fuyu."""
+    """How image features reach the decoder. ``kind``: a design of ``fusionlm.designs`` (unified, fuyu,
+    cross_attention, hybrid)."""
 
     kind: str = "unified"
     every_n: int = 2  # cross_attention: a gated block before every Nth decoder layer
@@ -418,7 +420,6 @@ def load_config(path: str | Path) -> RecipeConfig:
 
 # ----------------------------------------------------------------------------- semantic checks
 
-FUSION_KINDS = ("unified", "cross_attention", "fuyu", "hybrid")
 DTYPES = ("float32", "bfloat16", "float16")
 CHOICES = {  # dotted key -> allowed values, checked by ``validate``
     "model.encoder.dtype": DTYPES,
@@ -437,8 +438,7 @@ REPORT_TO = ("tensorboard", "wandb")  # train.report_to: where metrics go beside
 def validate(config: RecipeConfig) -> RecipeConfig:
     """Checks that need more than types. Component names are checked by their registries."""
     fusion = config.model.fusion
-    if fusion.kind not in FUSION_KINDS:
-        raise ConfigError(f"model.fusion.kind: unknown fusion {fusion.kind!r} (known: {', '.join(FUSION_KINDS)})")
+    design = design_of(fusion.kind)  # a ConfigError listing the designs, for an unknown one
     for dotted, allowed in CHOICES.items():
         value = config
         for part in dotted.split("."):
@@ -450,12 +450,7 @@ def validate(config: RecipeConfig) -> RecipeConfig:
         raise ConfigError("model.tiling: max_tiles must be >= 0 and min_tiles >= 1")
     if tiling.max_tiles and tiling.min_tiles > tiling.max_tiles:
         raise ConfigError(f"model.tiling.min_tiles: {tiling.min_tiles} is more than max_tiles {tiling.max_tiles}")
-    if config.data.pack and fusion.kind in ("cross_attention", "hybrid"):
-        raise ConfigError(f"data.pack: packed rows need fusion unified or fuyu, not {fusion.kind!r} (its "
-                          f"cross-attention would let a sample see the images packed before it)")
-    if fusion.kind == "hybrid" and not (tiling.max_tiles and tiling.thumbnail):
-        raise ConfigError("model.fusion.kind: hybrid puts the thumbnail in the sequence and the tiles in "
-                          "cross-attention; set model.tiling.max_tiles >= 1 with thumbnail: true")
+    design.check(config)
     if tiling.max_tiles and config.model.encoder.kind in ("patches", "mllama", "qwen2vl"):
         raise ConfigError(f"model.tiling: the {config.model.encoder.kind!r} encoder cuts images its own way; "
                           f"leave max_tiles at 0")
@@ -468,11 +463,6 @@ def validate(config: RecipeConfig) -> RecipeConfig:
     if fusion.every_n < 1:
         raise ConfigError("model.fusion.every_n: must be >= 1")
     enc = config.model.encoder
-    if (fusion.kind == "fuyu") != (enc.kind == "patches"):
-        raise ConfigError(
-            "model.encoder.kind: the fuyu fusion takes raw patches and only it does: "
-            f"use encoder kind 'patches' with fusion 'fuyu' (got {enc.kind!r} with {fusion.kind!r})"
-        )
     if enc.image_size % enc.patch_size:
         raise ConfigError(
             f"model.encoder.image_size: {enc.image_size} is not a multiple of patch_size {enc.patch_size}"

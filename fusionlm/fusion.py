@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -128,10 +128,34 @@ class CrossInputs:
 
 @dataclass
 class CrossCall:
-    """Handed to every block in one forward call: keys/values and the (B, T, S) visibility mask."""
+    """Handed to every block in one forward call: keys/values and the (B, T, S) visibility mask.
+    ``reached``: the decoder layers whose hook received it (checked after the call)."""
 
     kv: dict[int, tuple[torch.Tensor, torch.Tensor]]
     visible: torch.Tensor
+    reached: set[int] = field(default_factory=set)
+
+
+@dataclass
+class ImageContext:
+    """Image information for one batch, computed once per request and reused at every step.
+
+    ``features`` (I, N, D) is what Method A scatters into the prefill; ``cross`` is what
+    Method B's blocks attend to (keys/values already projected).
+    """
+
+    features: torch.Tensor | None = None
+    cross: CrossInputs | None = None
+
+
+def cross_layer(blocks: nn.ModuleDict, index: int, hidden: torch.Tensor, call: CrossCall | None) -> torch.Tensor:
+    """The cross-attention work before decoder layer ``index`` on ``hidden`` (B, T, D): its gated
+    block, if it has one and the call carries images. Both decoding paths (transformers' forward
+    through ``FusionLM``'s hooks, and ``runtime.StaticDecoder``) run it."""
+    key = str(index)
+    if call is None or key not in blocks:
+        return hidden
+    return blocks[key](hidden, call.kv[index], call.visible)  # (B, T, D)
 
 
 def image_memory(features: torch.Tensor, marker_mask: torch.Tensor, *, visibility: str = "preceding",

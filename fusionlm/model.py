@@ -13,24 +13,13 @@ from .connectors import build_connector
 from .data.layout import ImageLayout, SpecialIds
 from .data.packing import segment_mask, segment_positions
 from .data.processing import ImageBatch
+from .designs import design_of
 from .encoders import build_encoder
 from .errors import ConfigError, SampleError
 from .fusion import (
-    CrossCall, CrossInputs, GatedCrossAttentionBlock, image_memory, native_cross_masks, scatter_image_features,
+    CrossCall, GatedCrossAttentionBlock, ImageContext, cross_layer, native_cross_masks, scatter_image_features,
 )
 from .llm import build_llm, decoder_layers, dims, is_mllama_text
-
-
-@dataclass
-class ImageContext:
-    """Image information for one batch, computed once per request and reused at every step.
-
-    ``features`` (I, N, D) is what Method A scatters into the prefill; ``cross`` is what
-    Method B's blocks attend to (keys/values already projected).
-    """
-
-    features: torch.Tensor | None = None
-    cross: CrossInputs | None = None
 
 
 @dataclass
@@ -41,7 +30,7 @@ class Output:
 
 
 class FusionLM(nn.Module):
-    """A multimodal LLM in one of the fusion designs of ``config.fusion.kind``."""
+    """A multimodal LLM in the fusion design that ``config.fusion.kind`` names (``designs.DESIGNS``)."""
 
     def __init__(self, config: ModelConfig, ids: SpecialIds, *, pretrained: bool = True, vocab_size: int | None = None):
         """``pretrained``: load ``hf`` parts' weights (False when a checkpoint's weights follow).
@@ -49,7 +38,7 @@ class FusionLM(nn.Module):
         super().__init__()
         self.config = config
         self.ids = ids
-        self.fusion = config.fusion.kind
+        self.design = design_of(config.fusion.kind)
         self.encoder = build_encoder(config.encoder, pretrained=pretrained)
         self.llm = build_llm(config.llm, pad_token_id=ids.pad, pretrained=pretrained)
         if vocab_size is not None and vocab_size > self.llm.get_input_embeddings().weight.shape[0]:
@@ -60,9 +49,9 @@ class FusionLM(nn.Module):
         self.connector = build_connector(config.connector, self.encoder.out_dim, width, self.encoder.grid)
         self.cross_blocks = nn.ModuleDict()
         self.native_cross = is_mllama_text(self.llm)  # the LLM brings its own cross-attention layers
-        if self.native_cross and self.fusion != "cross_attention":
+        if self.native_cross and not self.design.native_layers:
             raise ConfigError("model.fusion.kind: a Llama 3.2 Vision decoder needs fusion 'cross_attention'")
-        if self.fusion in ("cross_attention", "hybrid") and not self.native_cross:
+        if self.design.cross and not self.native_cross:
             self._add_cross_attention()
 
     # ------------------------------------------------------------------ Method B wiring
@@ -80,15 +69,13 @@ class FusionLM(nn.Module):
 
     def _cross_hook(self, index: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict):
-            cross: CrossCall | None = kwargs.pop("cross_inputs", None)
-            block = self.cross_blocks[str(index)] if str(index) in self.cross_blocks else None
-            if cross is None or block is None:
+            call: CrossCall | None = kwargs.pop("cross_inputs", None)
+            if call is None:
                 return args, kwargs
+            call.reached.add(index)
             if args:
-                hidden = args[0]
-                hidden = block(hidden, cross.kv[index], cross.visible)
-                return (hidden, *args[1:]), kwargs
-            kwargs["hidden_states"] = block(kwargs["hidden_states"], cross.kv[index], cross.visible)
+                return (cross_layer(self.cross_blocks, index, args[0], call), *args[1:]), kwargs
+            kwargs["hidden_states"] = cross_layer(self.cross_blocks, index, kwargs["hidden_states"], call)
             return args, kwargs
 
         return hook
@@ -99,7 +86,7 @@ class FusionLM(nn.Module):
     def layout(self) -> ImageLayout:
         rule = type(self.connector).grid_rule(self.config.connector)
         marker = self.config.tiling.marker if self.config.tiling.max_tiles else "none"
-        return ImageLayout(self.fusion, self.ids.image, self.ids.newline, rule, marker, self.ids.tile_tags)
+        return ImageLayout(self.design.sequence, self.ids.image, self.ids.newline, rule, marker, self.ids.tile_tags)
 
     @property
     def tokens_per_image(self) -> int:
@@ -127,73 +114,7 @@ class FusionLM(nn.Module):
         if isinstance(images, torch.Tensor):
             images = ImageBatch.of(images, self.encoder.grid)
         features = self.image_features(images)  # (I, N, D)
-        counts = self.slot_tokens(images)
-        ragged = any(c != features.shape[1] for c in counts)  # images of different sizes, zero-padded
-        if self.fusion == "hybrid":
-            return self._hybrid(images, features, counts, input_ids)
-        if self.fusion != "cross_attention":
-            if ragged:  # keep only the real tokens, in order
-                features = torch.cat([f[:c] for f, c in zip(features, counts)])[None]  # (1, ΣN, D)
-            return ImageContext(features=features)
-        markers = input_ids == self.ids.image  # (B, T)
-        valid, pad = self._tile_slots(images, features, markers)
-        if valid is None and ragged:  # padding tokens are never visible
-            valid = torch.arange(features.shape[1], device=features.device)[None] < torch.tensor(
-                counts, device=features.device)[:, None]  # (I, N)
-        cross = image_memory(features, markers, visibility=self.config.fusion.visibility, valid=valid, pad=pad)
-        if not self.native_cross:
-            cross.kv = {int(i): block.project_kv(cross.memory) for i, block in self.cross_blocks.items()}
-        return ImageContext(cross=cross)
-
-    def _hybrid(self, images: ImageBatch, features: torch.Tensor, counts: list[int],
-                input_ids: torch.Tensor) -> ImageContext:
-        """NVLM-H: each image's thumbnail tokens go into the sequence (as in Method A); its tiles
-        are reached through the gated cross-attention, visible from the thumbnail's first token on."""
-        thumbs = [i for i, role in enumerate(images.roles) if role == "thumbnail"]
-        if len(thumbs) != len(images.roles) - images.roles.count("tile"):
-            raise SampleError("hybrid fusion needs every image as tiles followed by a thumbnail")
-        starts = [0] + [t + 1 for t in thumbs[:-1]]
-        thumb = torch.cat([features[t, : counts[t]] for t in thumbs])[None]  # (1, ΣN_thumb, D)
-        tiles = [torch.cat([features[i, : counts[i]] for i in range(s, t)]) for s, t in zip(starts, thumbs)]
-        width = max(len(x) for x in tiles)
-        memory = features.new_zeros(len(tiles), width, features.shape[-1])  # (J, M, D)
-        valid = torch.zeros(len(tiles), width, dtype=torch.bool, device=features.device)  # (J, M)
-        for j, x in enumerate(tiles):
-            memory[j, : len(x)], valid[j, : len(x)] = x, True
-        # the marker of image j: the first of its thumbnail tokens
-        positions = (input_ids == self.ids.image).flatten().nonzero().squeeze(1)  # (ΣN_thumb,)
-        if positions.numel() != thumb.shape[1]:
-            raise SampleError(f"the batch has {positions.numel()} image-token positions but its {len(thumbs)} "
-                              f"thumbnails give {thumb.shape[1]} tokens")
-        first = torch.tensor([0] + [counts[t] for t in thumbs[:-1]], device=positions.device).cumsum(0)
-        markers = torch.zeros_like(input_ids, dtype=torch.bool).flatten()
-        markers[positions[first]] = True
-        cross = image_memory(memory, markers.view_as(input_ids), visibility=self.config.fusion.visibility, valid=valid)
-        cross.kv = {int(i): block.project_kv(cross.memory) for i, block in self.cross_blocks.items()}
-        return ImageContext(features=thumb, cross=cross)
-
-    def _tile_slots(self, images: ImageBatch, features: torch.Tensor, markers: torch.Tensor):
-        """Tiled images: which tokens are real tiles, and what fills a row's missing images.
-
-        Like transformers' Mllama, a missing image is the encoding of a blank one (it is never
-        visible, but a text row that sees no image attends to every slot).
-        """
-        mask = images.extras.get("aspect_ratio_mask")  # (I, tiles)
-        if mask is None:
-            return None, None
-        if images.pools:  # pooled video frames: one mask per slot (a group's frames share one size)
-            mask = mask[images.heads()]
-        per_tile = features.shape[1] // mask.shape[1]
-        valid = mask.bool().repeat_interleave(per_tile, dim=1)  # (I, tiles*P)
-        counts = markers.sum(1)
-        if bool((counts == counts.max()).all()):
-            return valid, None
-        blank_mask = torch.zeros_like(mask[:1])
-        blank_mask[:, 0] = 1
-        blank = ImageBatch(torch.zeros_like(images.pixel_values[:1]), images.grids[:1],
-                           {"aspect_ratio_ids": torch.zeros_like(images.extras["aspect_ratio_ids"][:1]),
-                            "aspect_ratio_mask": blank_mask})
-        return valid, self.image_features(blank)[0]  # (tiles*P, D)
+        return self.design.context(self, images, features, self.slot_tokens(images), input_ids)
 
     def forward(
         self,
@@ -222,9 +143,7 @@ class FusionLM(nn.Module):
                 divides by the whole step's count, over micro-batches and processes).
         """
         if segment_ids is not None:
-            if self.fusion in ("cross_attention", "hybrid"):
-                raise ConfigError("data.pack: packed rows need fusion unified or fuyu (cross-attention would "
-                                  "let a sample see the images of the samples packed before it)")
+            self.design.check_packing()
             position_ids = segment_positions(segment_ids)  # (B, T)
             attention_mask = segment_mask(segment_ids, self.llm.get_input_embeddings().weight.dtype)  # (B, 1, T, T)
         if images is None and pixel_values is not None and len(pixel_values) > 0:
@@ -234,6 +153,11 @@ class FusionLM(nn.Module):
             inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, use_cache=use_cache, **extra,
         )
+        call = extra.get("cross_inputs")
+        if call is not None and len(call.reached) != len(decoder_layers(self.llm)):
+            raise RuntimeError(f"cross-attention reached {len(call.reached)} of {len(decoder_layers(self.llm))} "
+                               "decoder layers: this transformers version does not hand a layer's keyword "
+                               "arguments on to it (fusionlm's hooks need that)")
         logits = out.logits  # (B, T, V)
         loss = None
         if labels is not None:

@@ -6,8 +6,8 @@ the sizes where decoding is bound by Python and dispatch rather than arithmetic,
 is most of the time per token. ``StaticDecoder`` keeps what a Llama, Mistral or Qwen2 layer
 computes: the projections, norms and MLP are the modules' own calls (so LoRA-wrapped or
 quantised linears still work); rotary tables, the cache and the masks are made once per request.
-Only the last position's logits are computed. Method B's gated blocks run before their layers,
-as the hooks of the general path do. With ``compile=True`` the decoding step (every layer, at
+Only the last position's logits are computed. Method B's gated blocks run before their layers
+through ``fusion.cross_layer``, as the hooks of the general path do. With ``compile=True`` the decoding step (every layer, at
 one new position) goes through ``torch.compile``: the cache length is rounded up to a power of
 two and each step attends to all of it under a mask, so every step has the same shapes and one
 compiled graph serves a whole request, and later requests of the same batch size and bucket. Anything else (GPT-2, Llama 3.2 Vision's decoder, sliding
@@ -21,7 +21,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from .model import FusionLM, ImageContext
+from .fusion import ImageContext, cross_layer
+from .model import FusionLM
 
 FAMILIES = ("llama", "mistral", "qwen2")
 
@@ -80,7 +81,7 @@ class StaticDecoder:
         half = sin.shape[-1] // 2
         self.cos, self.sin = cos[0], torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)  # each (L, hd)
         self.padded = False
-        self.blocks = {int(i): block for i, block in model.cross_blocks.items()}
+        self.blocks = model.cross_blocks
 
     def _mask(self, start: int, end: int) -> tuple[torch.Tensor | None, bool]:
         """The attention mask of queries ``start … end-1`` and whether SDPA's own causal mask does."""
@@ -142,8 +143,7 @@ def layers(dec: StaticDecoder, x: torch.Tensor, position_ids: torch.Tensor, mask
     positions in the tensor ``start``, attention reading the whole cache under ``mask``."""
     cos, sin = dec.cos[position_ids][:, None], dec.sin[position_ids][:, None]  # (B, 1, T, hd)
     for i, layer in enumerate(dec.layers):
-        if cross is not None and i in dec.blocks:
-            x = dec.blocks[i](x, cross.kv[i], cross.visible)
+        x = cross_layer(dec.blocks, i, x, cross)  # (B, T, D)
         attn, h = layer.self_attn, rms_norm(layer.input_layernorm, x)
         b, t, _ = h.shape
         q = attn.q_proj(h).view(b, t, -1, dec.head_dim).transpose(1, 2)  # (B, H, T, hd)

@@ -14,7 +14,6 @@ import yaml
 from fusionlm.checkpoint import build_model
 from fusionlm.cli import main
 from fusionlm.config import (
-    FUSION_KINDS,
     DataConfig,
     EncoderConfig,
     LLMConfig,
@@ -30,6 +29,7 @@ from fusionlm.config import (
     shipped_recipes,
 )
 from fusionlm.connectors import CONNECTORS
+from fusionlm.designs import DESIGNS
 from fusionlm.data.tokenizer import train_tokenizer
 from fusionlm.encoders import ENCODERS
 from fusionlm.errors import ConfigError
@@ -221,7 +221,7 @@ def test_unknown_fusion_lists_known_names(tmp_path):
         load_recipe(write_recipe(tmp_path / "r.yaml"), ["model.fusion.kind=foo"])
     msg = str(info.value)
     assert "model.fusion.kind" in msg and "'foo'" in msg
-    assert all(kind in msg for kind in FUSION_KINDS)
+    assert all(kind in msg for kind in DESIGNS.names())
 
 
 def test_fuyu_needs_the_patches_encoder(tmp_path):

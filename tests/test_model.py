@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 
 from conftest import FUSIONS, tiny_config
 from fusionlm.checkpoint import WEIGHTS, build_model, load_model, load_weights, save_model
-from fusionlm.config import EncoderConfig, FUSION_KINDS, validate
+from fusionlm.config import EncoderConfig, validate
+from fusionlm.designs import DESIGNS
 from fusionlm.connectors import CONNECTORS
 from fusionlm.data.tokenizer import IMAGE_NEWLINE
 from fusionlm.encoders import ENCODERS, build_encoder
@@ -223,7 +224,7 @@ def test_unknown_fusion_lists_known_designs():
     config.model.fusion.kind = "early"
     with pytest.raises(ConfigError) as err:
         validate(config)
-    assert all(k in str(err.value) for k in FUSION_KINDS)
+    assert all(k in str(err.value) for k in DESIGNS.names())
 
 
 # ----------------------------------------------------------------------------- checkpoints

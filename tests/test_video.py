@@ -24,6 +24,7 @@ from fusionlm.data.batches import MixtureBatches
 from fusionlm.data.chat import check_placeholders
 from fusionlm.data.formats import read_llava_json, write_llava_json
 from fusionlm.data.layout import ImageLayout
+from fusionlm.designs import DESIGNS
 from fusionlm.data.processing import ImageBatch
 from fusionlm.data.render import COLORS
 from fusionlm.data.sample import VIDEO_TOKEN, Sample
@@ -261,8 +262,8 @@ def test_hybrid_fusion_refuses_video(tokenizer, world):
     spec = spec_for(build_model(with_video("unified", 4, 2), tokenizer))
     frames = spec.process_all(motion_sample(world).images[0])
     with pytest.raises(SampleError, match="hybrid fusion takes no video"):
-        ImageLayout("hybrid", 1, 2).image_tokens(frames)
-    assert ImageLayout("unified", 1, 2).image_tokens(frames) == [1] * 32  # 2 slots x 16
+        ImageLayout(DESIGNS.get("hybrid").sequence, 1, 2).image_tokens(frames)
+    assert ImageLayout(DESIGNS.get("unified").sequence, 1, 2).image_tokens(frames) == [1] * 32  # 2 slots x 16
 
 
 def test_pooled_features_are_the_mean_of_the_frames(tokenizer, world):

@@ -1,10 +1,9 @@
-"""Which token ids stand for an image in the decoder sequence, by fusion design.
+"""Which token ids stand for an image in the decoder sequence.
 
-* ``unified``: one image token per connector output token;
-* ``fuyu``: a row of image tokens then a newline token, for each row of patches;
-* ``cross_attention``: a single marker (the image itself is reached through cross-attention).
-
-The grid is per image: tiles and native sizes give different images different token counts.
+Each fusion design (``fusionlm.designs``) says how it writes an image (a ``SequenceRule``) and
+each connector how many tokens an encoder grid becomes (a ``GridRule``); both are plain data, so
+batches built in worker processes know the token counts without the model. The grid is per
+image: tiles and native sizes give different images different token counts.
 """
 
 from __future__ import annotations
@@ -43,6 +42,27 @@ class GridRule:
 
 
 @dataclass(frozen=True)
+class SequenceRule:
+    """How a fusion design writes one image into the decoder sequence.
+
+    ``per_image``: ``grid``, one image token per connector output token (Method A); ``rows``, a
+    row of image tokens then a newline token for each row of patches (Fuyu); ``marker``, a single
+    marker token (Method B: the image itself is reached through cross-attention). ``only``: the
+    role of the encoder inputs that the sequence holds (the hybrid's ``thumbnail``: its tiles go
+    through cross-attention); None: all of them. ``design``: the design's name, for messages.
+    """
+
+    design: str
+    per_image: str = "grid"
+    only: str | None = None
+
+    @property
+    def newline(self) -> bool:
+        """Whether the newline token is part of every image."""
+        return self.per_image == "rows"
+
+
+@dataclass(frozen=True)
 class SpecialIds:
     image: int
     newline: int
@@ -53,7 +73,7 @@ class SpecialIds:
 
 @dataclass(frozen=True)
 class ImageLayout:
-    fusion: str
+    sequence: SequenceRule
     image_id: int
     newline_id: int
     rule: GridRule = GridRule()
@@ -67,9 +87,9 @@ class ImageLayout:
     def tokens(self, encoder_grid: tuple[int, int]) -> list[int]:
         """The token ids that stand for an image whose encoder grid is ``encoder_grid``."""
         rows, cols = self.grid(encoder_grid)
-        if self.fusion == "cross_attention":
+        if self.sequence.per_image == "marker":
             return [self.image_id]
-        if self.fusion == "fuyu":
+        if self.sequence.per_image == "rows":
             return ([self.image_id] * cols + [self.newline_id]) * rows
         return [self.image_id] * (rows * cols)
 
@@ -78,20 +98,23 @@ class ImageLayout:
         itself, or its tiles then its thumbnail).
 
         Method A: every input's tokens, each tile marked (tag before or newline after). Method B:
-        one marker per input. Hybrid: only the thumbnail's tokens (tiles go through cross-attention).
+        one marker per input. Hybrid (``only``): only the thumbnail's tokens (tiles go through
+        cross-attention).
         A video's frames (role ``frame``): one image's tokens per group of ``pool`` frames (the
         model averages each group into one image slot), unmarked.
         """
+        only = self.sequence.only
         if inputs and inputs[0].role == "frame":
-            if self.fusion == "hybrid":
-                raise SampleError("the hybrid fusion takes no video input (its sequence holds thumbnails only)")
+            if only is not None:
+                raise SampleError(f"the {self.sequence.design} fusion takes no video input "
+                                  f"(its sequence holds {only}s only)")
             return [t for inp in inputs[::inputs[0].pool] for t in self.tokens(inp.grid)]
-        if self.fusion == "hybrid":
-            inputs = [inp for inp in inputs if inp.role == "thumbnail"]
+        if only is not None:
+            inputs = [inp for inp in inputs if inp.role == only]
         out: list[int] = []
         tiles = 0
         for inp in inputs:
-            marked = inp.role != "image" and self.fusion != "cross_attention"
+            marked = inp.role != "image" and self.sequence.per_image != "marker"
             if marked and self.marker == "tags":
                 out.extend(self.tags[-1] if inp.role == "thumbnail" else self.tags[tiles])
             out.extend(self.tokens(inp.grid))

@@ -25,6 +25,7 @@ from transformers import AutoTokenizer, FuyuConfig, FuyuForCausalLM, FuyuProcess
 
 from ..config import ConnectorConfig, EncoderConfig, FusionConfig, ModelConfig, TokenizerConfig
 from ..data.processing import hf_image_processor
+from .. import designs
 from ..errors import ConfigError, ExportError
 from ..model import FusionLM
 from .formats import Format, register
@@ -85,7 +86,7 @@ class Fuyu(Format):
                                   hidden_size=3 * p * p, num_layers=0, preprocess="hf", processor=processor),
             connector=ConnectorConfig(kind="linear", hidden_size=text.hidden_size, bias=True),
             llm=llm_config(text),
-            fusion=FusionConfig(kind="fuyu"),
+            fusion=FusionConfig(kind=designs.Fuyu.name),
             tokenizer=TokenizerConfig(image_token=IMAGE_TOKEN, newline_token=NEWLINE_TOKEN,
                                       end_token=tokenizer.eos_token),
         )
@@ -107,7 +108,7 @@ class Fuyu(Format):
     def check(self, model: FusionLM) -> None:
         c = model.config
         problems = []
-        if c.fusion.kind != "fuyu":
+        if type(model.design) is not designs.Fuyu:
             problems.append(f"fusion is {c.fusion.kind!r} (Fuyu puts rows of patches, each closed by a newline "
                             f"token, in the sequence: 'fuyu')")
         if c.encoder.kind != "patches":
@@ -123,7 +124,7 @@ class Fuyu(Format):
                             f"'model' with its head in 'lm_head', such as Persimmon or Llama)")
         if c.tokenizer.image_token != IMAGE_TOKEN:
             problems.append(f"the image token is {c.tokenizer.image_token!r} (FuyuProcessor's is {IMAGE_TOKEN!r})")
-        if c.fusion.kind == "fuyu" and c.tokenizer.newline_token != NEWLINE_TOKEN:
+        if type(model.design) is designs.Fuyu and c.tokenizer.newline_token != NEWLINE_TOKEN:
             problems.append(f"the newline token is {c.tokenizer.newline_token!r} (FuyuProcessor's is "
                             f"{NEWLINE_TOKEN!r})")
         if problems:

@@ -12,6 +12,7 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaImageP
 
 from ..config import ConnectorConfig, EncoderConfig, FusionConfig, LLMConfig, ModelConfig, TokenizerConfig
 from ..data.processing import hf_image_processor
+from .. import designs
 from ..errors import ConfigError, ExportError
 from ..hub import arch_of
 from ..model import FusionLM
@@ -71,14 +72,14 @@ class Llava(Format):
             connector=ConnectorConfig(kind="mlp", hidden_size=text.hidden_size, act=hf_config.projector_hidden_act,
                                       bias=hf_config.multimodal_projector_bias),
             llm=llm_config(text),
-            fusion=FusionConfig(kind="unified"),
+            fusion=FusionConfig(kind=designs.Unified.name),
             tokenizer=TokenizerConfig(image_token=tokenizer.convert_ids_to_tokens(hf_config.image_token_id)),
         )
 
     def check(self, model: FusionLM) -> None:
         c = model.config
         problems = []
-        if c.fusion.kind != "unified":
+        if type(model.design) is not designs.Unified:
             problems.append(f"fusion is {c.fusion.kind!r} (LLaVA puts image tokens in the sequence: 'unified')")
         if c.encoder.kind not in ("clip", "siglip"):
             problems.append(f"the encoder is {c.encoder.kind!r} (LLaVA takes a clip or siglip tower)")

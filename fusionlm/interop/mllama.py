@@ -14,6 +14,7 @@ from transformers import MllamaConfig, MllamaForConditionalGeneration, MllamaPro
 
 from ..config import ConnectorConfig, EncoderConfig, FusionConfig, ModelConfig, TokenizerConfig
 from ..data.processing import hf_image_processor
+from .. import designs
 from ..errors import ConfigError, ExportError
 from ..hub import arch_of
 from ..model import FusionLM
@@ -49,21 +50,21 @@ class Mllama(Format):
             encoder=encoder,
             connector=ConnectorConfig(kind="linear", hidden_size=text.hidden_size, bias=True),
             llm=llm_config(text),
-            fusion=FusionConfig(kind="cross_attention", visibility="latest"),
+            fusion=FusionConfig(kind=designs.CrossAttention.name, visibility="latest"),
             tokenizer=TokenizerConfig(image_token=tokenizer.convert_ids_to_tokens(hf_config.image_token_id)),
         )
 
     def check(self, model: FusionLM) -> None:
         c = model.config
         problems = []
-        if c.fusion.kind != "cross_attention":
+        if type(model.design) is not designs.CrossAttention:
             problems.append(f"fusion is {c.fusion.kind!r} (Llama 3.2 Vision reaches images through "
                             f"cross-attention: 'cross_attention')")
         elif not model.native_cross:
             problems.append(f"the LLM is a {type(model.llm).__name__} with fusionlm's own gated cross-attention "
                             f"blocks (Llama 3.2 Vision's cross-attention layers belong to its MllamaForCausalLM "
                             f"decoder)")
-        if c.fusion.kind == "cross_attention" and c.fusion.visibility != "latest":
+        if type(model.design) is designs.CrossAttention and c.fusion.visibility != "latest":
             problems.append(f"fusion visibility is {c.fusion.visibility!r} (MllamaProcessor lets text see only "
                             f"the latest image: 'latest')")
         if c.encoder.kind != "mllama":
