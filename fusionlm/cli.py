@@ -1,13 +1,16 @@
 """The `fusionlm` command: data | train | generate | eval | demo | import | export | info | compare | recipes.
 
 User errors (a bad file, key or sample) print one line naming it and exit with status 2; nothing
-already written is touched.
+already written is touched. A fusionlm checkpoint read is `--checkpoint`, a directory written is
+`--out`; what a command acts on (a recipe, a dataset, an imported source) is positional. Older
+spellings still work and print one deprecation line to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -23,15 +26,11 @@ def _quiet() -> None:
     logging.set_verbosity_error()
 
 
-def cmd_data(args) -> None:
+def cmd_data_synth(args) -> None:
     from .data.formats import write_llava_json
     from .data.sample import TASKS
     from .data.synthetic import World
 
-    if args.action == "check":
-        return cmd_data_check(args)
-    if args.action is not None or args.out is None:
-        raise ConfigError("fusionlm data: give --out (write synthetic samples) or `check SOURCE`")
     tasks = args.tasks or list(TASKS)
     world = World(image_size=args.image_size, seed=args.seed)
     samples = [world.sample(task, args.split, i) for task in tasks for i in range(args.n)]
@@ -43,8 +42,6 @@ def cmd_data_check(args) -> None:
     from .data.check import Report, check_source
     from .data.mix import open_source
 
-    if not args.source:
-        raise ConfigError("fusionlm data check: name the SOURCE to check")
     fits = context_check(args.recipe, args.set, args.source) if args.recipe else None
     try:
         report = check_source(open_source(args.source, args.format), fits=fits)
@@ -102,11 +99,11 @@ def cmd_train(args) -> None:
           f"checkpoints in {Path(args.out) / 'checkpoints'}")
 
 
-def _load(checkpoint: str):
+def _load(checkpoint: str, device: str):
     from .checkpoint import load_model
     from .data.batches import ImageSpec
 
-    model, tokenizer, config = load_model(checkpoint, device="auto")
+    model, tokenizer, config = load_model(checkpoint, device=device)
     return model, tokenizer, config, ImageSpec.for_model(model, config)
 
 
@@ -114,7 +111,7 @@ def cmd_generate(args) -> None:
     from .data.video import Video
     from .generate import MAX_NEW_TOKENS, Request, generate
 
-    model, tokenizer, _, spec = _load(args.checkpoint)
+    model, tokenizer, _, spec = _load(args.checkpoint, args.device)
     for path in args.image + args.video:
         if not Path(path).exists():
             raise FusionError(f"{path}: file not found")
@@ -130,23 +127,49 @@ def cmd_eval(args) -> None:
     from .evaluate.harness import evaluate, evaluate_tasks, markdown_table, skipped_lines, write_results
     from .evaluate.tasks import load_task_file
 
-    model, tokenizer, config, spec = _load(args.checkpoint)
+    _check_eval(args)
+    model, tokenizer, config, spec = _load(args.checkpoint, args.device)
     kw = dict(per_task=args.per_task or config.train.eval_per_task, seed=args.seed, progress=print,
               batch_size=args.batch_size or config.train.eval_batch_size)
-    task_defs = load_task_file(args.tasks) if args.tasks else None
+    task_defs = load_task_file(args.tasks_file) if args.tasks_file else None
     source = None if task_defs else build_source(config.data, args.data)
+    names = _task_names(source, args.tasks) if args.tasks else None
     results = []
     for shots in args.shots:
         if task_defs:
             results += evaluate_tasks(model, tokenizer, task_defs, spec, shots=shots, **kw)
         else:
-            results += evaluate(model, tokenizer, source, spec, split=args.split, shots=shots, **kw)
+            results += evaluate(model, tokenizer, source, spec, split=args.split, tasks=names, shots=shots, **kw)
     print(markdown_table(results))
     for line in skipped_lines(results):  # questions over the context: not asked, not scored
         print(line)
     if args.out:
         write_results(results, args.out)
         print(f"wrote {args.out} and {Path(args.out).with_suffix('.md')}")
+
+
+def _task_names(source, names: list[str]) -> list[str]:
+    unknown = [n for n in names if n not in source.tasks()]
+    if unknown:
+        raise ConfigError(f"eval --tasks: no task {', '.join(map(repr, unknown))} in the data "
+                          f"(it has: {', '.join(source.tasks())})")
+    return names
+
+
+def _old_task_file(args) -> None:
+    """eval --tasks FILE.yaml, the spelling before --tasks-file, read as --tasks-file FILE.yaml."""
+    if not args.tasks_file and args.tasks and len(args.tasks) == 1 and Path(args.tasks[0]).suffix in (".yaml", ".yml"):
+        _deprecated("eval", "--tasks FILE.yaml", "--tasks-file FILE.yaml (--tasks names tasks)")
+        args.tasks_file, args.tasks = args.tasks[0], None
+
+
+def _check_eval(args) -> None:
+    """A task file names each task's data and its tasks: --data and --tasks do not go with it."""
+    _old_task_file(args)
+    for flag, value in (("--data", args.data), ("--tasks", args.tasks)):
+        if args.tasks_file and value:
+            args.parser.error(f"argument {flag}: not allowed with --tasks-file (the task file names each task "
+                              "and its data); give one")
 
 
 def cmd_demo(args) -> None:
@@ -192,100 +215,172 @@ def cmd_recipes(args) -> None:
     print("\n".join(shipped_recipes()))
 
 
+def _deprecated(command: str, old: str, new: str) -> None:
+    print(f"fusionlm {command}: {old} is deprecated; use {new}", file=sys.stderr)
+
+
+def _command(sub, name: str, help: str, fn) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help, description=help)
+    p.set_defaults(fn=fn, parser=p)
+    return p
+
+
+def _add_moved(p: argparse.ArgumentParser, flag: str, metavar: str, help: str) -> None:
+    """`flag METAVAR`, and the positional METAVAR it replaces, deprecated (see _resolve_moved)."""
+    dest = flag.lstrip("-").replace("-", "_")
+    p.add_argument(flag, metavar=metavar, help=help)
+    p.add_argument(f"old_{dest}", nargs="?", metavar=metavar, help=f"deprecated: use {flag} {metavar}")
+    p.set_defaults(moved=[*(p.get_default("moved") or []), (dest, flag, metavar)])
+
+
+def _resolve_moved(args) -> None:
+    """Each deprecated positional onto its flag, with one line; both spellings, or neither: exit 2."""
+    old = []
+    for dest, flag, metavar in getattr(args, "moved", []):
+        new, positional = getattr(args, dest), getattr(args, f"old_{dest}")
+        if (new is None) == (positional is None):
+            args.parser.error(f"argument {flag}: not allowed with the positional {metavar}; give one" if new
+                              else f"the following arguments are required: {flag}")
+        if positional is not None:
+            setattr(args, dest, positional)
+            old.append((flag, metavar))
+    if old:
+        _deprecated(args.command, "the positional " + " ".join(m for _, m in old),
+                    " ".join(f"{f} {m}" for f, m in old))
+
+
+def _old_data_form(argv: list[str]) -> list[str]:
+    """`fusionlm data --out …` (before `data synth`) read as `fusionlm data synth --out …`, with one line."""
+    if argv[:1] == ["data"] and len(argv) > 1 and argv[1].startswith("-") and argv[1] not in ("-h", "--help"):
+        _deprecated("data", "`fusionlm data --out …` without a subcommand", "`fusionlm data synth --out …`")
+        return ["data", "synth", *argv[1:]]
+    return argv
+
+
+def _device(name: str) -> str:
+    if re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", name) is None:
+        raise argparse.ArgumentTypeError(f"{name!r} is not a device (auto, cpu, cuda, cuda:N, mps)")
+    return name
+
+
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", type=_device, default="auto", metavar="DEVICE",
+                   help="auto (a GPU when there is one) | cpu | cuda | cuda:N | mps (default: auto)")
+
+
+def _add_set(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help=f"{help}; several after one --set (--set a=1 b=2) or --set again")
+
+
+def _add_tasks(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--tasks", nargs="*", metavar="TASK", help=help)
+
+
+def _add_data(sub) -> None:
+    d = sub.add_parser("data", help="write synthetic-world samples, or check a dataset",
+                       description="write synthetic-world samples, or check a dataset")
+    dsub = d.add_subparsers(dest="action", required=True, metavar="{synth,check}", help="what to do")
+
+    w = _command(dsub, "synth", "write synthetic-world samples as PNGs (motion clips as GIFs) + a LLaVA-style JSON",
+                 cmd_data_synth)
+    w.add_argument("--out", required=True, help="the directory to write (data.json and images/)")
+    w.add_argument("--n", type=int, default=10, help="samples per task")
+    w.add_argument("--split", default="train", choices=["train", "val", "test"], help="which split's samples")
+    _add_tasks(w, "task names (default: all the world's tasks)")
+    w.add_argument("--image-size", type=int, default=64, help="image side in pixels")
+    w.add_argument("--seed", type=int, default=0, help="the world's random seed")
+
+    c = _command(dsub, "check", "validate a dataset and print its counts and problems (exit 2 when any)",
+                 cmd_data_check)
+    c.add_argument("source", metavar="SOURCE", help="a dataset file or folder")
+    c.add_argument("--format", default="auto", help="the format of SOURCE (auto | llava | qa | webdataset | "
+                                                    "parquet | jsonl | hf)")
+    c.add_argument("--max-problems", type=int, default=20, help="list at most this many problems")
+    c.add_argument("--recipe", help="also find samples longer than this recipe's context (with its images)")
+    _add_set(c, "override a key of --recipe")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fusionlm", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, help="the command")
+    _add_data(sub)
 
-    d = sub.add_parser("data", help="write synthetic-world samples as PNGs (motion clips as GIFs) + a LLaVA-style JSON")
-    d.add_argument("action", nargs="?", choices=["check"], help="check: validate SOURCE and print counts and problems")
-    d.add_argument("source", nargs="?", help="check: a dataset file or folder")
-    d.add_argument("--format", default="auto", help="check: the format of SOURCE (auto | llava | qa | webdataset | "
-                                                     "parquet | jsonl | hf)")
-    d.add_argument("--max-problems", type=int, default=20, help="check: list at most this many problems")
-    d.add_argument("--recipe", help="check: also find samples longer than this recipe's context (with its images)")
-    d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="check: override a recipe key")
-    d.add_argument("--out")
-    d.add_argument("--n", type=int, default=10, help="samples per task")
-    d.add_argument("--split", default="train", choices=["train", "val", "test"])
-    d.add_argument("--tasks", nargs="*")
-    d.add_argument("--image-size", type=int, default=64)
-    d.add_argument("--seed", type=int, default=0)
-    d.set_defaults(fn=cmd_data)
-
-    t = sub.add_parser("train", help="train a recipe (a YAML path or a shipped recipe name)")
-    t.add_argument("recipe")
-    t.add_argument("--out", required=True)
-    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a dotted key")
+    t = _command(sub, "train", "train a recipe (a YAML path or a shipped recipe name)", cmd_train)
+    t.add_argument("recipe", help="a recipe YAML path or a shipped recipe name")
+    t.add_argument("--out", required=True, help="the run directory (config, logs, checkpoints/)")
+    _add_set(t, "override a dotted key")
     t.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --out")
     t.add_argument("--init", metavar="CHECKPOINT", help="start from this checkpoint's model and weights "
                    "(e.g. an imported LLaVA); the same as --set train.init_from=CHECKPOINT")
-    t.set_defaults(fn=cmd_train)
 
-    g = sub.add_parser("generate", help="answer a prompt about images")
+    g = _command(sub, "generate", "answer a prompt about images", cmd_generate)
     g.add_argument("--checkpoint", required=True, help="a run directory (its latest checkpoint) or a checkpoint")
-    g.add_argument("--image", action="append", default=[])
+    g.add_argument("--image", action="append", default=[], help="an image file (repeat for several)")
     g.add_argument("--video", action="append", default=[], help="a folder of frames or an animated GIF")
-    g.add_argument("--prompt", required=True)
+    g.add_argument("--prompt", required=True, help="the question; <image> marks where each image goes")
     g.add_argument("--max-new-tokens", type=int, help="the answer's budget in tokens (default: the library's, "
                    "fusionlm.generate.MAX_NEW_TOKENS, as for eval)")
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0)
-    g.set_defaults(fn=cmd_generate)
+    g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep this much probability mass")
+    g.add_argument("--seed", type=int, default=0, help="the sampling seed")
+    _add_device(g)
 
-    e = sub.add_parser("eval", help="score a checkpoint per task")
-    e.add_argument("--checkpoint", required=True)
-    e.add_argument("--split", default="test", choices=["train", "val", "test"])
-    e.add_argument("--data", help="a LLaVA-style JSON or question JSONL to evaluate on instead of the run's data")
-    e.add_argument("--tasks", help="a YAML file of task definitions (data, prompt template, metric)")
+    e = _command(sub, "eval", "score a checkpoint per task", cmd_eval)
+    e.add_argument("--checkpoint", required=True, help="a run directory (its latest checkpoint) or a checkpoint")
+    e.add_argument("--split", default="test", choices=["train", "val", "test"], help="the world's split to ask")
+    e.add_argument("--data", metavar="FILE",
+                   help="a LLaVA-style JSON or question JSONL to evaluate on instead of the run's data")
+    _add_tasks(e, "task names to score (default: every task of the data)")
+    e.add_argument("--tasks-file", metavar="FILE",
+                   help="a YAML file of task definitions (data, prompt template, metric)")
     e.add_argument("--shots", type=int, nargs="+", default=[0], help="in-context examples per question, e.g. 0 4 8")
     e.add_argument("--seed", type=int, default=0, help="which k-shot examples are drawn")
-    e.add_argument("--batch-size", type=int)
-    e.add_argument("--per-task", type=int)
+    e.add_argument("--batch-size", type=int, help="questions per batch (default: the recipe's train.eval_batch_size)")
+    e.add_argument("--per-task", type=int, help="questions per task (default: the recipe's train.eval_per_task)")
     e.add_argument("--out", help="write scores as JSON here (and a Markdown table next to it)")
-    e.set_defaults(fn=cmd_eval)
+    _add_device(e)
 
-    m = sub.add_parser("demo", help="train the default model on the synthetic world, evaluate, report")
-    m.add_argument("--out", default="runs/demo")
-    m.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    m.set_defaults(fn=cmd_demo)
+    m = _command(sub, "demo", "train the default model on the synthetic world, evaluate, report", cmd_demo)
+    m.add_argument("--out", default="runs/demo", help="the directory for the run and the report")
+    _add_set(m, "override a key of the demo recipe")
 
-    i = sub.add_parser("import", help="convert a transformers LLaVA / Mllama / Fuyu checkpoint to a fusionlm one")
-    i.add_argument("source", help="a checkpoint directory or a hub id")
-    i.add_argument("out")
-    i.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    i = _command(sub, "import", "convert a transformers LLaVA / Mllama / Fuyu checkpoint to a fusionlm one",
+                 cmd_import)
+    i.add_argument("source", metavar="SOURCE", help="a transformers checkpoint directory or a hub id")
+    _add_moved(i, "--out", "OUT", "the fusionlm checkpoint directory to write")
+    i.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="the weights' dtype in the written checkpoint")
     i.add_argument("--allow-custom-code", action="store_true", help="let the checkpoint's own code (auto_map) run")
-    i.set_defaults(fn=cmd_import)
 
-    x = sub.add_parser("export", help="write a fusionlm checkpoint in a transformers format, or whole")
-    x.add_argument("checkpoint", help="a checkpoint or a run directory (its latest checkpoint)")
-    x.add_argument("out")
+    x = _command(sub, "export", "write a fusionlm checkpoint in a transformers format, or whole", cmd_export)
+    _add_moved(x, "--checkpoint", "CHECKPOINT", "a checkpoint or a run directory (its latest checkpoint)")
+    _add_moved(x, "--out", "OUT", "the directory to write")
     x.add_argument("--format", required=True, choices=["llava", "mllama", "fuyu", "fusionlm"],
-                   help="fusionlm: one whole fusionlm checkpoint (e.g. of a run that wrote shards)")
-    x.set_defaults(fn=cmd_export)
+                   help="a transformers format, or fusionlm: one whole fusionlm checkpoint (e.g. of a run that "
+                        "wrote shards)")
 
-    n = sub.add_parser("info", help="parameters, image tokens and FLOPs per part of one or more recipes")
+    n = _command(sub, "info", "parameters, image tokens and FLOPs per part of one or more recipes", cmd_info)
     n.add_argument("recipe", nargs="+", help="recipe YAML paths or shipped recipe names")
-    n.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a dotted key")
-    n.set_defaults(fn=cmd_info)
+    _add_set(n, "override a dotted key")
 
-    c = sub.add_parser("compare", help="train recipes on the same budget, evaluate them alike, report and plot")
+    c = _command(sub, "compare", "train recipes on the same budget, evaluate them alike, report and plot",
+                 cmd_compare)
     c.add_argument("recipe", nargs="+", help="recipe YAML paths or shipped recipe names")
-    c.add_argument("--out", required=True)
+    c.add_argument("--out", required=True, help="the directory for the runs, report and plots")
     c.add_argument("--steps", type=int, help="optimizer steps per recipe, shared among its stages")
     c.add_argument("--minutes", type=float, help="wall-clock training minutes per recipe, shared among its stages")
-    c.add_argument("--shots", type=int, nargs="+", default=[0, 4])
-    c.add_argument("--per-task", type=int, default=50)
-    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key in every recipe")
-    c.set_defaults(fn=cmd_compare)
+    c.add_argument("--shots", type=int, nargs="+", default=[0, 4], help="in-context examples per question")
+    c.add_argument("--per-task", type=int, default=50, help="questions per task")
+    _add_set(c, "override a key in every recipe")
 
-    r = sub.add_parser("recipes", help="list the shipped recipes")
-    r.set_defaults(fn=cmd_recipes)
+    _command(sub, "recipes", "list the shipped recipes", cmd_recipes)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = parser().parse_args(_old_data_form(sys.argv[1:] if argv is None else list(argv)))
+    _resolve_moved(args)
     _quiet()
     try:
         args.fn(args)

@@ -1,8 +1,9 @@
 """The `fusionlm` command end to end on a tiny trained model: data, generate, eval, demo, and
-one-line errors for bad inputs."""
+one-line errors for bad inputs; its spellings (flags, help, deprecated positionals) without a model."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -13,7 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image, features
 
-from fusionlm.cli import main
+from fusionlm.cli import main, parser
+from fusionlm.errors import FusionError
 from fusionlm.data.formats import read_llava_json
 from fusionlm.data.sample import TASKS
 from fusionlm.data.video import Video
@@ -50,7 +52,7 @@ def image(tmp_path_factory) -> Path:
 
 
 def test_data_writes_pngs_and_a_readable_json(tmp_path, capsys):
-    rc, out, _ = run_cli(capsys, "data", "--out", tmp_path / "d", "--n", "2", "--image-size", "32")
+    rc, out, _ = run_cli(capsys, "data", "synth", "--out", tmp_path / "d", "--n", "2", "--image-size", "32")
     assert rc == 0 and "data.json" in out
     samples = read_llava_json(tmp_path / "d" / "data.json")
     assert len(samples) == 2 * len(TASKS)
@@ -66,11 +68,152 @@ def test_data_writes_pngs_and_a_readable_json(tmp_path, capsys):
 
 
 def test_data_tasks_and_split(tmp_path, capsys):
-    rc, _, _ = run_cli(capsys, "data", "--out", tmp_path, "--n", "1", "--tasks", "color", "--split", "val",
+    rc, _, _ = run_cli(capsys, "data", "synth", "--out", tmp_path, "--n", "1", "--tasks", "color", "--split", "val",
                        "--image-size", "32")
     assert rc == 0
     (sample,) = read_llava_json(tmp_path / "data.json")
     assert sample.task == "color" and sample.id.startswith("val/")
+
+
+def test_data_without_a_subcommand_is_the_old_synth(tmp_path, capsys):
+    rc, out, err = run_cli(capsys, "data", "--out", tmp_path, "--n", "1", "--tasks", "color", "--image-size", "32")
+    assert rc == 0 and "data.json" in out
+    assert err.splitlines() == ["fusionlm data: `fusionlm data --out …` without a subcommand is deprecated; "
+                                "use `fusionlm data synth --out …`"]
+    assert [s.task for s in read_llava_json(tmp_path / "data.json")] == ["color"]
+
+
+def test_data_needs_a_subcommand(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["data"])
+    assert exit_.value.code == 2 and "{synth,check}" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- spellings
+
+
+def _parsers(p: argparse.ArgumentParser, path=("fusionlm",)):
+    """(command path, parser) for the parser and every subcommand's, depth first."""
+    yield path, p
+    for action in p._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _parsers(sub, (*path, name))
+
+
+def test_every_argument_and_subcommand_has_help():
+    missing = []
+    for path, p in _parsers(parser()):
+        actions = [a for a in p._actions if not isinstance(a, argparse._HelpAction)]
+        for action in actions + [c for a in actions if isinstance(a, argparse._SubParsersAction)
+                                 for c in a._choices_actions]:
+            if not (action.help or "").strip():
+                missing.append(f"{' '.join(path)} {action.option_strings or action.dest}")
+    assert missing == []
+
+
+@pytest.mark.parametrize("path", [path[1:] for path, _ in _parsers(parser())])
+def test_help_prints_for_every_command(capsys, path):
+    with pytest.raises(SystemExit) as exit_:
+        main([*path, "--help"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.startswith(f"usage: {' '.join(('fusionlm', *path))}")
+
+
+@pytest.mark.parametrize("argv", [["train", "r", "--out", "o"], ["demo"], ["info", "r"], ["compare", "r", "--out", "o"],
+                                  ["data", "check", "s"]])
+def test_set_takes_several_pairs_and_repeats(argv):
+    args = parser().parse_args([*argv, "--set", "a=1", "b=2", "--set", "c=3"])
+    assert args.set == ["a=1", "b=2", "c=3"]
+
+
+MOVED = {  # the new and the old spelling, the call both make, old's line; both spellings, and neither: that flag
+    "export": dict(new=["export", "--checkpoint", "C", "--out", "O", "--format", "llava"],
+                   old=["export", "C", "O", "--format", "llava"],
+                   call=(("C", "O", "llava"), {}),
+                   line="fusionlm export: the positional CHECKPOINT OUT is deprecated; "
+                        "use --checkpoint CHECKPOINT --out OUT",
+                   both=(["export", "C", "--checkpoint", "C", "--out", "O", "--format", "llava"], "--checkpoint"),
+                   neither=(["export", "--checkpoint", "C", "--format", "llava"], "--out")),
+    "import": dict(new=["import", "S", "--out", "O"],
+                   old=["import", "S", "O"],
+                   call=(("S", "O"), {"dtype": "float32", "allow_custom_code": False}),
+                   line="fusionlm import: the positional OUT is deprecated; use --out OUT",
+                   both=(["import", "S", "O", "--out", "O"], "--out"),
+                   neither=(["import", "S"], "--out")),
+}
+
+
+@pytest.fixture
+def calls(monkeypatch) -> list:
+    """What import and export were called with (they are not run)."""
+    import fusionlm.interop
+
+    seen = []
+    for name in ("import_checkpoint", "export_checkpoint"):
+        monkeypatch.setattr(fusionlm.interop, name, lambda *a, **kw: seen.append((a, kw)))
+    return seen
+
+
+@pytest.mark.parametrize("command", list(MOVED))
+def test_flags_and_the_deprecated_positionals_do_the_same(capsys, calls, command):
+    case = MOVED[command]
+    rc, _, err = run_cli(capsys, *case["new"])
+    assert rc == 0 and err == ""
+    rc, _, err = run_cli(capsys, *case["old"])
+    assert rc == 0 and err.splitlines() == [case["line"]]
+    assert calls == [case["call"], case["call"]]
+
+
+@pytest.mark.parametrize("command", list(MOVED))
+def test_both_spellings_or_neither_is_a_usage_error(capsys, calls, command):
+    (both, flag), (neither, missing) = MOVED[command]["both"], MOVED[command]["neither"]
+    with pytest.raises(SystemExit) as exit_:
+        main(both)
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert exit_.value.code == 2 and f"argument {flag}: not allowed with the positional" in last
+    with pytest.raises(SystemExit) as exit_:
+        main(neither)
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert exit_.value.code == 2 and last.endswith(f"the following arguments are required: {missing}")
+    assert calls == []
+
+
+@pytest.mark.parametrize("argv, flags", [
+    (["--data", "d.json", "--tasks-file", "t.yaml"], ("--data", "--tasks-file")),
+    (["--data", "d.json", "--tasks", "t.yaml"], ("--data", "--tasks-file")),  # the old spelling of --tasks-file
+    (["--tasks", "color", "--tasks-file", "t.yaml"], ("--tasks", "--tasks-file")),
+])
+def test_eval_a_task_file_with_data_or_task_names_is_a_usage_error(capsys, argv, flags):
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", "--checkpoint", "nowhere", *argv])  # refused before any checkpoint is read
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert exit_.value.code == 2 and f"argument {flags[0]}: not allowed with {flags[1]}" in last
+
+
+@pytest.fixture
+def devices(monkeypatch) -> list:
+    """The device each load_model call asked for; the call then fails (no model is built)."""
+    import fusionlm.checkpoint
+
+    seen = []
+
+    def load_model(path, *, device):
+        seen.append(device)
+        raise FusionError("stopped after load_model")
+
+    monkeypatch.setattr(fusionlm.checkpoint, "load_model", load_model)
+    return seen
+
+
+@pytest.mark.parametrize("argv", [["generate", "--checkpoint", "c", "--prompt", "p"], ["eval", "--checkpoint", "c"]])
+def test_device_is_passed_to_load_model(capsys, devices, argv):
+    for device in (None, "cpu", "cuda:1", "mps"):
+        rc, _, err = run_cli(capsys, *argv, *(["--device", device] if device else []))
+        assert rc == 2 and "stopped after load_model" in err
+    assert devices == ["auto", "cpu", "cuda:1", "mps"]
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--device", "gpu"])
+    assert exit_.value.code == 2 and "'gpu' is not a device" in capsys.readouterr().err and len(devices) == 4
 
 
 # ----------------------------------------------------------------------------- generate
@@ -130,13 +273,35 @@ def test_eval_writes_scores_per_task_and_a_table(run_dir, tmp_path, capsys):
 
 
 def test_eval_on_a_llava_json(run_dir, tmp_path, capsys):
-    assert run_cli(capsys, "data", "--out", tmp_path / "d", "--n", "2", "--tasks", "color", "--split", "test",
+    assert run_cli(capsys, "data", "synth", "--out", tmp_path / "d", "--n", "2", "--tasks", "color", "--split", "test",
                    "--image-size", "32")[0] == 0
     out_json = tmp_path / "s.json"
     rc, _, err = run_cli(capsys, "eval", "--checkpoint", run_dir, "--data", tmp_path / "d" / "data.json",
                          "--per-task", "2", "--out", out_json)
     assert rc == 0, err
     assert list(json.loads(out_json.read_text())["scores"]) == ["color"]
+
+
+def test_eval_tasks_names_the_tasks_to_score(run_dir, tmp_path, capsys):
+    rc, _, err = run_cli(capsys, "eval", "--checkpoint", run_dir, "--tasks", "color", "shape", "--per-task", "2",
+                         "--out", tmp_path / "s.json")
+    assert rc == 0, err
+    assert set(json.loads((tmp_path / "s.json").read_text())["scores"]) == {"color", "shape"}
+    rc, _, err = run_cli(capsys, "eval", "--checkpoint", run_dir, "--tasks", "colour")
+    assert rc == 2 and "eval --tasks: no task 'colour' in the data" in err
+
+
+def test_eval_tasks_file_and_its_old_spelling(run_dir, tmp_path, capsys):
+    (tmp_path / "tasks.yaml").write_text("- {name: mine, task: color, metric: exact_match}\n")
+    lines = []
+    for flag in ("--tasks-file", "--tasks"):
+        rc, _, err = run_cli(capsys, "eval", "--checkpoint", run_dir, flag, tmp_path / "tasks.yaml", "--per-task", "2",
+                             "--out", tmp_path / f"{flag}.json")
+        assert rc == 0, err
+        assert list(json.loads((tmp_path / f"{flag}.json").read_text())["scores"]) == ["mine"]
+        lines.append(err.splitlines())
+    assert lines == [[], ["fusionlm eval: --tasks FILE.yaml is deprecated; use --tasks-file FILE.yaml "
+                          "(--tasks names tasks)"]]
 
 
 # ----------------------------------------------------------------------------- bad inputs to generate
@@ -181,8 +346,8 @@ def test_generate_bomb_refused_from_the_header_under_a_low_limit(run_dir, tmp_pa
 
     original = cli._load
 
-    def low_limit(checkpoint):
-        model, tok, config, spec = original(checkpoint)
+    def low_limit(checkpoint, device):
+        model, tok, config, spec = original(checkpoint, device)
         spec.max_pixels = 5000
         return model, tok, config, spec
 

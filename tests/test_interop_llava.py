@@ -177,7 +177,7 @@ def test_walkthrough_fine_tune_an_imported_llava_and_export_it_back(tmp_path, ca
     from helpers_train import weights
 
     src = llava_checkpoint(tmp_path / "llava-hf")
-    assert main(["import", str(src), str(tmp_path / "llava")]) == 0
+    assert main(["import", str(src), "--out", str(tmp_path / "llava")]) == 0
     assert main(["data", "--out", str(tmp_path / "mydata"), "--n", "4", "--tasks", "color", "shape",
                  "--image-size", "32"]) == 0
     assert main(["train", "finetune", "--init", str(tmp_path / "llava"), "--out", str(tmp_path / "ft"),
@@ -189,7 +189,7 @@ def test_walkthrough_fine_tune_an_imported_llava_and_export_it_back(tmp_path, ca
     image = tmp_path / "mydata" / "images" / sorted((tmp_path / "mydata" / "images").iterdir())[0].name
     assert main(["generate", "--checkpoint", str(tmp_path / "ft"), "--image", str(image), "--prompt",
                  "What color is it?", "--max-new-tokens", "3"]) == 0
-    assert main(["export", str(tmp_path / "ft"), str(tmp_path / "ft-hf"), "--format", "llava"]) == 0
+    assert main(["export", "--checkpoint", str(tmp_path / "ft"), "--out", str(tmp_path / "ft-hf"), "--format", "llava"]) == 0
     back = LlavaForConditionalGeneration.from_pretrained(tmp_path / "ft-hf").eval()
     model, tokenizer, _ = load_model(tmp_path / "ft")
     inputs = processor_inputs(LlavaProcessor.from_pretrained(tmp_path / "ft-hf", backend="pil"), tokenizer, PROMPTS[:1])

@@ -210,7 +210,7 @@ def test_a_run_written_as_shards_loads_exports_and_names_a_damaged_shard(tmp_pat
     last = list_checkpoints(run)[-1]
     assert (last / "sharded" / ".metadata").is_file() and not (last / "model.safetensors").exists()
     model, _, _ = load_model(run)
-    assert run_cli(capsys, "export", run, tmp_path / "whole", "--format", "fusionlm")[0] == 0
+    assert run_cli(capsys, "export", "--checkpoint", run, "--out", tmp_path / "whole", "--format", "fusionlm")[0] == 0
     assert same_tensors(weights(tmp_path / "whole"), model.state_dict())
     shard = last / "sharded" / "__0_0.distcp"
     shard.write_bytes(shard.read_bytes()[:200])
