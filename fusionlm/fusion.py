@@ -39,15 +39,10 @@ def scatter_image_features(embeds: torch.Tensor, image_mask: torch.Tensor, featu
     return embeds.masked_scatter(image_mask.unsqueeze(-1), flat)  # (B, T, D)
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        var = x.float().pow(2).mean(-1, keepdim=True)
-        return (x.float() * torch.rsqrt(var + self.eps)).to(x.dtype) * self.weight
+def normed(norm: nn.RMSNorm, x: torch.Tensor) -> torch.Tensor:
+    """``norm`` on x in its weight's dtype: under bf16 autocast an fp32 block normalises in fp32
+    (torch's kernel refuses mixed dtypes), as Llama's own RMSNorm does."""
+    return norm(x.to(norm.weight.dtype))
 
 
 class GatedCrossAttentionBlock(nn.Module):
@@ -61,14 +56,14 @@ class GatedCrossAttentionBlock(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.head_dim = dim // num_heads
-        self.attn_norm = RMSNorm(dim)
-        self.kv_norm = RMSNorm(dim)
+        self.attn_norm = nn.RMSNorm(dim, eps=1e-6)
+        self.kv_norm = nn.RMSNorm(dim, eps=1e-6)
         self.q_proj = nn.Linear(dim, num_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(dim, num_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(dim, num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(num_heads * self.head_dim, dim, bias=False)
         self.attn_gate = nn.Parameter(torch.zeros(1))
-        self.ffn_norm = RMSNorm(dim)
+        self.ffn_norm = nn.RMSNorm(dim, eps=1e-6)
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(), nn.Linear(ffn_dim, dim))
         self.ffn_gate = nn.Parameter(torch.zeros(1))
 
@@ -77,7 +72,7 @@ class GatedCrossAttentionBlock(nn.Module):
         stay at the key/value heads' count (attention shares them among the query heads), so each
         decoding step reads H/Hkv times less image memory."""
         b, s, _ = memory.shape
-        m = self.kv_norm(memory)
+        m = normed(self.kv_norm, memory)
         k = self.k_proj(m).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, S, hd)
         v = self.v_proj(m).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, S, hd)
         return k, v
@@ -86,7 +81,7 @@ class GatedCrossAttentionBlock(nn.Module):
         """x (B, T, D); visible (B, T, S) bool: which memory slots each text position may see."""
         b, t, d = x.shape
         k, v = kv
-        q = self.q_proj(self.attn_norm(x)).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        q = self.q_proj(normed(self.attn_norm, x)).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         any_visible = visible.any(-1, keepdim=True)  # (B, T, 1): rows before the first image see nothing
         # A fully masked row would give NaN in softmax: let it see everything, then zero its output.
         mask = (visible | ~any_visible).unsqueeze(1)  # (B, 1, T, S)
@@ -94,7 +89,7 @@ class GatedCrossAttentionBlock(nn.Module):
                                               enable_gqa=self.num_heads != self.num_kv_heads)  # (B, H, T, hd)
         attn = self.o_proj(attn.transpose(1, 2).reshape(b, t, d)) * any_visible  # (B, T, D)
         x = x + torch.tanh(self.attn_gate) * attn
-        x = x + torch.tanh(self.ffn_gate) * self.ffn(self.ffn_norm(x)) * any_visible
+        x = x + torch.tanh(self.ffn_gate) * self.ffn(normed(self.ffn_norm, x)) * any_visible
         return x
 
 

@@ -51,7 +51,12 @@ class Progress:
 
 
 def lr_lambda(stage: StageConfig):
-    """Linear warmup, then cosine decay to ``min_lr_ratio`` of the peak."""
+    """Linear warmup, then cosine decay to ``min_lr_ratio`` of the peak.
+
+    Not transformers' ``get_cosine_with_min_lr_schedule_with_warmup``: its warmup starts at 0
+    (step/w, so the first step learns nothing) where this one starts at 1/w ((step+1)/w), and
+    past the last step it keeps following the cosine up again where this one stays at the floor.
+    """
 
     def factor(step: int) -> float:
         if step < stage.warmup_steps:
