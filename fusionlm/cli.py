@@ -18,8 +18,18 @@ from pathlib import Path
 from .errors import ConfigError, FusionError
 
 
+NOISY_WARNINGS = (  # known and harmless; every other warning still shows
+    # transformers 5 renames the argument `cache`; the 4.x versions we support know only this name
+    (FutureWarning, r"`past_key_values` is deprecated"),
+    # a skipped first step (non-finite, or no sample) still advances the schedule, on purpose
+    (UserWarning, r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`"),
+)
+
+
 def _quiet() -> None:
-    warnings.filterwarnings("ignore")
+    """Mute the warnings listed in ``NOISY_WARNINGS`` and transformers' info logging."""
+    for category, message in NOISY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers.utils import logging
 

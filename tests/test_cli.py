@@ -475,3 +475,16 @@ def test_demo_end_to_end_on_a_tiny_budget(tmp_path, capsys):
     assert (tmp_path / "demo" / "example.png").is_file()
     assert (tmp_path / "demo" / "run" / "checkpoints" / "step-000003" / "model.safetensors").is_file()
     assert "report:" in out
+
+
+def test_the_cli_mutes_only_the_known_noisy_warnings():
+    import warnings
+
+    from fusionlm import cli
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli._quiet()
+        warnings.warn("`past_key_values` is deprecated and will be removed in version 5.40.0", FutureWarning)
+        warnings.warn("a warning nobody has seen before", UserWarning)
+    assert [str(w.message) for w in caught] == ["a warning nobody has seen before"]

@@ -148,6 +148,20 @@ def test_a_stage_end_checkpoint_resumes_at_the_next_stage(tmp_path, capsys, monk
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3, 4, 5]
 
 
+def test_training_leaves_the_callers_config_as_it_was(tmp_path):
+    """Building the model resolves the vocabulary size and end token, and init_from swaps in the
+    checkpoint's model: all in the trainer's own copy, never in the config it was handed."""
+    data = tiny_dict(stages=[stage("s", steps=1)])
+    config = from_dict(data)
+    train(config, tmp_path / "first", log=quiet)
+    assert config == from_dict(data)
+    data["train"]["init_from"] = str(tmp_path / "first")
+    data["model"]["llm"]["num_layers"] = 3  # replaced by the checkpoint's model
+    config = from_dict(data)
+    train(config, tmp_path / "second", log=quiet)
+    assert config == from_dict(data)
+
+
 def test_resume_without_checkpoint_starts_afresh(tmp_path):
     config = from_dict(tiny_dict(stages=[stage("s", steps=2)]))
     lines: list[str] = []

@@ -3,6 +3,7 @@ autocast, per-step metrics, atomic checkpoints and exact resume."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -69,7 +70,13 @@ def lr_lambda(stage: StageConfig):
 
 
 class Trainer:
-    def __init__(self, config: RecipeConfig, out: str | Path, *, resume: bool = False, log=print):
+    def __init__(self, config: RecipeConfig, out: str | Path, *, resume: bool = False, log=print,
+                 seconds: float | None = None):
+        """``seconds``: a wall-clock budget for the whole run (see ``train``)."""
+        # the trainer's own copy: building the model records values in it (the vocabulary size, the
+        # end token, an init_from checkpoint's model), and the caller's config stays as it was given
+        config = copy.deepcopy(config)
+        self.seconds = seconds
         self.group = Group(config.train)
         self.config, self.out = config, Path(out)
         self.log = log if self.group.main else (lambda *_: None)
@@ -240,8 +247,6 @@ class Trainer:
             return (dataset[k] for k in order)
         return iter(torch.utils.data.DataLoader(dataset, sampler=order, batch_size=None, num_workers=workers,
                                                 prefetch_factor=4, persistent_workers=False))
-
-    seconds: float | None = None  # a wall-clock budget for the whole run (see ``train``)
 
     def _time_share(self, stage: StageConfig) -> float | None:
         if self.seconds is None:
@@ -484,8 +489,7 @@ def train(config: RecipeConfig, out: str | Path, *, resume: bool = False, log=pr
     """Train ``config`` into ``out``. ``seconds``: a wall-clock budget, shared among the stages in
     proportion to their steps; a stage whose share runs out ends early (its schedule truncated)."""
     try:
-        trainer = Trainer(config, out, resume=resume, log=log)
-        trainer.seconds = seconds
+        trainer = Trainer(config, out, resume=resume, log=log, seconds=seconds)
     except (OSError, KeyError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{out}: cannot {'resume' if resume else 'start'} a run here ({exc})") from None
     return trainer.run()
