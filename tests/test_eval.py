@@ -207,3 +207,21 @@ def test_a_time_budget_ends_stages_early(tmp_path):
     progress = train(validate(from_dict(data)), tmp_path / "run", log=lambda *_: None, seconds=2.0)
     rows = read_metrics(tmp_path / "run")
     assert 0 < progress.step < 2000 and {r["stage"] for r in rows} == {0, 1}  # both stages got their share
+
+
+def test_evaluation_leaves_the_callers_image_spec_as_it_was(make_model, tokenizer, qa_file, monkeypatch):
+    """Each task's images are read under its own data's root, in a copy of the caller's spec."""
+    from dataclasses import replace
+
+    from fusionlm.evaluate import harness
+
+    seen = []
+    monkeypatch.setattr(harness, "generate",
+                        lambda model, tok, reqs, spec, **kw: seen.append(spec.root) or [""] * len(reqs))
+    model = make_model("unified")
+    spec = spec_for(model)
+    before = replace(spec)
+    tasks = builtin_tasks(["color"]) + [EvalTask(name="mine", metric="vqa_accuracy", data=str(qa_file))]
+    evaluate_tasks(model, tokenizer, tasks, spec, per_task=2)
+    assert spec == before
+    assert len(set(seen)) == 2 and str(qa_file.parent) in {str(r) for r in seen}  # one root per task's data

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..config import DataConfig
@@ -124,10 +124,10 @@ def evaluate_tasks(model, tokenizer, tasks: list[EvalTask], images: ImageSpec, *
     results = []
     for task in tasks:
         data = TaskData(task, sources)
-        images.root = data.source.root
+        spec = replace(images, root=data.source.root)  # the task's images, under its data's root
         questions, prompts, skipped, fewer = [], [], [], 0
         for i, s in enumerate(data.questions(per_task)):
-            prompt, k, length = fit_shots(model, tokenizer, images, data, s, i, shots, seed)
+            prompt, k, length = fit_shots(model, tokenizer, spec, data, s, i, shots, seed)
             if length >= context:
                 skipped.append(s.id)
                 continue
@@ -137,7 +137,7 @@ def evaluate_tasks(model, tokenizer, tasks: list[EvalTask], images: ImageSpec, *
         preds: list[str] = []
         for start in range(0, len(prompts), batch_size):
             reqs = [request_of(s, task.prompt) for s in prompts[start:start + batch_size]]
-            preds.extend(generate(model, tokenizer, reqs, images, max_new_tokens=task.max_new_tokens))
+            preds.extend(generate(model, tokenizer, reqs, spec, max_new_tokens=task.max_new_tokens))
         refs = [s.answers for s in questions]
         score, per = METRICS.get(task.metric)(preds, refs)
         examples = [{"id": s.id, "question": question_of(s), "answer": p, "references": s.answers, "score": v}
