@@ -14,6 +14,7 @@ from fusionlm.checkpoint import build_model
 from fusionlm.config import load_recipe
 from fusionlm.data.batches import MixtureBatches
 from fusionlm.data.processing import ImageSpec
+from fusionlm.data.prompt import PromptEncoder
 from fusionlm.data.sources import build_source
 from fusionlm.train.loop import make_tokenizer
 
@@ -26,10 +27,8 @@ def main(recipe: str = "demo", stage: int = 1, n: int = 20) -> None:
     spec = ImageSpec.for_model(model, config, root=source.root)
     s = config.stages[stage]
     for pack in (False, True):
-        data = MixtureBatches(source, s.mixture, seed=0, stage=stage, batch_size=s.batch_size, tokenizer=tokenizer,
-                              layout=model.layout, max_length=config.model.llm.max_length, images=spec,
-                              image_token=config.model.tokenizer.image_token,
-                              end_token=config.model.tokenizer.end_token, pack=pack)
+        data = MixtureBatches(source, s.mixture, seed=0, stage=stage, batch_size=s.batch_size,
+                              prompts=PromptEncoder.of(model, tokenizer, spec), pack=pack)
         cells = tokens = rows = 0
         for k in range(n):
             b = data[k]

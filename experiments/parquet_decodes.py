@@ -27,6 +27,7 @@ from fusionlm.checkpoint import build_model
 from fusionlm.config import from_dict, validate
 from fusionlm.data.batches import MixtureBatches
 from fusionlm.data.processing import ImageSpec
+from fusionlm.data.prompt import PromptEncoder
 from fusionlm.data.sources import build_source
 from fusionlm.train.loop import make_tokenizer
 
@@ -75,10 +76,8 @@ def main() -> None:
         tokenizer = make_tokenizer(config, source)
         model = build_model(config, tokenizer)
         data = MixtureBatches(source, {"interleaved": 1}, seed=0, stage=0, batch_size=args.batch_size,
-                              tokenizer=tokenizer, layout=model.layout, max_length=config.model.llm.max_length,
-                              images=ImageSpec.for_model(model, config, root=source.root),
-                              image_token=config.model.tokenizer.image_token,
-                              end_token=config.model.tokenizer.end_token, rank=0, world=args.world)
+                              prompts=PromptEncoder.of(model, tokenizer, ImageSpec.for_model(model, config, root=source.root)),
+                              rank=0, world=args.world)
         decodes = 0
         real = pq.ParquetFile.read_row_group
 

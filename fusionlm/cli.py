@@ -67,7 +67,8 @@ def context_check(recipe: str, overrides: list[str], root_of: str):
     """sample -> a problem when it does not fit the recipe's context (model.llm.max_length)."""
     from .checkpoint import build_model
     from .config import load_recipe
-    from .data.chat import SkipSample, encode
+    from .data.chat import SkipSample
+    from .data.prompt import PromptEncoder
     from .data.processing import ImageSpec
     from .errors import ImageError
     from .data.sources import build_source
@@ -80,16 +81,13 @@ def context_check(recipe: str, overrides: list[str], root_of: str):
     model = build_model(config, tokenizer, pretrained=False)
     source_dir = Path(root_of) if Path(root_of).is_dir() else Path(root_of).parent
     spec = ImageSpec.for_model(model, config, root=str(source_dir))
-    tcfg, limit = config.model.tokenizer, config.model.llm.max_length
+    prompts = PromptEncoder.of(model, tokenizer, spec, max_length=config.model.llm.max_length)
 
     def fits(sample) -> str | None:
         try:
-            layouts = [model.layout.image_tokens(spec.process_all(img)) for img in sample.images]
+            prompts.sample(sample)
         except ImageError:
             return None  # reported by the image check
-        try:
-            encode(sample, tokenizer, layouts, max_length=limit, image_token=tcfg.image_token,
-                   end_token=tcfg.end_token)
         except SkipSample as exc:
             return f"{exc} ({recipe}: model.llm.max_length)" if exc.reason == "too_long" else None
         return None

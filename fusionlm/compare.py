@@ -23,7 +23,8 @@ import torch
 from .checkpoint import build_model, list_checkpoints, load_checkpoint_weights, load_model
 from .config import RecipeConfig, load_recipe
 from .data.batches import collate
-from .data.chat import SkipSample, encode
+from .data.chat import SkipSample
+from .data.prompt import PromptEncoder
 from .data.processing import ImageBatch, ImageSpec
 from .data.sources import build_source
 from .evaluate.harness import EVAL_TASKS, evaluate
@@ -144,15 +145,10 @@ def latency(model, tokenizer, spec: ImageSpec, source, tasks: list[str], new_tok
     task = next((t for t in tasks if t not in ("price", "motion")), tasks[0] if tasks else "color")
     sample = source.get(task, "test", 0)
     request = Request(next(m["content"] for m in sample.messages if m["role"] == "user"), sample.images)
-    per_image = [spec.process_all(img) for img in request.images]
-    inputs = [inp for p in per_image for inp in p]
-    tcfg = model.config.tokenizer
-    enc = encode(request.sample(), tokenizer, [model.layout.image_tokens(p) for p in per_image],
-                 max_length=model.config.llm.max_length, image_token=tcfg.image_token, end_token=tcfg.end_token,
-                 add_generation_prompt=True)
+    prompted = PromptEncoder.of(model, tokenizer, spec).request(request)
     device = next(model.parameters()).device
-    ids = torch.tensor([enc.input_ids], device=device)  # (1, T)
-    images = ImageBatch.collate(inputs)
+    ids = torch.tensor([prompted.encoded.input_ids], device=device)  # (1, T)
+    images = ImageBatch.collate(prompted.inputs)
     times = []
     for _ in range(repeats + 1):
         started = time.perf_counter()
@@ -173,11 +169,11 @@ def text_loss(model, tokenizer, config: RecipeConfig, source) -> float:
     """The LLM's mean loss (nats per token) on held-out text-only documents."""
     if "text_only" not in source.tasks():
         return float("nan")
+    prompts = PromptEncoder.of(model, tokenizer, None, max_length=config.model.llm.max_length)  # documents: no pictures
     encoded = []
     for i in range(TEXT_DOCS):
         try:
-            encoded.append(encode(source.get("text_only", "val", i), tokenizer, [], max_length=config.model.llm.max_length,
-                                  end_token=config.model.tokenizer.end_token))
+            encoded.append(prompts.sample(source.get("text_only", "val", i)).encoded)
         except SkipSample:
             continue
     batch = collate(encoded, [], ["text_only"] * len(encoded), [], tokenizer.pad_token_id)

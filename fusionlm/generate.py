@@ -13,7 +13,8 @@ from typing import Any
 import torch
 
 from .data.processing import ImageBatch, ImageSpec
-from .data.chat import PLACEHOLDERS, SkipSample, encode
+from .data.chat import PLACEHOLDERS
+from .data.prompt import PromptEncoder
 from .data.sample import Sample
 from .data.video import placeholder
 from .errors import SampleError
@@ -115,18 +116,12 @@ def encode_requests(model: FusionLM, tokenizer, requests: list[Request], images:
             fit in ``max_length``.
         ImageError: an image that cannot be read.
     """
-    tokens = model.config.tokenizer
+    prompts = PromptEncoder.of(model, tokenizer, images, max_length=max_length)
     rows, pixels = [], []
     for req in requests:
-        per_image = [images.process_all(img) for img in req.images]
-        try:
-            enc = encode(req.sample(), tokenizer, [model.layout.image_tokens(p) for p in per_image],
-                         max_length=max_length, image_token=tokens.image_token, end_token=tokens.end_token,
-                         add_generation_prompt=True)
-        except SkipSample as exc:  # too long: a request is refused, never silently dropped
-            raise SampleError(str(exc)) from None
-        rows.append(enc.input_ids)
-        pixels.extend(inp for inputs in per_image for inp in inputs)
+        prompted = prompts.request(req)
+        rows.append(prompted.encoded.input_ids)
+        pixels.extend(prompted.inputs)
     ids, mask = left_pad(rows, tokenizer.pad_token_id)  # (B, T)
     return ids, mask, ImageBatch.collate(pixels)
 

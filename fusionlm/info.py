@@ -20,7 +20,8 @@ from .checkpoint import build_model
 from .config import RecipeConfig
 from .errors import ConfigError
 from .data.batches import check_mixture, collate
-from .data.chat import SkipSample, encode
+from .data.chat import SkipSample
+from .data.prompt import PromptEncoder
 from .data.processing import ImageSpec
 from .data.sources import build_source
 from .encoders import ENCODERS
@@ -140,17 +141,13 @@ def typical_batches(model, tokenizer, config: RecipeConfig, source, spec: ImageS
     """The last stage's mixture, a few samples of each task, encoded as training encodes them,
     each as a batch of one."""
     batches = []
-    tcfg = config.model.tokenizer
+    prompts = PromptEncoder.of(model, tokenizer, spec, max_length=config.model.llm.max_length)
     for sample in _typical_samples(config, source):
-        per_image = [spec.process_all(img) for img in sample.images]
         try:
-            enc = encode(sample, tokenizer, [model.layout.image_tokens(p) for p in per_image],
-                         max_length=config.model.llm.max_length, image_token=tcfg.image_token,
-                         end_token=tcfg.end_token)
+            prompted = prompts.sample(sample)
         except SkipSample:
             continue
-        pixels = [inp for p in per_image for inp in p]
-        batches.append(collate([enc], pixels, [sample.task], [], tokenizer.pad_token_id))
+        batches.append(collate([prompted.encoded], prompted.inputs, [sample.task], [], tokenizer.pad_token_id))
     if not batches:
         raise ConfigError("no sample of the last stage's mixture fits the context (model.llm.max_length)")
     return batches

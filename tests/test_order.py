@@ -15,13 +15,12 @@ pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 
 
-class Stub:  # drawing samples (sample_at) needs no tokenizer, layout or image spec
+class Stub:  # drawing samples (sample_at) needs no prompt encoder
     pass
 
 
 def mixture(source, weights, *, batch_size=8, grad_accum=1, seed=0, stage=0) -> MixtureBatches:
-    return MixtureBatches(source, weights, seed=seed, stage=stage, batch_size=batch_size, tokenizer=Stub(),
-                          layout=Stub(), max_length=64, images=Stub(), image_token="<image>", end_token="</s>",
+    return MixtureBatches(source, weights, seed=seed, stage=stage, batch_size=batch_size, prompts=Stub(),
                           grad_accum=grad_accum)
 
 
@@ -112,9 +111,8 @@ def test_a_step_never_holds_a_record_twice(tmp_path):
         assert len(set(ids)) == 16, (step, Counter(ids).most_common(2))
     rank_shares = []  # the same through each rank's batches (world 2: contiguous halves of each micro-batch)
     for rank in (0, 1):
-        per_rank = MixtureBatches(data.source, {"text_only": 1}, seed=0, stage=0, batch_size=8, tokenizer=Stub(),
-                                  layout=Stub(), max_length=64, images=Stub(), image_token="<image>",
-                                  end_token="</s>", rank=rank, world=2, grad_accum=2)
+        per_rank = MixtureBatches(data.source, {"text_only": 1}, seed=0, stage=0, batch_size=8, prompts=Stub(),
+                                  rank=rank, world=2, grad_accum=2)
         rank_shares += [per_rank.sample_at(k * 8 + rank * 4 + i).id for k in (6, 7) for i in range(4)]
     assert sorted(rank_shares) == sorted(ids_of_step(data, 3))
 

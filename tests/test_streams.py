@@ -139,8 +139,7 @@ def test_mixture_of_sources_matches_weights(tmp_path):
     source = build_source(DataConfig(sources=three_sources(tmp_path)))
     assert isinstance(source, MultiSource)
     batches = MixtureBatches(source, {"captions": 45, "docs": 45, "text": 10}, seed=0, stage=0, batch_size=8,
-                             tokenizer=Stub(), layout=Stub(), max_length=64, images=Stub(), image_token="<image>",
-                             end_token="</s>")
+                             prompts=Stub())
     drawn = Counter(batches.sample_at(n).task for n in range(4000))
     assert abs(drawn["caption"] / 4000 - 0.45) < 0.03 and abs(drawn["interleaved"] / 4000 - 0.45) < 0.03
     assert abs(drawn["text_only"] / 4000 - 0.10) < 0.02

@@ -26,6 +26,7 @@ from fusionlm.data.formats import read_llava_json, write_llava_json
 from fusionlm.data.layout import ImageLayout
 from fusionlm.designs import DESIGNS
 from fusionlm.data.processing import ImageBatch
+from fusionlm.data.prompt import PromptEncoder
 from fusionlm.data.render import COLORS
 from fusionlm.data.sample import VIDEO_TOKEN, Sample
 from fusionlm.data.sources import WorldSource
@@ -450,9 +451,8 @@ def test_a_tiny_model_learns_from_motion_clips(tokenizer):
     config = with_video("unified", 8, 2, max_length=128)  # 4 slots x 16 tokens per clip
     model = build_model(config, tokenizer)
     spec = spec_for(model)
-    data = MixtureBatches(WorldSource(S, 0), {"motion": 1.0}, seed=0, stage=0, batch_size=8, tokenizer=tokenizer,
-                          layout=model.layout, max_length=128, images=spec, image_token=config.model.tokenizer.image_token,
-                          end_token=config.model.tokenizer.end_token)
+    data = MixtureBatches(WorldSource(S, 0), {"motion": 1.0}, seed=0, stage=0, batch_size=8,
+                          prompts=PromptEncoder.of(model, tokenizer, spec, max_length=128))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
     losses = []

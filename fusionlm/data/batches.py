@@ -29,11 +29,11 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, FusionError, ImageError
-from .chat import IGNORE, Encoded, SkipSample, encode
-from .layout import ImageLayout
+from .chat import IGNORE, Encoded, SkipSample
 from .order import PassOrder, generator, stable_seed
 from .packing import packed
 from .processing import ImageBatch, ImageInput, ImageSpec
+from .prompt import PromptEncoder
 from .sample import Sample
 
 __all__ = ["Batch", "ImageSpec", "MixtureBatches", "Skip", "collate", "check_mixture", "stable_seed"]
@@ -138,16 +138,14 @@ class MixtureBatches(torch.utils.data.Dataset):
     """
 
     def __init__(self, source: SampleSource, mixture: dict[str, float], *, seed: int, stage: int,
-                 batch_size: int, tokenizer, layout: ImageLayout, max_length: int, images: ImageSpec,
-                 image_token: str, end_token: str, split: str = "train", rank: int = 0, world: int = 1,
+                 batch_size: int, prompts: PromptEncoder, split: str = "train", rank: int = 0, world: int = 1,
                  pack: bool = False, grad_accum: int = 1):
         mixture = check_mixture(mixture, source, key=f"stages.{stage}.mixture")
         self.source, self.split = source, split
         self.task_names = [t for t, w in mixture.items() if w > 0]
         self.weights = [mixture[t] for t in self.task_names]
         self.seed, self.stage, self.batch_size = seed, stage, batch_size
-        self.tokenizer, self.layout, self.max_length, self.images = tokenizer, layout, max_length, images
-        self.image_token, self.end_token = image_token, end_token
+        self.prompts = prompts  # how a sample becomes ids, labels and encoder inputs
         self.rank, self.world = rank, world  # data parallelism: this process's share of each batch
         self.pack = pack  # several samples per row, up to max_length tokens (``data.packing``)
         if grad_accum < 1:
@@ -250,10 +248,7 @@ class MixtureBatches(torch.utils.data.Dataset):
             sample = None
             try:
                 sample = self.sample_at(number)
-                per_image = [self.images.process_all(img) for img in sample.images]
-                enc = encode(sample, self.tokenizer, [self.layout.image_tokens(p) for p in per_image],
-                             max_length=self.max_length, image_token=self.image_token, end_token=self.end_token)
-                pix = [inp for inputs in per_image for inp in inputs]
+                prompted = self.prompts.sample(sample)
             except SkipSample as exc:
                 skipped.append(Skip(sample.id, exc.reason, str(exc)))
                 continue
@@ -263,11 +258,11 @@ class MixtureBatches(torch.utils.data.Dataset):
             except FusionError as exc:  # a malformed sample from a file source
                 skipped.append(Skip(sample.id if sample else f"#{number}", "bad_sample", str(exc)))
                 continue
-            encoded.append(enc)
-            pixels.extend(pix)
+            encoded.append(prompted.encoded)
+            pixels.extend(prompted.inputs)
             tasks.append(sample.task)
-        return collate(encoded, pixels, tasks, skipped, self.tokenizer.pad_token_id,
-                       pack_length=self.max_length if self.pack else None)
+        return collate(encoded, pixels, tasks, skipped, self.prompts.tokenizer.pad_token_id,
+                       pack_length=self.prompts.max_length if self.pack else None)
 
 
 def collate(encoded: list[Encoded], images: list[ImageInput], tasks: list[str], skipped: list[Skip],

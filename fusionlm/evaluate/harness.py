@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..config import DataConfig
 from ..data.batches import ImageSpec, stable_seed
-from ..data.chat import encode
+from ..data.prompt import PromptEncoder
 from ..data.fewshot import few_shot
 from ..data.sample import Sample
 from ..data.sources import build_source
@@ -91,10 +91,7 @@ class TaskData:
 
 def prompt_length(model, tokenizer, images: ImageSpec, request: Request) -> int:
     """Decoder positions a request's prompt takes, images included."""
-    tcfg = model.config.tokenizer
-    layouts = [model.layout.image_tokens(images.process_all(img)) for img in request.images]
-    return len(encode(request.sample(), tokenizer, layouts, max_length=10**9, image_token=tcfg.image_token,
-                      end_token=tcfg.end_token, add_generation_prompt=True).input_ids)
+    return len(PromptEncoder.of(model, tokenizer, images, max_length=10**9).request(request).encoded.input_ids)
 
 
 def fit_shots(model, tokenizer, images: ImageSpec, data: TaskData, sample: Sample, index: int, shots: int,

@@ -51,7 +51,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from ..data.chat import PLACEHOLDERS, SkipSample, encode
+from ..data.chat import PLACEHOLDERS
+from ..data.prompt import PromptEncoder
 from ..data.processing import ImageBatch, ImageSpec
 from ..data.video import VIDEO_FILE_SUFFIXES, Video, placeholder
 from ..device import model_device
@@ -176,15 +177,8 @@ def cut_at_stops(text: str, stops: Iterable[str]) -> str:
 def encode_prompt(model, tokenizer, spec: ImageSpec, request: Request) -> tuple[list[int], list]:
     """The prompt's token ids (image layouts expanded, generation prompt added) and its encoder
     inputs: exactly what ``generate`` feeds the model for ``request``."""
-    per_image = [spec.process_all(img) for img in request.images]
-    tokens = model.config.tokenizer
-    try:
-        enc = encode(request.sample(), tokenizer, [model.layout.image_tokens(p) for p in per_image],
-                     max_length=model.config.llm.max_length, image_token=tokens.image_token,
-                     end_token=tokens.end_token, add_generation_prompt=True)
-    except SkipSample as exc:
-        raise SampleError(str(exc)) from None
-    return enc.input_ids, [inp for inputs in per_image for inp in inputs]
+    prompted = PromptEncoder.of(model, tokenizer, spec).request(request)
+    return prompted.encoded.input_ids, prompted.inputs
 
 
 def continuation_score(logits: torch.Tensor, targets: torch.Tensor,

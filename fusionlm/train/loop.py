@@ -23,6 +23,7 @@ from ..checkpoint import (
 )
 from ..config import RecipeConfig, StageConfig, load_config, save_config
 from ..data.batches import Batch, ImageSpec, MixtureBatches, check_mixture
+from ..data.prompt import PromptEncoder
 from ..data.sources import build_source
 from ..llm import decoder_layers
 from .distributed import Group
@@ -236,9 +237,7 @@ class Trainer:
     def _batches(self, index: int, stage: StageConfig, start: int):
         dataset = MixtureBatches(
             self.source, stage.mixture, seed=self.config.train.seed, stage=index, batch_size=stage.batch_size,
-            tokenizer=self.tokenizer, layout=self.model.layout, max_length=self.config.model.llm.max_length,
-            images=self.images, image_token=self.config.model.tokenizer.image_token,
-            end_token=self.config.model.tokenizer.end_token, rank=self.group.rank, world=self.group.world,
+            prompts=PromptEncoder.of(self.model, self.tokenizer, self.images), rank=self.group.rank, world=self.group.world,
             pack=self.config.data.pack, grad_accum=stage.grad_accum,
         )
         order = range(start * stage.grad_accum, stage.steps * stage.grad_accum)

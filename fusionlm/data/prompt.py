@@ -1,0 +1,72 @@
+"""The one prompt path: a sample with its pictures -> token ids, labels and encoder inputs.
+
+Training batches, generation, evaluation, the lmms-eval adapter, ``fusionlm info`` and ``data
+check`` all encode through ``PromptEncoder``, so an image takes the same positions everywhere:
+each item is preprocessed (``ImageSpec.process_all``: itself, its tiles and thumbnail, or a
+video's frames), the model's ``ImageLayout`` turns those inputs into image token ids, and
+``chat.encode`` puts them where the sample's placeholders are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import SampleError
+from .chat import Encoded, SkipSample, encode
+from .layout import ImageLayout
+from .processing import ImageInput, ImageSpec
+from .sample import IMAGE_TOKEN, Sample
+
+
+@dataclass(frozen=True)
+class Prompted:
+    """One encoded sample and the encoder inputs of its pictures, in order."""
+
+    encoded: Encoded
+    inputs: list[ImageInput]
+
+
+@dataclass(frozen=True)
+class PromptEncoder:
+    """Encodes samples and requests for one model: its tokenizer, image spec and layout."""
+
+    tokenizer: Any
+    spec: ImageSpec | None  # None: for samples without pictures only
+    layout: ImageLayout
+    max_length: int
+    image_token: str = IMAGE_TOKEN
+    end_token: str | None = None  # what ends a turn; None: the tokenizer's eos
+
+    @classmethod
+    def of(cls, model, tokenizer, spec: ImageSpec | None, *, max_length: int | None = None) -> "PromptEncoder":
+        """The encoder of a built model (its layout, its tokenizer settings, its context)."""
+        tokens = model.config.tokenizer
+        return cls(tokenizer, spec, model.layout, max_length or model.config.llm.max_length,
+                   tokens.image_token, tokens.end_token)
+
+    def sample(self, sample: Sample, *, generation_prompt: bool = False) -> Prompted:
+        """``sample`` as the model reads it.
+
+        Raises:
+            ImageError: a picture that cannot be read.
+            SampleError: placeholders that do not match the pictures.
+            SkipSample: too long for ``max_length``, or nothing to learn (without a generation prompt).
+        """
+        per_item = [self.spec.process_all(item) for item in sample.images]
+        encoded = encode(sample, self.tokenizer, [self.layout.image_tokens(inputs) for inputs in per_item],
+                         max_length=self.max_length, image_token=self.image_token, end_token=self.end_token,
+                         add_generation_prompt=generation_prompt)
+        return Prompted(encoded, [inp for inputs in per_item for inp in inputs])
+
+    def request(self, request) -> Prompted:
+        """A request's prompt (anything with ``.sample()``), the generation prompt added.
+
+        Raises:
+            SampleError: also when the prompt does not fit ``max_length``: a request is refused,
+                never silently dropped.
+        """
+        try:
+            return self.sample(request.sample(), generation_prompt=True)
+        except SkipSample as exc:
+            raise SampleError(str(exc)) from None
