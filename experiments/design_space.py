@@ -21,7 +21,8 @@ from fusionlm.data.processing import ImageSpec
 from fusionlm.data.sources import build_source
 from fusionlm.device import resolve_device
 from fusionlm.evaluate.harness import EVAL_TASKS, evaluate
-from fusionlm.train.loop import train, trained_tasks
+from fusionlm.recipe import trained_tasks
+from fusionlm.train.loop import train
 
 
 def main() -> None:

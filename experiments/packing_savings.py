@@ -16,7 +16,7 @@ from fusionlm.data.batches import MixtureBatches
 from fusionlm.data.processing import ImageSpec
 from fusionlm.data.prompt import PromptEncoder
 from fusionlm.data.sources import build_source
-from fusionlm.train.loop import make_tokenizer
+from fusionlm.recipe import make_tokenizer
 
 
 def main(recipe: str = "demo", stage: int = 1, n: int = 20) -> None:

@@ -29,7 +29,7 @@ from fusionlm.data.batches import MixtureBatches
 from fusionlm.data.processing import ImageSpec
 from fusionlm.data.prompt import PromptEncoder
 from fusionlm.data.sources import build_source
-from fusionlm.train.loop import make_tokenizer
+from fusionlm.recipe import make_tokenizer
 
 TINY = {  # the test suite's tiny model: building it takes about a second
     "model": {

@@ -73,7 +73,7 @@ def context_check(recipe: str, overrides: list[str], root_of: str):
     from .errors import ImageError
     from .data.sources import build_source
     from .info import shapes_only
-    from .train.loop import make_tokenizer
+    from .recipe import make_tokenizer
 
     config = load_recipe(recipe, overrides)
     shapes_only(config)  # pretrained parts: their configs only, no weights

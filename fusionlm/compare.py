@@ -30,7 +30,8 @@ from .data.sources import build_source
 from .evaluate.harness import EVAL_TASKS, evaluate
 from .generate import Request
 from .info import report
-from .train.loop import train, trained_tasks
+from .recipe import trained_tasks
+from .train.loop import train
 
 TEXT_DOCS = 32  # text-only documents the LLM's text loss is measured on
 

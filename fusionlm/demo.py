@@ -11,7 +11,8 @@ from .config import load_recipe
 from .data.batches import ImageSpec
 from .data.sources import build_source
 from .evaluate.harness import EVAL_TASKS, evaluate, markdown_table, write_results
-from .train.loop import train, trained_tasks
+from .recipe import trained_tasks
+from .train.loop import train
 
 
 def run_demo(out: str | Path, overrides: list[str] | None = None, *, recipe: str = "demo") -> dict:

@@ -26,7 +26,7 @@ from .data.processing import ImageSpec
 from .data.sources import build_source
 from .encoders import ENCODERS
 from .hub import arch_of, check_custom_code
-from .train.loop import make_tokenizer
+from .recipe import make_tokenizer
 from .train.stages import select_trainable
 
 PARTS = ("encoder", "connector", "cross_attention", "llm")  # in the order data flows through them

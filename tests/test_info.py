@@ -93,7 +93,7 @@ def test_llm_flops_include_attention():
     from fusionlm.checkpoint import build_model
     from fusionlm.data.sources import build_source
     from fusionlm.info import forward_flops
-    from fusionlm.train.loop import make_tokenizer
+    from fusionlm.recipe import make_tokenizer
 
     config = recipe("unified")
     torch.manual_seed(0)

@@ -18,20 +18,23 @@ from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from ..checkpoint import (
-    CONFIG, SHARDED, TOKENIZER, build_model, list_checkpoints, load_checkpoint_weights, needs_newline,
+    CONFIG, SHARDED, TOKENIZER, build_model, list_checkpoints, load_checkpoint_weights,
     recover_checkpoints, required_tokens, resolve_checkpoint, save_model, staging,
 )
 from ..config import RecipeConfig, StageConfig, load_config, save_config
 from ..data.batches import Batch, ImageSpec, MixtureBatches, check_mixture
 from ..data.prompt import PromptEncoder
 from ..data.sources import build_source
+from ..data.tokenizer import load_tokenizer
 from ..llm import decoder_layers
-from .distributed import Group
-from ..data.tokenizer import load_any_tokenizer, load_tokenizer, prepare_tokenizer, train_tokenizer
 from ..errors import CheckpointError, ConfigError, FusionError
+from ..recipe import make_tokenizer
+from .distributed import Group
 from .objectives import OBJECTIVES
+from .plots import plot_losses
 from .precision import master_weights
 from .report import Reporters
+from .rng import rng_state, set_rng_state
 from .stages import apply_trainable, param_groups, select_trainable
 from .step import TrainStep
 
@@ -406,38 +409,6 @@ class Trainer:
         self.reporters.log(row, p.step)
 
 
-def rng_state() -> dict:
-    """This process's random state: the CPU's and, when there is one, every GPU's."""
-    return {"cpu": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["cpu"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def plot_losses(metrics: Path, out: Path) -> None:
-    """The run's loss per step, one colour per stage, as a PNG next to its metrics."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    fig, ax = plt.subplots(figsize=(8, 4))
-    for stage in sorted({r["stage"] for r in rows}):
-        points = [(r["step"], r["loss"]) for r in rows if r["stage"] == stage and r["loss"] is not None]
-        if points:
-            ax.plot(*zip(*points), linewidth=1, label=next(r["stage_name"] for r in rows if r["stage"] == stage))
-    ax.set(xlabel="optimizer step", ylabel="loss", title=f"training loss ({metrics.parent.name})")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-
-
 class Counts:
     """A step's samples, counted in this process (``Trainer._count`` sums them over processes)."""
 
@@ -453,27 +424,6 @@ class Counts:
         for skip in batch.skipped:
             self.skipped[skip.reason] = self.skipped.get(skip.reason, 0) + 1
             log(f"skipped {skip.detail}")
-
-
-def make_tokenizer(config: RecipeConfig, source):
-    """A saved tokenizer; else the LLM's own (made ready for images); else one trained on the data."""
-    tcfg, llm = config.model.tokenizer, config.model.llm
-    if tcfg.path and llm.hf is None:
-        return load_tokenizer(tcfg.path)
-    if tcfg.path or llm.hf:
-        tok = load_any_tokenizer(tcfg.path or llm.hf, allow_custom_code=llm.allow_custom_code)
-        return prepare_tokenizer(tok, image_token=tcfg.image_token, newline_token=tcfg.newline_token,
-                                 need_newline=needs_newline(config.model))
-    return train_tokenizer(source.corpus(tcfg.corpus_per_task, trained_tasks(config, source)), tcfg.vocab_size)
-
-
-def trained_tasks(config: RecipeConfig, source) -> list[str]:
-    """The tasks some stage of the recipe trains on."""
-    tasks = set()
-    for i, stage in enumerate(config.stages):
-        mixture = check_mixture(stage.mixture, source, key=f"stages.{i}.mixture")
-        tasks.update(t for t, w in mixture.items() if w > 0)
-    return sorted(tasks)
 
 
 def sharded_layers(model) -> list[torch.nn.Module]:
