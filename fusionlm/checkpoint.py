@@ -14,6 +14,7 @@ re-split) and ``fusionlm export`` turns it into one whole file.
 
 from __future__ import annotations
 
+from dataclasses import replace
 import json
 import os
 import re
@@ -59,8 +60,7 @@ def needs_newline(model: ModelConfig) -> bool:
 
 def special_ids(tokenizer, tcfg: TokenizerConfig, *, need_newline: bool,
                 tiling: TilingConfig | None = None) -> SpecialIds:
-    """The ids of the image, newline, pad and end-of-turn tokens; the end token is recorded in ``tcfg``."""
-    tcfg.end_token = tcfg.end_token or end_of_turn(tokenizer)
+    """The ids of the image, newline, pad and end-of-turn tokens (``tcfg.end_token`` set)."""
     vocab = tokenizer.get_vocab()
     wanted = {"image_token": tcfg.image_token, "end_token": tcfg.end_token}
     if need_newline:
@@ -78,20 +78,23 @@ def special_ids(tokenizer, tcfg: TokenizerConfig, *, need_newline: bool,
 def build_model(config: RecipeConfig, tokenizer, *, pretrained: bool = True) -> FusionLM:
     """A model for ``config`` and ``tokenizer``.
 
-    A random LLM's vocabulary is sized from the tokenizer (recorded in the config); a pretrained
-    or recorded one keeps its own, grown if the tokenizer gained tokens (the image token).
+    ``config`` stays as given: the model's own ``model.config`` records what the build settled (a
+    random LLM's vocabulary sized from the tokenizer, the end-of-turn token read off its chat
+    template, the architecture of ``hf`` parts), and ``save_model`` writes that. A pretrained or
+    recorded LLM keeps its vocabulary, grown if the tokenizer gained tokens (the image token).
     ``pretrained=False`` builds ``hf`` parts from their recorded architecture without their
     weights (a checkpoint's weights are loaded next).
     """
     llm = config.model.llm
     own = llm.hf is None and llm.arch is None
-    if own:
-        if llm.vocab_size is not None and llm.vocab_size != len(tokenizer):
-            raise ConfigError(f"model.llm.vocab_size: {llm.vocab_size}, but the tokenizer has {len(tokenizer)} tokens")
-        llm.vocab_size = len(tokenizer)
-    ids = special_ids(tokenizer, config.model.tokenizer, need_newline=needs_newline(config.model),
-                      tiling=config.model.tiling)
-    return FusionLM(config.model, ids, pretrained=pretrained, vocab_size=None if own else len(tokenizer))
+    if own and llm.vocab_size is not None and llm.vocab_size != len(tokenizer):
+        raise ConfigError(f"model.llm.vocab_size: {llm.vocab_size}, but the tokenizer has {len(tokenizer)} tokens")
+    settled = replace(config.model,
+                      llm=replace(llm, vocab_size=len(tokenizer)) if own else llm,
+                      tokenizer=replace(config.model.tokenizer,
+                                        end_token=config.model.tokenizer.end_token or end_of_turn(tokenizer)))
+    ids = special_ids(tokenizer, settled.tokenizer, need_newline=needs_newline(settled), tiling=settled.tiling)
+    return FusionLM(settled, ids, pretrained=pretrained, vocab_size=None if own else len(tokenizer))
 
 
 def _unique_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -118,7 +121,7 @@ def save_model(model: FusionLM, tokenizer, config: RecipeConfig, path: str | Pat
         # mid LoRA stage: the unmerged adapter state, with the settings a loader re-injects them from
         meta = {"format": "pt", "fusionlm": "1", **lora.metadata(model)}
         save_file(_unique_state(model.state_dict() if state is None else state), str(tmp / WEIGHTS), metadata=meta)
-    save_config(config, tmp / CONFIG)
+    save_config(replace(config, model=model.config), tmp / CONFIG)  # the model as built (``build_model``)
     tokenizer.save_pretrained(str(tmp / TOKENIZER))
     if extra is not None:
         extra(tmp)
@@ -297,4 +300,4 @@ def load_model(path: str | Path, *, device: str = "cpu") -> tuple[FusionLM, obje
     load_checkpoint_weights(model, ckpt)
     lora.merge(model)  # a checkpoint saved mid LoRA stage: its adapters folded into the weights
     model.eval().to(resolve_device(device))
-    return model, tokenizer, config
+    return model, tokenizer, replace(config, model=model.config)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +37,7 @@ class FusionLM(nn.Module):
         """``pretrained``: load ``hf`` parts' weights (False when a checkpoint's weights follow).
         ``vocab_size``: grow the LLM's embeddings to at least this many rows (added tokens)."""
         super().__init__()
-        self.config = config
+        self.config = config = copy.deepcopy(config)  # the model's own record: parts fill in their ``arch``
         self.ids = ids
         self.design = design_of(config.fusion.kind)
         self.encoder = build_encoder(config.encoder, pretrained=pretrained)

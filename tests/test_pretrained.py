@@ -103,7 +103,8 @@ def torch_image():
 def test_tower_image_processor_is_recorded_and_used(parts):
     config = recipe({"kind": "siglip", "hf": str(parts["siglip"]), "preprocess": "hf"}, {"hf": str(parts["llama"])})
     model = build_model(config, tokenizer_for(config, parts["llama"]))
-    assert config.model.encoder.processor["image_processor_type"].startswith("SiglipImageProcessor")
+    assert model.config.encoder.processor["image_processor_type"].startswith("SiglipImageProcessor")
+    assert config.model.encoder.processor is None  # the caller's config stays as given
     img = torch_image()
     theirs = SiglipImageProcessorPil.from_pretrained(str(parts["siglip"]))(images=[img], return_tensors="pt")
     assert torch.equal(ImageSpec.for_model(model, config).process(img).pixels, theirs["pixel_values"][0])
@@ -133,7 +134,7 @@ def test_method_b_on_any_causal_lm_keeps_the_text_model(family, parts):
     sample = Sample(id="s", task="t", messages=[{"role": "user", "content": "<image> one <image> two"}],
                     images=[torch_image(), torch_image()])
     spec = ImageSpec.for_model(model, config)
-    enc = encode(sample, tok, model.image_layout(), max_length=128, end_token=config.model.tokenizer.end_token,
+    enc = encode(sample, tok, model.image_layout(), max_length=128, end_token=model.config.tokenizer.end_token,
                  add_generation_prompt=True)
     ids = torch.tensor([enc.input_ids])
     pixels = torch.stack([spec.pixels(i) for i in sample.images])
@@ -164,7 +165,7 @@ def test_an_llm_without_chat_template_gets_fusionlms(parts):
     tok = tokenizer_for(config, parts["bare"])
     assert "<|assistant|>" in tok.get_vocab() and "<|end|>" in tok.get_vocab()
     model = build_model(config, tok)
-    assert config.model.tokenizer.end_token == "<|end|>" and model.ids.end == tok.convert_tokens_to_ids("<|end|>")
+    assert model.config.tokenizer.end_token == "<|end|>" and model.ids.end == tok.convert_tokens_to_ids("<|end|>")
     assert model.llm.get_input_embeddings().weight.shape[0] == len(tok)
 
 

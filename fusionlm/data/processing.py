@@ -171,17 +171,18 @@ class ImageSpec:
 
     @classmethod
     def for_model(cls, model, config, *, root: str | None = None) -> "ImageSpec":
-        """The spec of a built model (its encoder's size, statistics, processor) under a recipe's limits."""
-        enc = config.model.encoder
+        """The spec of a built model (its encoder's size, statistics, processor, tiling and video
+        settings, all read off ``model.config``) under the limits of the recipe's ``config.data``."""
+        enc, settled = model.config.encoder, model.config
         hf = None
         if enc.preprocess == "hf":
             if not enc.processor:
                 raise ConfigError("model.encoder.processor: preprocess is 'hf' but no processor settings are recorded")
             hf = hf_image_processor(enc.processor)
-        tiling = config.model.tiling if config.model.tiling.max_tiles else None
+        tiling = settled.tiling if settled.tiling.max_tiles else None
         return cls(size=model.encoder.image_size, mean=model.encoder.mean, std=model.encoder.std, root=root,
                    max_pixels=config.data.max_image_pixels, grid=model.encoder.grid, hf=hf, tiling=tiling,
-                   frames=config.model.video.frames, temporal_pool=config.model.video.temporal_pool,
+                   frames=settled.video.frames, temporal_pool=settled.video.temporal_pool,
                    max_video_pixels=config.data.max_video_pixels)
 
     def pixels(self, source: Any) -> torch.Tensor:

@@ -10,7 +10,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -77,8 +77,8 @@ class Trainer:
     def __init__(self, config: RecipeConfig, out: str | Path, *, resume: bool = False, log=print,
                  seconds: float | None = None):
         """``seconds``: a wall-clock budget for the whole run (see ``train``)."""
-        # the trainer's own copy: building the model records values in it (the vocabulary size, the
-        # end token, an init_from checkpoint's model), and the caller's config stays as it was given
+        # the trainer's own copy (an init_from checkpoint's model replaces its model section below);
+        # the caller's config stays as it was given
         config = copy.deepcopy(config)
         self.seconds = seconds
         self.group = Group(config.train)
@@ -110,6 +110,7 @@ class Trainer:
             torch.manual_seed(config.train.seed)
             random.seed(config.train.seed)
             self.model = build_model(config, self.tokenizer, pretrained=ckpt is None and init is None)
+        self.config = config = replace(config, model=self.model.config)  # as built: vocabulary, end token, arch
         self._check_stages()
         self.device = self.group.device
         # low-precision parts that train: float32 masters (before any weights load), computed in bf16
