@@ -73,20 +73,20 @@ def main() -> None:
             if got is None:
                 rows.append(f"| {n * 64:,} | {name} | — | — | — | — | — | — |")
                 continue
-            ids, images = got
+            ids, pixels = got
             with torch.no_grad():
-                features = model.image_features(images)  # encoder + connector: outside the timing
+                features = model.image_features(pixels)  # encoder + connector: outside the timing
             m = copy.copy(model)  # shares the weights; only its image_features is replaced
-            m.image_features = lambda _images, f=features: f
+            m.image_features = lambda _pixels, f=features: f
 
-            def prefill(m=m, ids=ids, images=images):
+            def prefill(m=m, ids=ids, pixels=pixels):
                 with torch.no_grad():
-                    return m(ids, images=m.encode_images(images, ids), use_cache=True).logits
+                    return m(ids, context=m.encode_images(pixels, ids), use_cache=True).logits
 
             logits = prefill()
             assert logits.shape == (1, ids.shape[1], model.llm.config.vocab_size), (name, logits.shape)
             assert bool(torch.isfinite(logits).all()), name
-            flops = sum(forward_flops(m, SimpleNamespace(images=images, input_ids=ids, attention_mask=None)).values())
+            flops = sum(forward_flops(m, SimpleNamespace(pixels=pixels, input_ids=ids, attention_mask=None)).values())
             seconds = timed(prefill, repeats=5, warmup=1)
             base = base or seconds
             t0, f0 = first.setdefault(name, (seconds, flops))

@@ -149,15 +149,15 @@ def latency(model, tokenizer, spec: ImageSpec, source, tasks: list[str], new_tok
     prompted = PromptEncoder.of(model, tokenizer, spec).request(request)
     device = next(model.parameters()).device
     ids = torch.tensor([prompted.encoded.input_ids], device=device)  # (1, T)
-    images = ImageBatch.collate(prompted.inputs)
+    pixels = ImageBatch.collate(prompted.inputs)
     times = []
     for _ in range(repeats + 1):
         started = time.perf_counter()
-        ctx = model.encode_images(images.to(device), ids) if images is not None else None
-        out = model(ids, images=ctx, use_cache=True)
+        context = model.encode_images(pixels.to(device), ids) if pixels is not None else None
+        out = model(ids, context=context, use_cache=True)
         past, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)  # (1, 1)
         for step in range(new_tokens):
-            out = model(token, images=ctx, past_key_values=past, use_cache=True, query_start=ids.shape[1] + step)
+            out = model(token, context=context, past_key_values=past, use_cache=True, query_start=ids.shape[1] + step)
             past, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
         if device.type == "cuda":
             torch.cuda.synchronize()

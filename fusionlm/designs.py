@@ -57,9 +57,9 @@ class Design:
             raise ConfigError(f"data.pack: packed rows need fusion unified or fuyu, not {self.name!r} (its "
                               f"cross-attention would let a sample see the images packed before it)")
 
-    def context(self, model: "FusionLM", images: "ImageBatch", features: torch.Tensor, counts: list[int],
+    def context(self, model: "FusionLM", pixels: "ImageBatch", features: torch.Tensor, counts: list[int],
                 input_ids: torch.Tensor) -> ImageContext:
-        """What the decoder needs from the connector outputs ``features`` (I, N, D) of ``images``, of
+        """What the decoder needs from the connector outputs ``features`` (I, N, D) of ``pixels``, of
         which image i has ``counts[i]`` real tokens, for the sequences ``input_ids`` (B, T)."""
         raise NotImplementedError
 
@@ -69,7 +69,7 @@ class Unified(Design):
     name = "unified"
     sequence = SequenceRule("unified", per_image="grid")
 
-    def context(self, model, images, features, counts, input_ids) -> ImageContext:
+    def context(self, model, pixels, features, counts, input_ids) -> ImageContext:
         if any(c != features.shape[1] for c in counts):  # images of different sizes, zero-padded: real tokens only
             features = torch.cat([f[:c] for f, c in zip(features, counts)])[None]  # (1, ΣN, D)
         return ImageContext(features=features)
@@ -89,9 +89,9 @@ class CrossAttention(Design):
     cross = True
     native_layers = True
 
-    def context(self, model, images, features, counts, input_ids) -> ImageContext:
+    def context(self, model, pixels, features, counts, input_ids) -> ImageContext:
         markers = input_ids == model.ids.image  # (B, T)
-        valid, pad = self._tile_slots(model, images, features, markers)
+        valid, pad = self._tile_slots(model, pixels, features, markers)
         if valid is None and any(c != features.shape[1] for c in counts):  # padding tokens are never visible
             valid = torch.arange(features.shape[1], device=features.device)[None] < torch.tensor(
                 counts, device=features.device)[:, None]  # (I, N)
@@ -99,17 +99,17 @@ class CrossAttention(Design):
         return ImageContext(cross=project(model, cross))
 
     @staticmethod
-    def _tile_slots(model, images, features: torch.Tensor, markers: torch.Tensor):
+    def _tile_slots(model, pixels, features: torch.Tensor, markers: torch.Tensor):
         """Tiled images: which tokens are real tiles, and what fills a row's missing images.
 
         Like transformers' Mllama, a missing image is the encoding of a blank one (it is never
         visible, but a text row that sees no image attends to every slot).
         """
-        mask = images.extras.get("aspect_ratio_mask")  # (I, tiles)
+        mask = pixels.extras.get("aspect_ratio_mask")  # (I, tiles)
         if mask is None:
             return None, None
-        if images.pools:  # pooled video frames: one mask per slot (a group's frames share one size)
-            mask = mask[images.heads()]
+        if pixels.pools:  # pooled video frames: one mask per slot (a group's frames share one size)
+            mask = mask[pixels.heads()]
         per_tile = features.shape[1] // mask.shape[1]
         valid = mask.bool().repeat_interleave(per_tile, dim=1)  # (I, tiles*P)
         counts = markers.sum(1)
@@ -117,8 +117,8 @@ class CrossAttention(Design):
             return valid, None
         blank_mask = torch.zeros_like(mask[:1])
         blank_mask[:, 0] = 1
-        blank = type(images)(torch.zeros_like(images.pixel_values[:1]), images.grids[:1],
-                             {"aspect_ratio_ids": torch.zeros_like(images.extras["aspect_ratio_ids"][:1]),
+        blank = type(pixels)(torch.zeros_like(pixels.pixel_values[:1]), pixels.grids[:1],
+                             {"aspect_ratio_ids": torch.zeros_like(pixels.extras["aspect_ratio_ids"][:1]),
                               "aspect_ratio_mask": blank_mask})
         return valid, model.image_features(blank)[0]  # (tiles*P, D)
 
@@ -136,11 +136,11 @@ class Hybrid(Design):
             raise ConfigError("model.fusion.kind: hybrid puts the thumbnail in the sequence and the tiles in "
                               "cross-attention; set model.tiling.max_tiles >= 1 with thumbnail: true")
 
-    def context(self, model, images, features, counts, input_ids) -> ImageContext:
+    def context(self, model, pixels, features, counts, input_ids) -> ImageContext:
         """Each image's thumbnail tokens go into the sequence (as in Method A); its tiles are reached
         through the gated cross-attention, visible from the thumbnail's first token on."""
-        thumbs = [i for i, role in enumerate(images.roles) if role == "thumbnail"]
-        if len(thumbs) != len(images.roles) - images.roles.count("tile"):
+        thumbs = [i for i, role in enumerate(pixels.roles) if role == "thumbnail"]
+        if len(thumbs) != len(pixels.roles) - pixels.roles.count("tile"):
             raise SampleError("hybrid fusion needs every image as tiles followed by a thumbnail")
         starts = [0] + [t + 1 for t in thumbs[:-1]]
         thumb = torch.cat([features[t, : counts[t]] for t in thumbs])[None]  # (1, ΣN_thumb, D)

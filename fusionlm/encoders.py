@@ -103,10 +103,10 @@ class _HFVisionTower(ImageEncoder):
             intermediate_size=c.intermediate_size, **self.extra_config,
         )
 
-    def forward(self, images: ImageBatch) -> torch.Tensor:
-        pixels = images.pixel_values.to(self.tower.dtype)  # (I, 3, H, W)
+    def forward(self, pixels: ImageBatch) -> torch.Tensor:
+        values = pixels.pixel_values.to(self.tower.dtype)  # (I, 3, H, W)
         resized = {"interpolate_pos_encoding": True} if self.config.resolution is not None else {}
-        out = self.tower(pixel_values=pixels, output_hidden_states=True, **resized)
+        out = self.tower(pixel_values=values, output_hidden_states=True, **resized)
         feats = out.hidden_states[self.config.feature_layer]  # (I, [1+] N, D)
         if self.has_cls and self.config.drop_cls:
             feats = feats[:, 1:]  # (I, N, D)
@@ -164,13 +164,13 @@ class MllamaEncoder(_HFVisionTower):
             supported_aspect_ratios=[[1, 1], [1, 2], [2, 1], [1, 3], [3, 1], [1, 4], [2, 2], [4, 1]],
         )
 
-    def forward(self, images: ImageBatch) -> torch.Tensor:
-        pixels = images.pixel_values.to(self.tower.dtype)  # (I, tiles, 3, h, w)
-        if pixels.dim() != 5:
+    def forward(self, pixels: ImageBatch) -> torch.Tensor:
+        values = pixels.pixel_values.to(self.tower.dtype)  # (I, tiles, 3, h, w)
+        if values.dim() != 5:
             raise ConfigError("model.encoder: the mllama tower takes tiled images (set model.encoder.preprocess: hf)")
         out = self.tower(
-            pixel_values=pixels[:, None], aspect_ratio_ids=images.extras["aspect_ratio_ids"][:, None],
-            aspect_ratio_mask=images.extras["aspect_ratio_mask"][:, None],
+            pixel_values=values[:, None], aspect_ratio_ids=pixels.extras["aspect_ratio_ids"][:, None],
+            aspect_ratio_mask=pixels.extras["aspect_ratio_mask"][:, None],
         ).last_hidden_state  # (I, 1, tiles, P, D)
         return out.reshape(out.shape[0], -1, out.shape[-1])  # (I, tiles*P, D)
 
@@ -305,22 +305,22 @@ class Qwen2VLEncoder(_HFVisionTower):
         thw = torch.tensor([[1, h, w]] * n, device=pixels.device)
         return x.reshape(n * h * w, c * t * p * p), thw
 
-    def forward(self, images: ImageBatch) -> torch.Tensor:
-        x = images.pixel_values
+    def forward(self, pixels: ImageBatch) -> torch.Tensor:
+        x = pixels.pixel_values
         if x.dim() == 4:  # letterboxed (I, 3, H, W)
             x, thw = self.patchify(x)
         else:  # (ΣN, C*T*p*p): each image's own patches, in order
-            thw = images.extras.get("grid_thw")  # (I, 3)
+            thw = pixels.extras.get("grid_thw")  # (I, 3)
             if thw is None:
                 raise ConfigError("model.encoder: the qwen2vl tower takes flat patches with their grid_thw "
                                   "(set model.encoder.preprocess: hf)")
         layer = self.config.feature_layer
         out = self.tower(x.to(self.tower.dtype), grid_thw=thw, output_hidden_states=layer != -1)
         merged = out.pooler_output if layer == -1 else self.tower.merger(out.hidden_states[layer])  # (ΣN', D)
-        if merged.shape[0] != sum(images.token_counts()):
+        if merged.shape[0] != sum(pixels.token_counts()):
             raise ConfigError(f"model.encoder: the qwen2vl tower gave {merged.shape[0]} tokens for images whose grids "
-                              f"{images.grids} say {sum(images.token_counts())}")
-        return images.pad_tokens(merged)  # (I, N'_max, D), zero-padded
+                              f"{pixels.grids} say {sum(pixels.token_counts())}")
+        return pixels.pad_tokens(merged)  # (I, N'_max, D), zero-padded
 
 
 @ENCODERS.register("patches")
@@ -340,10 +340,10 @@ class PatchEncoder(ImageEncoder):
         side = config.image_size // p
         self.grid = (side, side)
 
-    def forward(self, images: ImageBatch) -> torch.Tensor:
-        x = images.pixel_values
+    def forward(self, pixels: ImageBatch) -> torch.Tensor:
+        x = pixels.pixel_values
         if x.dim() == 2:  # (ΣN, p*p*3): patches of images of different sizes, in order
-            return images.pad_tokens(x)  # (I, N_max, p*p*3)
+            return pixels.pad_tokens(x)  # (I, N_max, p*p*3)
         p = self.config.patch_size
         n, c, h, w = x.shape
         x = x.reshape(n, c, h // p, p, w // p, p)  # (I, C, rows, p, cols, p)

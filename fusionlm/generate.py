@@ -79,9 +79,9 @@ class GeneralDecoder:
     def __init__(self, model: FusionLM, use_cache: bool):
         self.model, self.use_cache, self.past = model, use_cache, None
 
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, images) -> torch.Tensor:
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, context) -> torch.Tensor:
         """The prompts (B, T), left-padded where ``attention_mask`` is 0 -> next-token logits (B, V)."""
-        self.seq, self.mask, self.images = input_ids, attention_mask, images
+        self.seq, self.mask, self.context = input_ids, attention_mask, context
         return self._run(input_ids)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -93,21 +93,21 @@ class GeneralDecoder:
     def _run(self, new_ids: torch.Tensor) -> torch.Tensor:
         position_ids = (self.mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): left padding shifts positions
         if not self.use_cache:
-            return self.model(self.seq, attention_mask=self.mask, position_ids=position_ids, images=self.images).logits[:, -1]
+            return self.model(self.seq, attention_mask=self.mask, position_ids=position_ids, context=self.context).logits[:, -1]
         start = self.seq.shape[1] - new_ids.shape[1]
-        result = self.model(new_ids, attention_mask=self.mask, position_ids=position_ids[:, start:], images=self.images,
+        result = self.model(new_ids, attention_mask=self.mask, position_ids=position_ids[:, start:], context=self.context,
                             past_key_values=self.past, use_cache=True, query_start=start)
         self.past = result.past_key_values
         return result.logits[:, -1]  # (B, V)
 
 
-def generate(model: FusionLM, tokenizer, requests: list[Request], images: ImageSpec, **kwargs) -> list[str]:
+def generate(model: FusionLM, tokenizer, requests: list[Request], spec: ImageSpec, **kwargs) -> list[str]:
     """Answers for a batch of requests, in order (``generate_ids``' tokens, decoded)."""
-    out = generate_ids(model, tokenizer, requests, images, **kwargs)
+    out = generate_ids(model, tokenizer, requests, spec, **kwargs)
     return [tokenizer.decode(t, skip_special_tokens=True).strip() for t in out]
 
 
-def encode_requests(model: FusionLM, tokenizer, requests: list[Request], images: ImageSpec,
+def encode_requests(model: FusionLM, tokenizer, requests: list[Request], spec: ImageSpec,
                     max_length: int) -> tuple[torch.Tensor, torch.Tensor, ImageBatch | None]:
     """Prompts, left-padded (ids and mask, each (B, T)), and their images in order.
 
@@ -116,14 +116,14 @@ def encode_requests(model: FusionLM, tokenizer, requests: list[Request], images:
             fit in ``max_length``.
         ImageError: an image that cannot be read.
     """
-    prompts = PromptEncoder.of(model, tokenizer, images, max_length=max_length)
-    rows, pixels = [], []
+    prompts = PromptEncoder.of(model, tokenizer, spec, max_length=max_length)
+    rows, inputs = [], []
     for req in requests:
         prompted = prompts.request(req)
         rows.append(prompted.encoded.input_ids)
-        pixels.extend(prompted.inputs)
+        inputs.extend(prompted.inputs)
     ids, mask = left_pad(rows, tokenizer.pad_token_id)  # (B, T)
-    return ids, mask, ImageBatch.collate(pixels)
+    return ids, mask, ImageBatch.collate(inputs)
 
 
 def stop_ids(model: FusionLM) -> list[int]:
@@ -137,7 +137,7 @@ def stop_ids(model: FusionLM) -> list[int]:
 
 
 @torch.no_grad()
-def generate_ids(model: FusionLM, tokenizer, requests: list[Request], images: ImageSpec, *,
+def generate_ids(model: FusionLM, tokenizer, requests: list[Request], spec: ImageSpec, *,
                  max_new_tokens: int = MAX_NEW_TOKENS,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, use_cache: bool = True,
                  max_length: int | None = None, static: bool = True, compile: bool = False) -> list[list[int]]:
@@ -154,13 +154,13 @@ def generate_ids(model: FusionLM, tokenizer, requests: list[Request], images: Im
         ImageError: an image that cannot be read.
     """
     max_length = max_length or model.config.llm.max_length
-    ids, mask, batch = encode_requests(model, tokenizer, requests, images, max_length)
+    ids, mask, pixels = encode_requests(model, tokenizer, requests, spec, max_length)
     budget = min(max_new_tokens, max_length - ids.shape[1])
     if budget <= 0:
         raise SampleError(f"the prompt takes {ids.shape[1]} tokens, leaving no room in the context of {max_length}")
     device = model_device(model)
     ids, mask = ids.to(device), mask.to(device)
-    ctx = model.encode_images(batch.to(device), ids) if batch is not None else None
+    context = model.encode_images(pixels.to(device), ids) if pixels is not None else None
     generator = torch.Generator(device).manual_seed(seed) if temperature > 0 else None
     length = ids.shape[1] + budget
     if use_cache and static and unsupported(model, length) is None:
@@ -171,7 +171,7 @@ def generate_ids(model: FusionLM, tokenizer, requests: list[Request], images: Im
     never = torch.tensor(sorted({model.ids.image, model.ids.newline}), device=device)
     done = torch.zeros(len(ids), dtype=torch.bool, device=device)
     out: list[list[int]] = [[] for _ in range(len(ids))]
-    logits = decoder.prefill(ids, mask, ctx)  # (B, V)
+    logits = decoder.prefill(ids, mask, context)  # (B, V)
     for step in range(budget):
         # An image token has no image behind it: generating one would break the next step. (Llama 3.2
         # Vision's lies past the LM head's rows: it cannot be generated at all.)

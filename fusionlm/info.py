@@ -180,17 +180,17 @@ def forward_flops(model, batch) -> dict[str, float]:
     (``count_cpu_attention``)."""
     count_cpu_attention()
     out: dict[str, float] = {}
-    ctx = None
-    if batch.images is not None:
+    context = None
+    if batch.pixels is not None:
         with FlopCounterMode(display=False) as counter:
-            ctx = model.encode_images(batch.images, batch.input_ids)
+            context = model.encode_images(batch.pixels, batch.input_ids)
         counts = counter.get_flop_counts()  # called outside FusionLM.forward: named by their own class
         for part, module in (("encoder", model.encoder), ("connector", model.connector)):
             out[part] = float(sum(counts.get(type(module).__name__, {}).values()))
         # the rest is the one-off projection of image keys/values for the cross-attention blocks
         out["cross_attention"] = float(sum(counts.get("Global", {}).values())) - out["encoder"] - out["connector"]
     with FlopCounterMode(display=False) as counter:
-        model(batch.input_ids, attention_mask=batch.attention_mask, images=ctx)
+        model(batch.input_ids, attention_mask=batch.attention_mask, context=context)
     decoder = _by_part(counter, model)
     if model.native_cross:  # Llama 3.2 Vision: the cross-attention layers are the LLM's own
         counts = counter.get_flop_counts()

@@ -100,22 +100,22 @@ class FusionLM(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def image_features(self, images: ImageBatch) -> torch.Tensor:
+    def image_features(self, pixels: ImageBatch) -> torch.Tensor:
         """Connector outputs (S, N, D), one per image slot; images with fewer tokens are zero-padded
         to N. Video frames are encoded as images, then each group of ``temporal_pool`` consecutive
         frames is averaged into one slot (``ImageBatch.pool``); without video S = I."""
-        return images.pool(self.connector(self.encoder(images), images.grids))  # (S, N, D)
+        return pixels.pool(self.connector(self.encoder(pixels), pixels.grids))  # (S, N, D)
 
-    def slot_tokens(self, images: ImageBatch) -> list[int]:
-        """Real (unpadded) connector tokens of each image slot of ``images``."""
-        return [r * c for r, c in map(self.layout.grid, images.slot_grids)]
+    def slot_tokens(self, pixels: ImageBatch) -> list[int]:
+        """Real (unpadded) connector tokens of each image slot of ``pixels``."""
+        return [r * c for r, c in map(self.layout.grid, pixels.slot_grids)]
 
-    def encode_images(self, images: ImageBatch | torch.Tensor, input_ids: torch.Tensor) -> ImageContext:
-        """The images of ``input_ids`` (B, T), in order -> what the decoder needs."""
-        if isinstance(images, torch.Tensor):
-            images = ImageBatch.of(images, self.encoder.grid)
-        features = self.image_features(images)  # (I, N, D)
-        return self.design.context(self, images, features, self.slot_tokens(images), input_ids)
+    def encode_images(self, pixels: ImageBatch | torch.Tensor, input_ids: torch.Tensor) -> ImageContext:
+        """The images of ``input_ids`` (B, T), in order -> the ``context`` the decoder reads."""
+        if isinstance(pixels, torch.Tensor):
+            pixels = ImageBatch.of(pixels, self.encoder.grid)
+        features = self.image_features(pixels)  # (I, N, D)
+        return self.design.context(self, pixels, features, self.slot_tokens(pixels), input_ids)
 
     def forward(
         self,
@@ -124,7 +124,7 @@ class FusionLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         pixel_values: torch.Tensor | ImageBatch | None = None,
-        images: ImageContext | None = None,
+        context: ImageContext | None = None,
         labels: torch.Tensor | None = None,
         past_key_values: object | None = None,
         use_cache: bool = False,
@@ -135,7 +135,7 @@ class FusionLM(nn.Module):
         """Args:
             input_ids: (B, T) with image layouts already expanded.
             pixel_values: the batch's images in order (an ``ImageBatch``, or (I, 3, H, W) of the
-                configured size); or pass ``images``, already encoded.
+                configured size); or pass ``context``, the images already encoded.
             labels: (B, T), -100 where no loss is taken; the shift happens here.
             query_start: sequence index of input_ids[:, 0] (the KV-cache length when decoding).
             segment_ids: (B, T) packed rows (``data.packing``): attention stays inside each sample
@@ -147,9 +147,9 @@ class FusionLM(nn.Module):
             self.design.check_packing()
             position_ids = segment_positions(segment_ids)  # (B, T)
             attention_mask = segment_mask(segment_ids, self.llm.get_input_embeddings().weight.dtype)  # (B, 1, T, T)
-        if images is None and pixel_values is not None and len(pixel_values) > 0:
-            images = self.encode_images(pixel_values, input_ids)
-        embeds, extra = self.embed(input_ids, images, query_start, cached=past_key_values is not None)
+        if context is None and pixel_values is not None and len(pixel_values) > 0:
+            context = self.encode_images(pixel_values, input_ids)
+        embeds, extra = self.embed(input_ids, context, query_start, cached=past_key_values is not None)
         out = self.llm(
             inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, use_cache=use_cache, **extra,
@@ -168,7 +168,7 @@ class FusionLM(nn.Module):
             )
         return Output(logits=logits, loss=loss, past_key_values=out.past_key_values if use_cache else None)
 
-    def embed(self, input_ids: torch.Tensor, images: ImageContext | None, query_start: int = 0, *,
+    def embed(self, input_ids: torch.Tensor, context: ImageContext | None, query_start: int = 0, *,
               cached: bool = False) -> tuple[torch.Tensor, dict]:
         """The decoder's inputs for ``input_ids`` (B, T): embeddings (B, T, D) with Method A's image
         features in place, and the keyword arguments Method B's layers need for this call.
@@ -178,20 +178,20 @@ class FusionLM(nn.Module):
         """
         embeds = self.llm.get_input_embeddings()(input_ids)  # (B, T, D)
         image_mask = input_ids == self.ids.image  # (B, T)
-        if images is None and image_mask.any():
+        if context is None and image_mask.any():
             # Else the image tokens would silently run as plain text tokens.
             raise SampleError(f"the batch has {int(image_mask.sum())} image-token positions but no images")
         extra = {}
-        if images is not None and images.features is not None:
+        if context is not None and context.features is not None:
             if image_mask.any():
-                embeds = scatter_image_features(embeds, image_mask, images.features)
-        if images is not None and images.cross is not None:
-            call = images.cross.for_call(input_ids.shape[1], query_start)
+                embeds = scatter_image_features(embeds, image_mask, context.features)
+        if context is not None and context.cross is not None:
+            call = context.cross.for_call(input_ids.shape[1], query_start)
             if self.native_cross:
                 mask, row = native_cross_masks(call.visible, embeds.dtype)
                 extra.update(cross_attention_mask=mask, full_text_row_masked_out_mask=row)
                 if not cached or query_start == 0:  # else the cache holds the image keys/values
-                    extra["cross_attention_states"] = images.cross.memory.to(embeds.dtype)
+                    extra["cross_attention_states"] = context.cross.memory.to(embeds.dtype)
             else:
                 extra["cross_inputs"] = call
         return embeds, extra

@@ -93,24 +93,24 @@ class StaticDecoder:
         mask |= k == q  # a padding query sees itself: no empty row, no NaN in its cached values
         return mask[:, None], False  # (B, 1, T, S)
 
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, images: ImageContext | None) -> torch.Tensor:
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, context: ImageContext | None) -> torch.Tensor:
         """The prompts (B, T), left-padded where ``attention_mask`` is 0 -> next-token logits (B, V)."""
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): padding shifts positions
-        self.images, self.next_position, self.length = images, positions[:, -1:] + 1, input_ids.shape[1]
-        return self(input_ids, attention_mask, positions, images, 0)
+        self.context, self.next_position, self.length = context, positions[:, -1:] + 1, input_ids.shape[1]
+        return self(input_ids, attention_mask, positions, context, 0)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """One new token per row (B,) -> next-token logits (B, V)."""
         if self.compiled:
             logits = self._compiled_step(tokens)
         else:
-            logits = self(tokens[:, None], None, self.next_position, self.images, self.length)
+            logits = self(tokens[:, None], None, self.next_position, self.context, self.length)
         self.next_position, self.length = self.next_position + 1, self.length + 1
         return logits
 
     @torch.no_grad()
     def _compiled_step(self, tokens: torch.Tensor) -> torch.Tensor:
-        x, extra = self.model.embed(tokens[:, None], self.images, self.length, cached=True)  # (B, 1, D)
+        x, extra = self.model.embed(tokens[:, None], self.context, self.length, cached=True)  # (B, 1, D)
         self.valid[:, self.length] = True
         mask = self.valid[:, None, None, :]  # (B, 1, 1, L): the real keys so far, nothing ahead
         at = torch.tensor([self.length], device=x.device)  # where the new keys/values go
@@ -118,14 +118,14 @@ class StaticDecoder:
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, new_valid: torch.Tensor | None, position_ids: torch.Tensor,
-                 images: ImageContext | None, start: int) -> torch.Tensor:
+                 context: ImageContext | None, start: int) -> torch.Tensor:
         """Runs ``input_ids`` (B, T) at cache positions ``start …``; returns the last position's
         logits (B, V).
 
         ``new_valid`` (B, T): False at left padding (None: all real); ``position_ids`` (B, T): RoPE positions.
         """
         end = start + input_ids.shape[1]
-        x, extra = self.model.embed(input_ids, images, start, cached=start > 0)  # (B, T, D)
+        x, extra = self.model.embed(input_ids, context, start, cached=start > 0)  # (B, T, D)
         cross = extra.get("cross_inputs")
         if new_valid is None:
             self.valid[:, start:end] = True

@@ -109,7 +109,7 @@ def spec_for_fixture() -> Callable[[FusionLM], ImageSpec]:
 
 
 def forward(model: FusionLM, batch: Batch, **kwargs):
-    return model(batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values,
+    return model(batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixels,
                  labels=batch.labels, **kwargs)
 
 

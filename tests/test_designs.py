@@ -53,9 +53,9 @@ def test_a_new_design_is_one_registered_class(tiny_config, tokenizer, make_batch
     batch = make_batch(plain, [("color", 0), ("shape", 1)])
     with torch.no_grad():
         ours, theirs = forward(halved, batch), forward(plain, batch)
-        context = plain.encode_images(batch.pixel_values, batch.input_ids)
+        context = plain.encode_images(batch.pixels, batch.input_ids)
         context.features = context.features / 2
-        by_hand = plain(batch.input_ids, attention_mask=batch.attention_mask, images=context)
+        by_hand = plain(batch.input_ids, attention_mask=batch.attention_mask, context=context)
     assert isinstance(halved.design, Halved) and not isinstance(plain.design, Halved)
     torch.testing.assert_close(ours.logits, by_hand.logits, rtol=0, atol=0)
     assert not torch.equal(ours.logits, theirs.logits)

@@ -77,7 +77,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, parallel):
     world = World(image_size=32, seed=0)
     batch = make_batch(one_model, tokenizer, [world.sample(t, "val", 0) for t in ("color", "price", "caption")])
     with torch.no_grad():  # the same model: weights Adam moved on float noise (e.g. key biases) aside
-        a, b = (m(batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.images).logits
+        a, b = (m(batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixels).logits
                 for m in (one_model, two_model))
     assert (a - b).abs().max() < 1e-3
 

@@ -31,7 +31,7 @@ def test_method_b_answers_see_only_earlier_images(visibility, make_model, tokeni
     model.config.fusion.visibility = visibility
     s = few_shot([world.sample("color", "train", i) for i in range(2)], world.sample("color", "train", 5))
     batch = make_batch(model, tokenizer, [s])
-    ctx = model.encode_images(batch.images, batch.input_ids)
+    ctx = model.encode_images(batch.pixels, batch.input_ids)
     visible = ctx.cross.for_call(batch.input_ids.shape[1]).visible[0]  # (T, S)
     markers = (batch.input_ids[0] == model.ids.image).nonzero().squeeze(1).tolist()
     per_image = visible.shape[1] // 3
@@ -47,6 +47,6 @@ def test_few_shot_runs_through_the_model(make_model, tokenizer, world):
         model = make_model(fusion)
         s = few_shot([world.sample("count", "train", i) for i in range(2)], world.sample("count", "train", 9))
         batch = make_batch(model, tokenizer, [s, world.sample("color", "train", 0)])
-        out = model(batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.images,
+        out = model(batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixels,
                     labels=batch.labels)
         assert torch.isfinite(out.loss) and batch.num_images == 4

@@ -148,9 +148,9 @@ def test_a_fusionlm_model_exports_to_llava(make_model, tokenizer, tiny_config, m
     back = LlavaForConditionalGeneration.from_pretrained(out).eval()
     batch = make_batch(model, [("color", 0), ("price", 0)])
     with torch.no_grad():
-        ours = model(batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.images).logits
+        ours = model(batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixels).logits
         theirs = back(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                      pixel_values=batch.images.pixel_values).logits
+                      pixel_values=batch.pixels.pixel_values).logits
     real = batch.attention_mask.bool()
     assert (ours - theirs)[real].abs().max() <= TOL
 

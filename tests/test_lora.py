@@ -29,7 +29,7 @@ def lora_stage(parts=("llm",), steps=20, train_=("connector",), **lora) -> dict:
 def logits(model, batch) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
-        out = model(batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values).logits
+        out = model(batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixels).logits
     model.train()
     return out
 

@@ -81,7 +81,7 @@ def test_cross_attention_closed_gates_is_the_text_model(make_model, make_batch):
         batch = make_batch(model, items)
         with torch.no_grad():
             fused = model(batch.input_ids, attention_mask=batch.attention_mask,
-                          pixel_values=batch.pixel_values).logits
+                          pixel_values=batch.pixels).logits
             bare = model.llm(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         assert torch.equal(fused, bare)
 
@@ -91,7 +91,7 @@ def test_cross_attention_sees_images_only_after_their_marker(make_model, make_ba
     _open_gates(model)
     batch = make_batch(model, [("color", 0), ("price", 0), ("text_only", 2)])
     with torch.no_grad():
-        fused = model(batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values).logits
+        fused = model(batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixels).logits
         bare = model.llm(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     changed = (fused - bare).abs().amax(-1) > 0  # (B, T)
     for row in range(2):
@@ -108,10 +108,10 @@ def test_cross_attention_second_image_is_invisible_before_its_marker(make_model,
     _open_gates(model)
     batch = make_batch(model, [("price", 0)])
     first, second = _markers(batch, model.ids.image, 0)
-    other = batch.images.pixel_values.clone()
+    other = batch.pixels.pixel_values.clone()
     other[1] = torch.randn(other[1].shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        a = model(batch.input_ids, pixel_values=batch.pixel_values).logits[0]
+        a = model(batch.input_ids, pixel_values=batch.pixels).logits[0]
         b = model(batch.input_ids, pixel_values=other).logits[0]
     changed = (a - b).abs().amax(-1) > 0  # (T,)
     assert first < second
@@ -129,8 +129,8 @@ def test_image_features_land_on_image_positions(fusion, make_model, make_batch):
     seen = {}
     model.llm.register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True)
     with torch.no_grad():
-        model(batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values)
-        features = model.image_features(batch.images)  # (3, N, D)
+        model(batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixels)
+        features = model.image_features(batch.pixels)  # (3, N, D)
         tokens = model.llm.get_input_embeddings()(batch.input_ids)
     embeds = seen["inputs_embeds"]  # (B, T, D)
     image = batch.input_ids == model.ids.image
@@ -144,9 +144,9 @@ def test_pixels_change_logits_from_the_image_on(fusion, make_model, make_batch):
     model = make_model(fusion)
     batch = make_batch(model, [("color", 0)])
     first = _markers(batch, model.ids.image, 0)[0]
-    other = batch.images.pixel_values + 0.5 * torch.randn(batch.images.pixel_values.shape, generator=torch.Generator().manual_seed(0))
+    other = batch.pixels.pixel_values + 0.5 * torch.randn(batch.pixels.pixel_values.shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        a = model(batch.input_ids, pixel_values=batch.pixel_values).logits[0]
+        a = model(batch.input_ids, pixel_values=batch.pixels).logits[0]
         b = model(batch.input_ids, pixel_values=other).logits[0]
     changed = (a - b).abs().amax(-1) > 0
     assert not changed[:first].any()
@@ -158,7 +158,7 @@ def test_pixels_change_logits_from_the_image_on(fusion, make_model, make_batch):
 def test_image_count_mismatch_is_a_sample_error(fusion, count, make_model, make_batch):
     model = make_model(fusion)
     batch = make_batch(model, [("color", 0)])  # one image
-    pixels = batch.images.pixel_values.repeat(count, 1, 1, 1)  # (count, 3, H, W)
+    pixels = batch.pixels.pixel_values.repeat(count, 1, 1, 1)  # (count, 3, H, W)
     with pytest.raises(SampleError, match=r"image"):
         model(batch.input_ids, pixel_values=pixels)
     if count == 0:
@@ -236,12 +236,12 @@ def test_save_load_round_trip_gives_identical_logits(fusion, make_model, make_ba
     _open_gates(model, 0.3)  # so the cross-attention weights matter
     batch = make_batch(model, [("price", 0), ("color", 1)])
     with torch.no_grad():
-        before = model(batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values).logits
+        before = model(batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixels).logits
     save_model(model, tokenizer, tiny_config(fusion), tmp_path / "ckpt")
     loaded, tok, config = load_model(tmp_path / "ckpt")
     assert config.model.fusion.kind == fusion and len(tok) == len(tokenizer)
     with torch.no_grad():
-        after = loaded(batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values).logits
+        after = loaded(batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixels).logits
     assert torch.equal(before, after)
     assert loaded.llm.lm_head.weight is loaded.llm.get_input_embeddings().weight  # still tied
 

@@ -62,7 +62,7 @@ def test_contrastive_matches_image_to_its_own_text(make_model, tokenizer, world)
 def test_lm_loss_is_the_models_loss(make_model, tokenizer, world):
     model = make_model("unified")
     batch = make_batch(model, tokenizer, [world.sample("color", "train", 0)])
-    out = model(batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values,
+    out = model(batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixels,
                 labels=batch.labels)
     assert torch.equal(lm_loss(model, batch), out.loss)
 

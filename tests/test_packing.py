@@ -37,9 +37,9 @@ def test_packed_rows_give_the_same_loss_and_save_padding(fusion, make_model, tok
     targets = lambda batch: int((batch.labels[:, 1:] != -100).sum())  # noqa: E731  (what the loss reads)
     assert targets(packed) == targets(plain) and packed.num_tokens == plain.num_tokens
     with torch.no_grad():
-        a = model(plain.input_ids, attention_mask=plain.attention_mask, pixel_values=plain.images,
+        a = model(plain.input_ids, attention_mask=plain.attention_mask, pixel_values=plain.pixels,
                   labels=plain.labels).loss
-        b = model(packed.input_ids, pixel_values=packed.images, labels=packed.labels,
+        b = model(packed.input_ids, pixel_values=packed.pixels, labels=packed.labels,
                   segment_ids=packed.segments).loss
     assert float(b) == pytest.approx(float(a), rel=1e-5)
     waste = lambda batch: 1 - batch.num_tokens / batch.input_ids.numel()  # noqa: E731

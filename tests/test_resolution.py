@@ -177,19 +177,19 @@ def test_a_batch_mixing_sizes_never_shows_the_padding(fusion, tokenizer):
     alone = make_batch(model, config, tokenizer, [sample("a", small)])
     mixed = make_batch(model, config, tokenizer, [sample("a", small), sample("b", big)])
     changed = make_batch(model, config, tokenizer, [sample("a", other)])
-    assert mixed.images.token_counts() == [16, 48] and mixed.images.pixel_values.shape[0] == 64 + 192
+    assert mixed.pixels.token_counts() == [16, 48] and mixed.pixels.pixel_values.shape[0] == 64 + 192
 
     def logits(batch):
         with torch.no_grad():
-            return model(batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.images).logits
+            return model(batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixels).logits
 
     n = int(alone.attention_mask.sum())
     a, m = logits(alone)[0], logits(mixed)[0, :n]
     assert torch.allclose(a, m, atol=1e-5), (a - m).abs().max()
     assert not torch.allclose(a, logits(changed)[0], atol=1e-3)  # the image does reach the text
     if fusion == "unified":  # the image's tokens themselves
-        feats_alone = model.image_features(alone.images)[0]
-        feats_mixed = model.image_features(mixed.images)[0, :16]
+        feats_alone = model.image_features(alone.pixels)[0]
+        feats_mixed = model.image_features(mixed.pixels)[0, :16]
         assert torch.allclose(feats_alone, feats_mixed, atol=1e-5)
 
 

@@ -90,8 +90,8 @@ def test_tiled_batches_train(fusion, tokenizer, world):
     _open_gates(model)  # closed gates pass no gradient to what the blocks attend to
     samples = [world.sample(t, "train", i) for t, i in [("color", 0), ("price", 0), ("text_only", 0)]]
     batch = make_batch(model, tokenizer, samples)
-    assert batch.images.roles.count("thumbnail") == 3  # three images, each tiles + thumbnail
-    out = model(batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.images, labels=batch.labels)
+    assert batch.pixels.roles.count("thumbnail") == 3  # three images, each tiles + thumbnail
+    out = model(batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixels, labels=batch.labels)
     out.loss.backward()
     assert torch.isfinite(out.loss)
     assert model.connector.linear_1.weight.grad.abs().sum() > 0
@@ -109,16 +109,16 @@ def test_hybrid_tiles_are_seen_only_from_their_thumbnail_on(tokenizer, world):
     model = tiled_model(tokenizer, "hybrid")
     _open_gates(model)
     batch = make_batch(model, tokenizer, [world.sample("price", "train", 0)])  # two images
-    roles = batch.images.roles
+    roles = batch.pixels.roles
     thumbs = [i for i, r in enumerate(roles) if r == "thumbnail"]
     second_tile = thumbs[0] + 1  # the first tile of the second image
     image_positions = (batch.input_ids[0] == model.ids.image).nonzero().squeeze(1)
     second_start = int(image_positions[model.encoder.num_tokens])  # first thumbnail token of image 2
-    other = batch.images.pixel_values.clone()
+    other = batch.pixels.pixel_values.clone()
     other[second_tile] = torch.randn(other[second_tile].shape, generator=torch.Generator().manual_seed(0))
-    changed_images = type(batch.images)(other, batch.images.grids, {}, roles)
+    changed_images = type(batch.pixels)(other, batch.pixels.grids, {}, roles)
     with torch.no_grad():
-        a = model(batch.input_ids, pixel_values=batch.images).logits[0]
+        a = model(batch.input_ids, pixel_values=batch.pixels).logits[0]
         b = model(batch.input_ids, pixel_values=changed_images).logits[0]
     changed = (a - b).abs().amax(-1) > 0
     assert not changed[:second_start].any()  # before image 2's thumbnail: its tiles are invisible
@@ -128,14 +128,14 @@ def test_hybrid_tiles_are_seen_only_from_their_thumbnail_on(tokenizer, world):
 def test_hybrid_thumbnail_goes_into_the_sequence(tokenizer, world):
     model = tiled_model(tokenizer, "hybrid")  # gates closed: only the thumbnail can matter
     batch = make_batch(model, tokenizer, [world.sample("color", "train", 0)])
-    thumb = batch.images.roles.index("thumbnail")
+    thumb = batch.pixels.roles.index("thumbnail")
     first = int((batch.input_ids[0] == model.ids.image).nonzero()[0])
-    other = batch.images.pixel_values.clone()
+    other = batch.pixels.pixel_values.clone()
     other[thumb] += 0.5
     with torch.no_grad():
-        a = model(batch.input_ids, pixel_values=batch.images).logits[0]
-        b = model(batch.input_ids, pixel_values=type(batch.images)(other, batch.images.grids, {},
-                                                                    batch.images.roles)).logits[0]
+        a = model(batch.input_ids, pixel_values=batch.pixels).logits[0]
+        b = model(batch.input_ids, pixel_values=type(batch.pixels)(other, batch.pixels.grids, {},
+                                                                    batch.pixels.roles)).logits[0]
     changed = (a - b).abs().amax(-1) > 0
     assert not changed[:first].any() and changed[first:].all()
 

@@ -249,12 +249,12 @@ def test_a_video_takes_frames_over_pool_image_slots(fusion, frames, pool, tokeni
     assert per_image == {"unified": 16, "cross_attention": 1, "fuyu": 20}[fusion]
     batch = make_batch(model, tokenizer, [motion_sample(world)])
     slots = frames // pool
-    assert len(batch.images) == frames and batch.images.groups() == [pool] * slots
+    assert len(batch.pixels) == frames and batch.pixels.groups() == [pool] * slots
     n_image = int((batch.input_ids == model.ids.image).sum())
     n_newline = int((batch.input_ids == model.ids.newline).sum()) if fusion == "fuyu" else 0
     assert n_image + n_newline == slots * per_image
     with torch.no_grad():
-        out = model(batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.images,
+        out = model(batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixels,
                     labels=batch.labels)
     assert torch.isfinite(out.loss)
 
@@ -300,11 +300,11 @@ def test_a_batch_mixing_images_and_videos_runs_forward_and_backward(fusion, toke
         images=[world.sample("color", "train", 1).images[0], motion_sample(world, 1).images[0]])
     samples = [world.sample("color", "train", 0), motion_sample(world), both, world.sample("text_only", "train", 0)]
     batch = make_batch(model, tokenizer, samples)
-    assert len(batch.images) == 1 + 4 + 1 + 4 and batch.images.groups() == [1, 2, 2, 1, 2, 2]
+    assert len(batch.pixels) == 1 + 4 + 1 + 4 and batch.pixels.groups() == [1, 2, 2, 1, 2, 2]
     per_image = len(model.image_layout())
     assert int((batch.input_ids == model.ids.image).sum()) == 6 * per_image
     model.train()
-    out = model(batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.images, labels=batch.labels)
+    out = model(batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixels, labels=batch.labels)
     assert torch.isfinite(out.loss)
     out.loss.backward()
     for part in ("encoder.", "connector."):
@@ -320,10 +320,10 @@ def test_cross_attention_sees_a_frame_group_only_after_its_marker(tokenizer, wor
             block.ffn_gate.fill_(0.5)
     batch = make_batch(model, tokenizer, [motion_sample(world)])
     first, second = (batch.input_ids[0] == model.ids.image).nonzero().flatten().tolist()
-    other = replace(batch.images, pixel_values=batch.images.pixel_values.clone())
+    other = replace(batch.pixels, pixel_values=batch.pixels.pixel_values.clone())
     other.pixel_values[2:4] = torch.randn(other.pixel_values[2:4].shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        a = model(batch.input_ids, pixel_values=batch.images).logits[0]
+        a = model(batch.input_ids, pixel_values=batch.pixels).logits[0]
         b = model(batch.input_ids, pixel_values=other).logits[0]
     changed = (a - b).abs().amax(-1) > 0  # (T,)
     assert second == first + 1
@@ -458,8 +458,8 @@ def test_a_tiny_model_learns_from_motion_clips(tokenizer):
     losses = []
     for k in range(40):
         batch = data[k]
-        assert not batch.skipped and batch.images.groups() == [2] * 32
-        loss = model(batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.images,
+        assert not batch.skipped and batch.pixels.groups() == [2] * 32
+        loss = model(batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixels,
                      labels=batch.labels).loss
         opt.zero_grad()
         loss.backward()

@@ -71,27 +71,23 @@ class Batch:
     input_ids: torch.Tensor  # (B, T)
     labels: torch.Tensor  # (B, T), IGNORE where no loss
     attention_mask: torch.Tensor  # (B, T)
-    images: ImageBatch | None  # the batch's images in order (None: no image)
+    pixels: ImageBatch | None  # the batch's images in order, as the encoder reads them (None: no image)
     sample_ids: list[str]
     tasks: list[str]
     skipped: list[Skip] = field(default_factory=list)
     segments: torch.Tensor | None = None  # (B, T) packed rows: each token's sample (1, 2, …; 0 = padding)
-
-    @property
-    def pixel_values(self) -> ImageBatch | None:
-        return self.images
 
     def to(self, device: torch.device) -> "Batch":
         if self.input_ids.device == device:
             return self
         move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
         return Batch(move(self.input_ids), move(self.labels), move(self.attention_mask),
-                     None if self.images is None else self.images.to(device), self.sample_ids, self.tasks,
+                     None if self.pixels is None else self.pixels.to(device), self.sample_ids, self.tasks,
                      self.skipped, None if self.segments is None else move(self.segments))
 
     @property
     def num_images(self) -> int:
-        return 0 if self.images is None else len(self.images)
+        return 0 if self.pixels is None else len(self.pixels)
 
     @property
     def num_tokens(self) -> int:
@@ -265,7 +261,7 @@ class MixtureBatches(torch.utils.data.Dataset):
                        pack_length=self.prompts.max_length if self.pack else None)
 
 
-def collate(encoded: list[Encoded], images: list[ImageInput], tasks: list[str], skipped: list[Skip],
+def collate(encoded: list[Encoded], inputs: list[ImageInput], tasks: list[str], skipped: list[Skip],
             pad_id: int, *, pack_length: int | None = None) -> Batch:
     """A padded batch, one sample per row; or, with ``pack_length``, samples packed into rows."""
     if not encoded:
@@ -276,5 +272,5 @@ def collate(encoded: list[Encoded], images: list[ImageInput], tasks: list[str], 
         ids, labels, mask, segments = packed(encoded, pack_length, pad_id)
     else:
         ids, labels, mask = pad_right(encoded, pad_id)
-    return Batch(ids, labels, mask, ImageBatch.collate(images), [e.sample_id for e in encoded], tasks, skipped,
+    return Batch(ids, labels, mask, ImageBatch.collate(inputs), [e.sample_id for e in encoded], tasks, skipped,
                  segments)

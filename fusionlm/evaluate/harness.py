@@ -89,12 +89,12 @@ class TaskData:
         return few_shot([s for s in pool if s.id != sample.id], sample)
 
 
-def prompt_length(model, tokenizer, images: ImageSpec, request: Request) -> int:
+def prompt_length(model, tokenizer, spec: ImageSpec, request: Request) -> int:
     """Decoder positions a request's prompt takes, images included."""
-    return len(PromptEncoder.of(model, tokenizer, images, max_length=10**9).request(request).encoded.input_ids)
+    return len(PromptEncoder.of(model, tokenizer, spec, max_length=10**9).request(request).encoded.input_ids)
 
 
-def fit_shots(model, tokenizer, images: ImageSpec, data: TaskData, sample: Sample, index: int, shots: int,
+def fit_shots(model, tokenizer, spec: ImageSpec, data: TaskData, sample: Sample, index: int, shots: int,
               seed: int) -> tuple[Sample, int, int]:
     """The question with as many of its ``shots`` examples as fit the context with its answer budget:
     (prompt, examples kept, the prompt's length)."""
@@ -102,13 +102,13 @@ def fit_shots(model, tokenizer, images: ImageSpec, data: TaskData, sample: Sampl
     k = shots
     while True:
         prompt = data.with_shots(sample, index, k, seed)
-        length = prompt_length(model, tokenizer, images, request_of(prompt, task.prompt))
+        length = prompt_length(model, tokenizer, spec, request_of(prompt, task.prompt))
         if k == 0 or length + task.max_new_tokens <= context:
             return prompt, k, length
         k -= 1  # drop examples until the question and its answer fit
 
 
-def evaluate_tasks(model, tokenizer, tasks: list[EvalTask], images: ImageSpec, *, per_task: int = 50,
+def evaluate_tasks(model, tokenizer, tasks: list[EvalTask], spec: ImageSpec, *, per_task: int = 50,
                    batch_size: int = 32, shots: int = 0, seed: int = 0, progress=None,
                    sources: dict | None = None) -> list[TaskResult]:
     """Score ``model`` on each task: greedy answers to ``per_task`` questions, ``shots`` examples each.
@@ -117,15 +117,15 @@ def evaluate_tasks(model, tokenizer, tasks: list[EvalTask], images: ImageSpec, *
     ``TaskResult.skipped``); the task is scored on the rest.
     """
     sources = dict(sources or {})
-    context = model.config.llm.max_length
+    max_length = model.config.llm.max_length
     results = []
     for task in tasks:
         data = TaskData(task, sources)
-        spec = replace(images, root=data.source.root)  # the task's images, under its data's root
+        task_spec = replace(spec, root=data.source.root)  # the task's images, under its data's root
         questions, prompts, skipped, fewer = [], [], [], 0
         for i, s in enumerate(data.questions(per_task)):
-            prompt, k, length = fit_shots(model, tokenizer, spec, data, s, i, shots, seed)
-            if length >= context:
+            prompt, k, length = fit_shots(model, tokenizer, task_spec, data, s, i, shots, seed)
+            if length >= max_length:
                 skipped.append(s.id)
                 continue
             fewer += k < shots
@@ -134,20 +134,20 @@ def evaluate_tasks(model, tokenizer, tasks: list[EvalTask], images: ImageSpec, *
         preds: list[str] = []
         for start in range(0, len(prompts), batch_size):
             reqs = [request_of(s, task.prompt) for s in prompts[start:start + batch_size]]
-            preds.extend(generate(model, tokenizer, reqs, spec, max_new_tokens=task.max_new_tokens))
+            preds.extend(generate(model, tokenizer, reqs, task_spec, max_new_tokens=task.max_new_tokens))
         refs = [s.answers for s in questions]
         score, per = METRICS.get(task.metric)(preds, refs)
         examples = [{"id": s.id, "question": question_of(s), "answer": p, "references": s.answers, "score": v}
                     for s, p, v in zip(questions, preds, per)]
         results.append(TaskResult(task.name, task.metric, score, len(questions), shots, examples, fewer, skipped,
-                                  context))
+                                  max_length))
         if progress:
             note = f", skipped {len(skipped)} over the context" if skipped else ""
             progress(f"{task.name:<10} {task.metric:<18} {score:.3f}  (n={len(questions)}, {shots}-shot{note})")
     return results
 
 
-def evaluate(model, tokenizer, source, images: ImageSpec, *, split: str = "test", per_task: int = 50,
+def evaluate(model, tokenizer, source, spec: ImageSpec, *, split: str = "test", per_task: int = 50,
                  batch_size: int = 32, tasks: list[str] | None = None, max_new_tokens: int = MAX_NEW_TOKENS,
                  shots: int = 0, seed: int = 0, progress=None) -> list[TaskResult]:
     """The tasks of a data source (the world's, or a file's) by name, each with its usual metric."""
@@ -156,7 +156,7 @@ def evaluate(model, tokenizer, source, images: ImageSpec, *, split: str = "test"
     root = None if data == "synthetic" else source.root
     defs = [EvalTask(name=n, metric=metric_for(n), data=data, split=split, max_new_tokens=max_new_tokens,
                      image_root=root) for n in names]
-    return evaluate_tasks(model, tokenizer, defs, images, per_task=per_task, batch_size=batch_size, shots=shots,
+    return evaluate_tasks(model, tokenizer, defs, spec, per_task=per_task, batch_size=batch_size, shots=shots,
                           seed=seed, progress=progress, sources={(data, root): source})
 
 

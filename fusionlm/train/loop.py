@@ -135,7 +135,7 @@ class Trainer:
                 layer.compile()  # in place: parameter names (and checkpoints) unchanged
         if self.group.main:
             save_config(config, self.out / "config.yaml")
-        self.images = ImageSpec.for_model(self.model, config, root=self.source.root)
+        self.spec = ImageSpec.for_model(self.model, config, root=self.source.root)
         self.metrics_path = self.out / "metrics.jsonl"
         self._trim_metrics()
 
@@ -241,7 +241,7 @@ class Trainer:
     def _batches(self, index: int, stage: StageConfig, start: int):
         dataset = MixtureBatches(
             self.source, stage.mixture, seed=self.config.train.seed, stage=index, batch_size=stage.batch_size,
-            prompts=PromptEncoder.of(self.model, self.tokenizer, self.images), rank=self.group.rank, world=self.group.world,
+            prompts=PromptEncoder.of(self.model, self.tokenizer, self.spec), rank=self.group.rank, world=self.group.world,
             pack=self.config.data.pack, grad_accum=stage.grad_accum,
         )
         order = range(start * stage.grad_accum, stage.steps * stage.grad_accum)

@@ -72,7 +72,7 @@ class LanguageModel(Objective):
         return int((batch.labels[:, 1:] != IGNORE).sum())
 
     def loss(self, model: FusionLM, batch: Batch, group=None) -> Loss:
-        out = model(batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values,
+        out = model(batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixels,
                     labels=batch.labels, segment_ids=batch.segments, loss_reduction="sum")
         return Loss(out.loss, out.loss.detach())
 
@@ -102,15 +102,15 @@ class Contrastive(Objective):
     def vectors(model: FusionLM, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, D) image vectors and (B, D) text vectors."""
         n = batch.input_ids.shape[0]
-        images = whole_images(batch.images)
-        count = 0 if images is None else len(images)
+        pixels = whole_images(batch.pixels)
+        count = 0 if pixels is None else len(pixels)
         if count != n:
             raise ConfigError(
                 f"the contrastive objective needs exactly one image per sample; a batch of {n} samples "
                 f"has {count} images (use single-image tasks such as caption)"
             )
-        features = model.image_features(images)  # (B, N, D), images with fewer tokens zero-padded
-        counts = torch.tensor(model.slot_tokens(images), device=features.device)
+        features = model.image_features(pixels)  # (B, N, D), images with fewer tokens zero-padded
+        counts = torch.tensor(model.slot_tokens(pixels), device=features.device)
         real = (torch.arange(features.shape[1], device=features.device)[None] < counts[:, None]).unsqueeze(-1)  # (B, N, 1)
         image = (features * real).sum(1) / counts[:, None]  # (B, D): the mean of each image's real tokens
         targets = (batch.labels != IGNORE) & (batch.labels != model.ids.end)  # (B, T)
@@ -134,7 +134,7 @@ class Contrastive(Objective):
 
 def lm_loss(model: FusionLM, batch: Batch) -> torch.Tensor:
     """The mean next-token loss over ``batch``'s target tokens."""
-    return model(batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values,
+    return model(batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixels,
                  labels=batch.labels, segment_ids=batch.segments).loss
 
 
@@ -144,12 +144,12 @@ def contrastive_loss(model: FusionLM, batch: Batch) -> torch.Tensor:
     return contrastive.loss(model, batch).train / contrastive.items(batch)
 
 
-def whole_images(images: ImageBatch | None) -> ImageBatch | None:
+def whole_images(pixels: ImageBatch | None) -> ImageBatch | None:
     """The inputs that show each image whole: all of them, or with tiling only the thumbnails."""
-    if images is None or not images.roles:
-        return images
-    keep = [i for i, role in enumerate(images.roles) if role == "thumbnail"]
+    if pixels is None or not pixels.roles:
+        return pixels
+    keep = [i for i, role in enumerate(pixels.roles) if role == "thumbnail"]
     if not keep:
         raise ConfigError("the contrastive objective with tiling compares whole images: set model.tiling.thumbnail")
-    return ImageBatch(images.pixel_values[keep], [images.grids[i] for i in keep],
-                      {k: v[keep] for k, v in images.extras.items()})
+    return ImageBatch(pixels.pixel_values[keep], [pixels.grids[i] for i in keep],
+                      {k: v[keep] for k, v in pixels.extras.items()})
