@@ -23,7 +23,7 @@ from fusionlm.data.images import (
     load_image,
     to_pixels,
 )
-from fusionlm.errors import ImageError
+from fusionlm.errors import ImageError, SampleError
 
 RED, GREEN, BLUE, WHITE, BLACK = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255), (0, 0, 0)
 
@@ -343,21 +343,21 @@ def test_inside_root_allowed(data_root):
 
 
 def test_escape_via_dotdot(data_root):
-    with pytest.raises(ImageError, match=r"\.\./secret\.png: path escapes the data root"):
+    with pytest.raises(SampleError, match=r"image path '\.\./secret\.png' escapes the data root"):
         load_image("../secret.png", root=data_root)
-    with pytest.raises(ImageError, match="escapes"):
+    with pytest.raises(SampleError, match="escapes"):
         load_image("sub/../../secret.png", root=data_root)
 
 
 def test_escape_via_absolute_path(data_root):
     target = str(data_root.parent / "secret.png")
-    with pytest.raises(ImageError, match="escapes") as info:
+    with pytest.raises(SampleError, match="escapes") as info:
         load_image(target, root=data_root)
     assert target in str(info.value)
     sibling = data_root.parent / "root2"  # shares the prefix "root" but is outside it
     sibling.mkdir()
     Image.new("RGB", (2, 2)).save(sibling / "x.png")
-    with pytest.raises(ImageError, match="escapes"):
+    with pytest.raises(SampleError, match="escapes"):
         load_image(sibling / "x.png", root=data_root)
 
 
@@ -367,7 +367,7 @@ def test_escape_via_symlink(data_root):
         os.symlink(data_root.parent / "secret.png", link)
     except OSError:
         pytest.skip("symlinks not supported here")
-    with pytest.raises(ImageError, match=r"link\.png: path escapes the data root"):
+    with pytest.raises(SampleError, match=r"image path 'link\.png' escapes the data root"):
         load_image("link.png", root=data_root)
 
 

@@ -34,6 +34,7 @@ from PIL import Image
 
 from fusionlm.data.chat import PLACEHOLDERS
 from fusionlm.data.sample import IMAGE_TOKEN, VIDEO_TOKEN, Sample
+from fusionlm.data.paths import resolve_under
 from fusionlm.data.video import Video, frame_files
 from fusionlm.errors import SampleError
 
@@ -122,7 +123,7 @@ def read_llava_json(path: str | Path, *, image_root: str | Path | None = None) -
     Args:
         path: the JSON file.
         image_root: folder image paths are relative to (default: the JSON file's folder); a path
-            that is absolute or resolves (symlinks included) outside it is refused.
+            whose real path (symlinks included) leaves it is refused (``paths.resolve_under``).
 
     Raises:
         SampleError: malformed JSON or record, a path escape, or an ``<image>`` marker count
@@ -145,8 +146,8 @@ def _read_record(rec: Any, index: int, path: Path, root: str) -> Sample:
         raise SampleError(f"{where}: expected an object, got {type(rec).__name__}")
     sid = str(rec.get("id", index))
     where = f"{path}: sample {index} (id {sid})"
-    images = [_resolve(p, path, sid, root) for p in _image_list(rec, where)]
-    videos = [Video(_resolve(p, path, sid, root)) for p in _image_list(rec, where, "video")]
+    images = [resolve_under(p, root, where=f"{path}: sample {sid}") for p in _image_list(rec, where)]
+    videos = [Video(resolve_under(p, root, where=f"{path}: sample {sid}")) for p in _image_list(rec, where, "video")]
     task = str(rec.get("task", "custom"))
     if rec.get("kind", "chat") == "document":
         text = rec.get("text")
@@ -207,14 +208,6 @@ def _messages(rec: dict, where: str) -> list[dict[str, str]]:
     return messages
 
 
-def _resolve(image: str, path: Path, sid: str, root: str) -> str:
-    """``root/image`` with symlinks resolved; refused if absolute or outside ``root``."""
-    resolved = os.path.realpath(os.path.join(root, image))
-    if os.path.isabs(image) or os.path.commonpath([root, resolved]) != root:
-        raise SampleError(f"{path}: sample {sid}: image path '{image}' escapes the data root {root}")
-    return resolved
-
-
 CHOICE_LETTERS = "ABCDEFGHIJ"
 
 
@@ -259,7 +252,7 @@ def _qa_record(rec: dict, where: str, path: Path, root: str, number: int) -> Sam
     answers = rec.get("answers", [rec["answer"]] if "answer" in rec else None)
     if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
         raise SampleError(f"{where} (id {sid}): 'answers' must be a non-empty list of strings (or give 'answer')")
-    images = [_resolve(p, path, sid, root) for p in _image_list(rec, where)]
+    images = [resolve_under(p, root, where=f"{path}: sample {sid}") for p in _image_list(rec, where)]
     if images and IMAGE_TOKEN not in question:
         question = f"{IMAGE_TOKEN}\n" * len(images) + question
     choices = rec.get("choices")

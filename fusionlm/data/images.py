@@ -32,6 +32,8 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from fusionlm.errors import ImageError
 
+from .paths import resolve_under
+
 DEFAULT_MAX_PIXELS = 40_000_000  # refused from the header, before any pixel is decoded
 BACKGROUND = (255, 255, 255)  # alpha is composited on white
 
@@ -52,19 +54,6 @@ _DETAIL_CHARS = 200  # keep Pillow's detail short so the message stays one reada
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text[:_DETAIL_CHARS]
-
-
-def _resolve(source: str | os.PathLike, root: str | Path | None) -> str:
-    """Return the path to open, refusing anything whose real path leaves ``root``."""
-    path = os.fspath(source)
-    if root is None:
-        return path
-    root_real = os.path.realpath(root)
-    # realpath follows symlinks, so a link inside root pointing outside it is caught too.
-    real = os.path.realpath(os.path.join(root, path))  # join keeps absolute `path` as is
-    if os.path.commonpath([real, root_real]) != root_real:
-        raise ImageError(f"{path}: path escapes the data root {root}")
-    return real
 
 
 def _check_size(img: Image.Image, name: str, max_pixels: int) -> None:
@@ -197,7 +186,7 @@ def load_image(
 def _checked_file(source: str | os.PathLike, root: str | Path | None) -> tuple[str, str]:
     """(the name errors use, the path to open) of an existing, non-empty regular file inside ``root``."""
     name = os.fspath(source)
-    path = _resolve(source, root)
+    path = resolve_under(source, root)
     if not os.path.exists(path):
         raise ImageError(f"{name}: file not found")
     if not os.path.isfile(path):

@@ -15,12 +15,11 @@ one image loader's work (``images.load_image``), when the sample is used.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from ..errors import SampleError
 from .chat import PLACEHOLDERS
-from .formats import _resolve
+from .paths import resolve_under
 from .sample import IMAGE_TOKEN, Sample
 
 IMAGE_KEYS = ("image", "jpg", "jpeg", "png", "webp")
@@ -75,5 +74,5 @@ def image_value(value: Any, where: str, root: str, sid: str) -> Any:
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value)
     if isinstance(value, str) and value:
-        return _resolve(value, Path(where), sid, root)
+        return resolve_under(value, root, where=f"{where}: sample {sid}")
     raise SampleError(f"{where}: an image must be bytes or a path, got {type(value).__name__}")

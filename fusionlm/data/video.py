@@ -37,7 +37,8 @@ from typing import Any, Union
 from PIL import Image
 
 from ..errors import ImageError
-from .images import DEFAULT_MAX_PIXELS, ImageSource, _resolve, load_frames
+from .images import DEFAULT_MAX_PIXELS, ImageSource, load_frames
+from .paths import resolve_under
 from .sample import IMAGE_TOKEN, VIDEO_TOKEN
 
 DEFAULT_MAX_VIDEO_PIXELS = 400_000_000  # an animated file's frames x width x height (data.max_video_pixels)
@@ -92,7 +93,7 @@ def _natural_key(name: str) -> list:
 def frame_files(folder: str | os.PathLike, *, root: str | Path | None = None) -> list[str]:
     """The frame files of a folder, in order, as paths joined to ``folder`` (as given)."""
     name = os.fspath(folder)
-    path = _resolve(folder, root)
+    path = resolve_under(folder, root)
     known = {ext.lower() for ext in Image.registered_extensions()}
     try:
         entries = sorted(os.scandir(path), key=lambda e: _natural_key(e.name))
@@ -116,7 +117,7 @@ def frame_sources(video: Video, n: int, *, root: str | Path | None = None, max_p
             raise ImageError(f"{video.name}: a list of no frames")
         return [source[i] for i in sample_indices(len(source), n)]
     name = os.fspath(source)
-    path = _resolve(source, root)
+    path = resolve_under(source, root)
     if os.path.isdir(path):
         files = frame_files(source, root=root)
         return [files[i] for i in sample_indices(len(files), n)]
