@@ -37,7 +37,7 @@ def _quiet() -> None:
 
 
 def cmd_data_synth(args) -> None:
-    from .data.formats import write_llava_json
+    from .data.sources.formats import write_llava_json
     from .data.sample import TASKS
     from .data.synthetic import World
 
@@ -50,7 +50,7 @@ def cmd_data_synth(args) -> None:
 
 def cmd_data_check(args) -> None:
     from .data.check import Report, check_source
-    from .data.mix import open_source
+    from .data.sources import open_source
 
     fits = context_check(args.recipe, args.set, args.source) if args.recipe else None
     try:

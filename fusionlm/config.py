@@ -144,7 +144,7 @@ SOURCE_FORMATS = ("auto", "synthetic", "llava", "qa", "webdataset", "parquet", "
 
 @dataclass
 class SourceConfig:
-    """One named source of ``data.sources`` (see ``fusionlm.data.mix``)."""
+    """One named source of ``data.sources`` (see ``fusionlm.data.sources.mix``)."""
 
     path: str = ""  # a file or a folder of shards/files (not needed for ``synthetic``)
     format: str = "auto"  # one of SOURCE_FORMATS; auto: from the path

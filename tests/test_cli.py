@@ -16,7 +16,7 @@ from PIL import Image, features
 
 from fusionlm.cli import main, parser
 from fusionlm.errors import FusionError
-from fusionlm.data.formats import read_llava_json
+from fusionlm.data.sources.formats import read_llava_json
 from fusionlm.data.sample import TASKS
 from fusionlm.data.video import Video
 from fusionlm.evaluate.harness import EVAL_TASKS

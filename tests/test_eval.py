@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from fusionlm.cli import main
-from fusionlm.data.formats import read_qa_jsonl
+from fusionlm.data.sources.formats import read_qa_jsonl
 from fusionlm.errors import ConfigError, SampleError
 from fusionlm.evaluate.harness import TaskData, evaluate_tasks, request_of, write_results
 from fusionlm.evaluate.tasks import EvalTask, builtin_tasks, load_task_file

@@ -31,7 +31,7 @@ import torch
 
 from fusionlm.checkpoint import list_checkpoints
 from fusionlm.cli import main
-from fusionlm.data.formats import read_llava_json
+from fusionlm.data.sources.formats import read_llava_json
 from tests.helpers_train import checkpoints, read_metrics, stage, tiny_dict, weights, write_recipe
 
 REPO = Path(__file__).resolve().parents[1]

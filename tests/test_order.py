@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from fusionlm.data.batches import MixtureBatches
-from fusionlm.data.mix import MultiSource, open_source
+from fusionlm.data.sources import MultiSource, open_source
 from fusionlm.data.order import PassOrder
 
 pa = pytest.importorskip("pyarrow")

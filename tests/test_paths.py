@@ -9,10 +9,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from fusionlm.data.formats import read_llava_json, read_qa_jsonl
+from fusionlm.data.sources.formats import read_llava_json, read_qa_jsonl
 from fusionlm.data.images import load_image
 from fusionlm.data.paths import resolve_under
-from fusionlm.data.mix import open_source
+from fusionlm.data.sources import open_source
 from fusionlm.errors import SampleError
 
 

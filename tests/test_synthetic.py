@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from fusionlm.data import render
-from fusionlm.data.formats import read_llava_json, write_llava_json
+from fusionlm.data.sources.formats import read_llava_json, write_llava_json
 from fusionlm.data.chat import check_placeholders
 from fusionlm.data.sample import IMAGE_TOKEN, TASKS, VIDEO_TOKEN
 from fusionlm.data.video import Video, frame_sources, placeholder

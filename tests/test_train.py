@@ -14,7 +14,7 @@ from fusionlm.checkpoint import list_checkpoints, load_model, resolve_checkpoint
 from fusionlm.cli import main
 from fusionlm.config import from_dict
 from fusionlm.llm import decoder_layers
-from fusionlm.data.formats import read_llava_json
+from fusionlm.data.sources.formats import read_llava_json
 from fusionlm.errors import CheckpointError
 from fusionlm.model import FusionLM
 from fusionlm.train.loop import Trainer, train

@@ -22,7 +22,7 @@ from fusionlm.config import RecipeConfig, from_dict, validate
 from fusionlm.data import images
 from fusionlm.data.batches import MixtureBatches
 from fusionlm.data.chat import check_placeholders
-from fusionlm.data.formats import read_llava_json, write_llava_json
+from fusionlm.data.sources.formats import read_llava_json, write_llava_json
 from fusionlm.data.layout import ImageLayout
 from fusionlm.designs import DESIGNS
 from fusionlm.data.processing import ImageBatch

@@ -6,7 +6,7 @@ A task file is YAML, a list of entries with the keys of ``EvalTask``::
     - {name: color, data: synthetic, metric: exact_match}
 
 ``data`` is ``synthetic`` (the world's task of the same name, or ``task``) or a LLaVA-style JSON
-or question JSONL file (``fusionlm.data.formats``). The synthetic world's test split ships as
+or question JSONL file (``fusionlm.data.sources.formats``). The synthetic world's test split ships as
 built-in tasks (``builtin_tasks``).
 """
 

@@ -20,9 +20,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, SampleError
+from ...errors import ConfigError, SampleError
+from ..sample import Sample
 from .rows import CAPTION_KEYS, IMAGE_KEYS, row_sample
-from .sample import Sample
 
 
 def _read_range(path: str, offset: int, size: int) -> bytes:

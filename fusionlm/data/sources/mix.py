@@ -8,57 +8,11 @@ that one record.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
-from pathlib import Path
 
-from ..config import SOURCE_FORMATS as FORMATS
-from ..errors import ConfigError
-from .sample import Sample
-
-def detect_format(path: str | Path) -> str:
-    """The format of ``path`` from its name (and a ``.jsonl`` file's first record)."""
-    p = Path(path)
-    if p.is_dir():
-        if (p / "state.json").is_file() or (p / "dataset_dict.json").is_file():
-            return "hf"
-        names = [f.name.lower() for f in p.iterdir()]
-        for fmt, suffix in (("webdataset", ".tar"), ("parquet", ".parquet"), ("jsonl", ".jsonl")):
-            if any(n.endswith(suffix) for n in names):
-                return fmt
-        raise ConfigError(f"{path}: no .tar, .parquet or .jsonl files and no save_to_disk state.json in this folder")
-    suffix = p.suffix.lower()
-    if suffix in (".tar", ".parquet"):
-        return {".tar": "webdataset", ".parquet": "parquet"}[suffix]
-    if suffix == ".jsonl":
-        with open(p, "rb") as f:
-            first = next((line for line in f if line.strip()), b"{}")
-        try:
-            return "qa" if "question" in json.loads(first) else "jsonl"
-        except (ValueError, TypeError):
-            return "jsonl"  # the bad line is reported when it is read
-    return "llava"
-
-
-def open_source(path: str, fmt: str = "auto", *, image_root: str | None = None, task: str | None = None,
-                world_image_size: int = 64, world_seed: int = 0):
-    """A source of samples for ``path`` in format ``fmt`` (one of ``FORMATS``)."""
-    from .sources import FileSource, WorldSource
-    from .streams import ArrowFolder, JsonLines, ParquetRows, TarShards
-
-    if fmt == "synthetic":
-        return WorldSource(world_image_size, world_seed)
-    if not os.path.exists(path):
-        raise ConfigError(f"{path}: no such file or folder")
-    fmt = detect_format(path) if fmt == "auto" else fmt
-    if fmt in ("llava", "qa"):
-        return FileSource(path, image_root)
-    readers = {"webdataset": TarShards, "parquet": ParquetRows, "jsonl": JsonLines, "hf": ArrowFolder}
-    if fmt not in readers:
-        raise ConfigError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
-    return readers[fmt](path, task) if task else readers[fmt](path)
-
+from ...errors import ConfigError
+from ..sample import Sample
 
 class MultiSource:
     """Several named sources; mixture names are source names or ``source/task``."""
@@ -116,10 +70,3 @@ class MultiSource:
             if tasks is not None and not chosen:
                 continue
             yield from source.corpus(per_task, None if chosen is None or name in (tasks or []) else chosen)
-
-
-def build_sources(data) -> MultiSource:
-    """The ``MultiSource`` of a ``DataConfig`` whose ``sources`` is set."""
-    return MultiSource({name: open_source(spec.path, spec.format, image_root=spec.image_root, task=spec.task,
-                                          world_image_size=data.world_image_size, world_seed=data.world_seed)
-                        for name, spec in data.sources.items()})

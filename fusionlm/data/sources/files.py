@@ -1,16 +1,15 @@
-"""Where samples come from: the synthetic world, or a LLaVA-style JSON file of the user's own data."""
+"""Sources held in memory: the synthetic world, and a LLaVA JSON or question JSONL file read whole."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..config import DataConfig
-from ..errors import ConfigError
-from .chat import check_placeholders
+from ...errors import ConfigError
+from ..chat import check_placeholders
+from ..sample import TASKS, Sample
+from ..synthetic import World
 from .formats import read_llava_json, read_qa_jsonl
-from .sample import TASKS, Sample
-from .synthetic import World
 
 
 class WorldSource:
@@ -41,9 +40,10 @@ class FileSource:
     the data root), so a bad file fails before step 0.
     """
 
-    def __init__(self, path: str | Path, image_root: str | None = None):
+    def __init__(self, path: str | Path, image_root: str | None = None, *, fmt: str = "llava"):
+        """``fmt``: ``llava`` (a JSON list of conversations) or ``qa`` (question JSON lines)."""
         self.path = str(path)
-        reader = read_qa_jsonl if str(path).endswith(".jsonl") else read_llava_json
+        reader = {"llava": read_llava_json, "qa": read_qa_jsonl}[fmt]
         samples = reader(path, image_root=image_root)
         if not samples:
             raise ConfigError(f"{path}: no samples")
@@ -68,23 +68,3 @@ class FileSource:
     def get(self, task: str, split: str, index: int) -> Sample:
         items = self.by_task[task]
         return items[index % len(items)]
-
-
-def build_source(config: DataConfig, path: str | None = None):
-    """The data of a run (``path`` overrides ``config.source``, e.g. an eval file)."""
-    if config.sources and path is None:
-        from .mix import build_sources
-
-        return build_sources(config)  # named sources mixed by the stage mixture
-    source = path or config.source
-    if source == "synthetic":
-        return WorldSource(config.world_image_size, config.world_seed)
-    if Path(source).is_dir() or Path(source).suffix.lower() in (".tar", ".parquet") or (
-            Path(source).is_file() and Path(source).suffix.lower() == ".jsonl"):
-        from .mix import open_source
-
-        return open_source(source, "auto", image_root=config.image_root)  # a streamed format (or question JSONL)
-    if not Path(source).is_file():
-        raise ConfigError(f"data.source: {source!r} is neither 'synthetic' nor an existing LLaVA JSON or "
-                          f"question JSONL file")
-    return FileSource(source, config.image_root)

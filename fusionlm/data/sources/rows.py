@@ -17,10 +17,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import SampleError
-from .chat import PLACEHOLDERS
-from .paths import resolve_under
-from .sample import IMAGE_TOKEN, Sample
+from ...errors import SampleError
+from ..chat import PLACEHOLDERS
+from ..paths import resolve_under
+from ..sample import IMAGE_TOKEN, Sample
 
 IMAGE_KEYS = ("image", "jpg", "jpeg", "png", "webp")
 CAPTION_KEYS = ("caption", "txt", "text")

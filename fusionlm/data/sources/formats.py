@@ -32,11 +32,11 @@ from typing import Any
 
 from PIL import Image
 
-from fusionlm.data.chat import PLACEHOLDERS
-from fusionlm.data.sample import IMAGE_TOKEN, VIDEO_TOKEN, Sample
-from fusionlm.data.paths import resolve_under
-from fusionlm.data.video import Video, frame_files
-from fusionlm.errors import SampleError
+from ...errors import SampleError
+from ..chat import PLACEHOLDERS
+from ..paths import resolve_under
+from ..sample import IMAGE_TOKEN, VIDEO_TOKEN, Sample
+from ..video import Video, frame_files
 
 _ROLES_OUT = {"user": "human", "assistant": "gpt"}
 _ROLES_IN = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
