@@ -23,10 +23,11 @@ from .errors import ConfigError, SampleError
 from .fusion import CrossInputs, ImageContext, image_memory
 from .registry import Registry
 
-if TYPE_CHECKING:
-    from .config import RecipeConfig
+if TYPE_CHECKING:  # names for annotations only; the model (model.FusionLM) is passed in, never imported
+    from torch.nn import Module as FusionLM
+
+    from .config.schema import RecipeConfig
     from .data.processing import ImageBatch
-    from .model import FusionLM
 
 DESIGNS: Registry[type["Design"]] = Registry("fusion", "model.fusion.kind")
 

@@ -30,7 +30,6 @@ from .errors import ConfigError
 
 META_KEY = "fusionlm_lora"  # safetensors metadata: {part: settings} of the adapters in the weights
 ADAPTER_DIR = "adapter"
-LORA_PARTS = ("llm", "encoder")
 
 
 def part_module(model: nn.Module, part: str) -> nn.Module:

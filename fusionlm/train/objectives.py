@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from ..data.batches import Batch
 from ..data.chat import IGNORE
 from ..data.processing import ImageBatch
+from ..config import OBJECTIVE_NAMES
 from ..errors import ConfigError
 from ..model import FusionLM
 from .distributed import all_rows
@@ -60,6 +61,8 @@ OBJECTIVES: dict[str, Objective] = {}
 
 
 def objective(cls: type[Objective]) -> type[Objective]:
+    if cls.name not in OBJECTIVE_NAMES:  # the names a recipe may give (config.OBJECTIVE_NAMES)
+        raise TypeError(f"objective {cls.name!r}: add it to fusionlm.config.schema.OBJECTIVE_NAMES")
     OBJECTIVES[cls.name] = cls()
     return cls
 

@@ -10,8 +10,6 @@ from ..config import TRAINABLE_GROUPS, LoraConfig
 from ..errors import ConfigError
 from ..lora import inject_for_stage, is_lora_param
 
-PARTS = ("encoder", "connector", "llm", "cross_attention")
-
 
 def select_trainable(model: nn.Module, spec: list[str], *, key: str = "train") -> set[str]:
     """Names of the parameters that ``spec`` selects.
