@@ -1,43 +1,4 @@
-"""An lmms-eval model adapter: evaluate a fusionlm checkpoint on lmms-eval's benchmarks.
-
-lmms-eval (``pip install 'fusionlm[lmms]'``, version 0.7.3) runs the field's benchmarks (MMMU,
-MMBench, ChartQA, DocVQA, …) against any model class it can find by name. This module gives it
-one, named ``fusionlm``::
-
-    python -m fusionlm.evaluate.lmms --model fusionlm \\
-        --model_args pretrained=runs/x,device=auto,batch_size=8 --tasks chartqa --output_path results/
-
-(the same arguments as ``lmms-eval``; this entry point only registers the model first). From
-Python, ``simple_evaluate(model=FusionLMEval(pretrained="runs/x"), tasks=["chartqa"])`` works too.
-
-What the adapter does with each kind of lmms-eval request:
-
-* ``generate_until`` (context, gen_kwargs, doc_to_visual, doc_id, task, split): the context and
-  the document's visuals become one fusionlm ``Request`` (``to_request``), answered by fusionlm's
-  own ``generate`` with the request's ``max_new_tokens`` / ``temperature`` / ``top_p`` (greedy
-  unless ``do_sample`` or a positive temperature asks otherwise); the decoded answer is cut at the
-  first of the ``until`` stop strings. Requests with the same settings are batched.
-* ``loglikelihood`` (context, continuation, doc_to_visual, doc_id, task, split): the prompt is
-  encoded exactly as ``generate`` encodes it (chat template, generation prompt, image layouts),
-  the continuation's tokens follow it, and one forward pass gives the sum of their log-probs and
-  whether greedy decoding would have produced them (``continuation_score``).
-* ``generate_until_multi_round``: round 0 answers the context; each later round asks the task's
-  ``doc_to_text(doc, previous_output=…, round_idx=…, previous_round_info=…)`` for the next
-  visuals and context until it signals the end; the result is the list of the rounds' answers.
-
-Images: lmms-eval's ``<image>`` placeholder is fusionlm's. When the context has exactly one
-placeholder per visual they stay where the task put them (interleaved); otherwise the
-placeholders are dropped and the images go first, as fusionlm trains (``image_placement=first``
-always does that). PIL images and image paths are images; a folder or a video file path is a
-``Video`` (fusionlm decodes frame folders and animated images, not ``.mp4`` files).
-
-A request fusionlm refuses (a prompt longer than the context, an unreadable image, an audio
-input) is answered with ``""`` (log-likelihood ``-inf``) and a warning naming it, so one bad
-document does not end a long run; ``strict=True`` raises instead.
-
-Nothing here needs lmms-eval except ``FusionLMEval`` (built on first use) and ``register``: the
-conversion, generation and scoring are plain functions and a plain ``FusionLMAdapter`` class.
-"""
+"""``FusionLMAdapter``: a fusionlm checkpoint answering lmms-eval's three kinds of request."""
 
 from __future__ import annotations
 
@@ -45,205 +6,18 @@ import contextlib
 import functools
 import logging
 import os
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable
 
 import torch
 
-from ..data.chat import PLACEHOLDERS
-from ..data.prompt import PromptEncoder
-from ..data.processing import ImageBatch, ImageSpec
-from ..data.video import VIDEO_FILE_SUFFIXES, Video, placeholder
-from ..device import model_device
-from ..errors import FusionError, SampleError
-from ..generate import MAX_NEW_TOKENS, Request, generate
-
-MODEL_NAME = "fusionlm"
-MODULE = "fusionlm.evaluate.lmms"  # also when run as ``python -m``, where __name__ is __main__
-CLASS_PATH = f"{MODULE}.FusionLMEval"
-LMMS_EVAL_VERSION = "0.7.3"
+from ...data.processing import ImageSpec
+from ...device import model_device
+from ...errors import FusionError, SampleError
+from ...generate import MAX_NEW_TOKENS, Request, generate
+from .requests import GenSettings, cut_at_stops, generation_settings, to_request
+from .scoring import loglikelihoods
 
 log = logging.getLogger("fusionlm.lmms")
-
-
-# ---------------------------------------------------------------- requests -> fusionlm Requests
-
-
-def to_items(visuals: Any) -> list[Any]:
-    """lmms-eval visuals (None, one visual, or a possibly nested list) -> fusionlm image items.
-
-    PIL images and image paths stay as they are; a folder, or a path with a video suffix, becomes
-    a ``Video``. Audio (lmms-eval passes it as a dict) is refused with a ``SampleError``.
-    """
-    if visuals is None:
-        return []
-    if not isinstance(visuals, (list, tuple)):
-        visuals = [visuals]
-    items: list[Any] = []
-    for v in visuals:
-        if v is None:
-            continue
-        if isinstance(v, (list, tuple)):
-            items.extend(to_items(v))
-        elif isinstance(v, Video):
-            items.append(v)
-        elif isinstance(v, (str, os.PathLike)):
-            path = Path(v)
-            items.append(Video(v) if path.is_dir() or path.suffix.lower() in VIDEO_FILE_SUFFIXES else v)
-        elif isinstance(v, dict):
-            raise SampleError(f"an audio input ({', '.join(sorted(v))}): fusionlm models take images and video only")
-        elif hasattr(v, "convert") and hasattr(v, "size"):  # a PIL image
-            items.append(v)
-        else:
-            raise SampleError(f"a visual of type {type(v).__name__}: expected a PIL image, an image path or a video")
-    return items
-
-
-def to_request(context: str, visuals: Any, *, id: str = "request", image_placement: str = "auto") -> Request:
-    """One fusionlm ``Request`` for an lmms-eval context and its visuals.
-
-    ``image_placement="auto"``: when the context's ``<image>`` / ``<video>`` placeholders match the
-    items one for one (in order and kind), they stay where they are; otherwise (and always with
-    ``"first"``) they are removed and every item goes before the text, one placeholder a line.
-    """
-    if image_placement not in ("auto", "first"):
-        raise ValueError(f"image_placement: {image_placement!r} (expected 'auto' or 'first')")
-    items = to_items(visuals)
-    context = context or ""
-    found = PLACEHOLDERS.findall(context)
-    if image_placement == "auto" and found == [placeholder(item) for item in items]:
-        return Request(context, items, id=id)
-    if found:
-        context = PLACEHOLDERS.sub("", context).strip()
-    prompt = "".join(f"{placeholder(item)}\n" for item in items) + context
-    return Request(prompt, items, id=id)
-
-
-# ---------------------------------------------------------------- generation settings and stops
-
-
-@dataclass(frozen=True)
-class GenSettings:
-    """What ``generate`` is called with for a request (hashable: requests are batched by it)."""
-
-    max_new_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-
-    def kwargs(self) -> dict:
-        return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p}
-
-
-def generation_settings(gen_kwargs: dict | None, *,
-                        default_max_new_tokens: int = MAX_NEW_TOKENS) -> tuple[GenSettings, list[str]]:
-    """lmms-eval gen_kwargs -> (settings, stop strings).
-
-    Greedy unless ``do_sample`` is true or, with no ``do_sample``, ``temperature`` is positive
-    (``do_sample`` with no temperature samples at 1.0). ``top_p: None`` means 1. ``until``: a
-    string or a list of strings. Other keys (``num_beams``, ``image_aspect_ratio``…) are ignored.
-    """
-    kw = dict(gen_kwargs or {})
-    until = kw.get("until")
-    stops = [until] if isinstance(until, str) else [s for s in (until or []) if isinstance(s, str)]
-    max_new = int(kw.get("max_new_tokens") or default_max_new_tokens)
-    temperature = float(kw.get("temperature") or 0.0)
-    do_sample = kw.get("do_sample")
-    if do_sample is not None and not do_sample:
-        temperature = 0.0
-    elif do_sample and temperature <= 0:
-        temperature = 1.0
-    top_p = kw.get("top_p")
-    top_p = 1.0 if top_p is None or temperature <= 0 else float(top_p)
-    if int(kw.get("num_beams") or 1) > 1:
-        log.warning("num_beams=%s: fusionlm decodes without beam search (greedy or sampled)", kw["num_beams"])
-    return GenSettings(max_new, temperature, top_p), [s for s in stops if s]
-
-
-def cut_at_stops(text: str, stops: Iterable[str]) -> str:
-    """``text`` up to the earliest occurrence of any stop string (empty strings are ignored)."""
-    end = len(text)
-    for stop in stops:
-        if stop:
-            at = text.find(stop)
-            if 0 <= at < end:
-                end = at
-    return text[:end]
-
-
-# ---------------------------------------------------------------- log-likelihoods
-
-
-def encode_prompt(model, tokenizer, spec: ImageSpec, request: Request) -> tuple[list[int], list]:
-    """The prompt's token ids (image layouts expanded, generation prompt added) and its encoder
-    inputs: exactly what ``generate`` feeds the model for ``request``."""
-    prompted = PromptEncoder.of(model, tokenizer, spec).request(request)
-    return prompted.encoded.input_ids, prompted.inputs
-
-
-def continuation_score(logits: torch.Tensor, targets: torch.Tensor,
-                       never: torch.Tensor | None = None) -> tuple[float, bool]:
-    """(sum of log-probs, greedy) of ``targets`` (N,) under ``logits`` (N, V), row i predicting
-    ``targets[i]``. ``greedy``: each target is the argmax of its row, with the ids in ``never``
-    (tokens ``generate`` never emits: image, image-newline) left out of the argmax."""
-    if targets.numel() == 0:
-        return 0.0, True
-    logits = logits.float()
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None].long()).sum()
-    if never is not None and never.numel():
-        never = never[never < logits.shape[-1]].to(logits.device)
-        logits = logits.index_fill(-1, never, float("-inf"))
-    return float(logp), bool((logits.argmax(-1) == targets).all())
-
-
-@torch.no_grad()
-def loglikelihoods(model, tokenizer, spec: ImageSpec, pairs: Sequence[tuple[Request, str]], *,
-                   batch_size: int = 1) -> list[tuple[float, bool]]:
-    """(log P(continuation | prompt), greedy) for each (request, continuation), in order.
-
-    The prompt is encoded as ``generate`` encodes it; the continuation is tokenized on its own
-    (no special tokens) and appended, so its tokens are those the model would have to generate
-    after the generation prompt. Rows are right-padded in batches of ``batch_size``; a row's score
-    does not depend on the batch it is in. Raises ``SampleError`` for a prompt + continuation
-    longer than the model's context.
-    """
-    rows: list[tuple[list[int], int, list]] = []  # (ids, prompt length, encoder inputs)
-    for request, continuation in pairs:
-        prompt, pixels = encode_prompt(model, tokenizer, spec, request)
-        cont = tokenizer(continuation, add_special_tokens=False)["input_ids"] if continuation else []
-        ids = prompt + cont
-        if len(ids) > model.config.llm.max_length:
-            raise SampleError(f"request {request.id}: prompt and continuation take {len(ids)} tokens, over the "
-                              f"context of {model.config.llm.max_length}")
-        if not prompt:
-            raise SampleError(f"request {request.id}: the prompt encodes to no token")
-        rows.append((ids, len(prompt), pixels))
-    device = model_device(model)
-    never = torch.tensor(sorted({model.ids.image, model.ids.newline}))
-    out: list[tuple[float, bool] | None] = [None] * len(rows)
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))  # similar lengths together
-    for start in range(0, len(order), max(1, batch_size)):
-        chunk = order[start:start + max(1, batch_size)]
-        width = max(len(rows[i][0]) for i in chunk)
-        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        pixels = []
-        for b, i in enumerate(chunk):
-            row = rows[i][0]
-            ids[b, :len(row)] = torch.tensor(row)
-            mask[b, :len(row)] = 1
-            pixels.extend(rows[i][2])
-        batch = ImageBatch.collate(pixels)
-        result = model(ids.to(device), attention_mask=mask.to(device),
-                       pixel_values=batch.to(device) if batch is not None else None)
-        for b, i in enumerate(chunk):
-            row, n_prompt, _ = rows[i]
-            targets = torch.tensor(row[n_prompt:], device=device)
-            out[i] = continuation_score(result.logits[b, n_prompt - 1:len(row) - 1], targets, never)
-    return out  # type: ignore[return-value]
-
-
-# ---------------------------------------------------------------- the adapter
 
 
 @contextlib.contextmanager
@@ -309,7 +83,7 @@ class FusionLMAdapter:
         if model is None:
             if pretrained is None:
                 raise TypeError("fusionlm: pretrained=PATH (a checkpoint or run directory) is required")
-            from ..checkpoint import load_model
+            from ...checkpoint import load_model
 
             model, tokenizer, config = load_model(str(pretrained), device=str(device or "auto"))
         elif tokenizer is None or config is None:
@@ -562,83 +336,3 @@ def _value(text: str) -> Any:
         except ValueError:
             pass
     return text
-
-
-# ---------------------------------------------------------------- lmms-eval registration
-
-_LMMS_CLASS: type | None = None
-
-
-def lmms_class() -> type:
-    """``FusionLMEval``: ``FusionLMAdapter`` as a subclass of lmms-eval's ``lmms`` (built on first
-    use, so that importing this module never needs lmms-eval)."""
-    global _LMMS_CLASS
-    if _LMMS_CLASS is None:
-        try:
-            from lmms_eval.api.model import lmms
-        except ImportError as exc:
-            raise ImportError(f"lmms-eval is not installed: pip install 'fusionlm[lmms]' "
-                              f"(lmms-eval=={LMMS_EVAL_VERSION}) ({exc})") from None
-        _LMMS_CLASS = type("FusionLMEval", (FusionLMAdapter, lmms), {
-            "__module__": MODULE, "__qualname__": "FusionLMEval",
-            "__doc__": "A fusionlm checkpoint as an lmms-eval model (``--model fusionlm``).\n\n"
-                       + (FusionLMAdapter.__doc__ or ""),
-        })
-    return _LMMS_CLASS
-
-
-def manifest():
-    """lmms-eval's ``ModelManifest`` for ``fusionlm`` (also usable as an ``lmms_eval.models`` entry point)."""
-    from lmms_eval.models.registry_v2 import ModelManifest
-
-    return ModelManifest(model_id=MODEL_NAME, simple_class_path=CLASS_PATH)
-
-
-def register() -> type:
-    """Register ``FusionLMEval`` with lmms-eval under ``fusionlm``: in the registry its evaluator
-    resolves names with (``lmms_eval.models``' manifests) and in the ``register_model`` one."""
-    cls = lmms_class()
-    from lmms_eval.api.registry import register_model
-    from lmms_eval.models import AVAILABLE_MODELS, MODEL_REGISTRY_V2
-
-    register_model(MODEL_NAME)(cls)
-    MODEL_REGISTRY_V2.register_manifest(manifest(), overwrite=True)
-    AVAILABLE_MODELS[MODEL_NAME] = "FusionLMEval"
-    return cls
-
-
-def __getattr__(name: str):
-    if name == "FusionLMEval":
-        return lmms_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def _register_if_installed() -> None:
-    import importlib.util
-
-    if importlib.util.find_spec("lmms_eval") is None:
-        return
-    try:
-        register()
-    except Exception as exc:  # a broken or half-imported lmms-eval must not break fusionlm
-        log.debug("fusionlm: not registered with lmms-eval (%s)", exc)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m fusionlm.evaluate.lmms ARGS``: lmms-eval's CLI, with ``--model fusionlm`` known."""
-    import sys
-
-    register()
-    from lmms_eval.cli.dispatch import main as lmms_main
-
-    if argv is not None:
-        sys.argv = [sys.argv[0]] + list(argv)
-    lmms_main()
-
-
-if __name__ == "__main__":  # run lmms-eval with the canonical module's class registered
-    from fusionlm.evaluate.lmms import main as _main
-
-    _main()
-else:
-    _register_if_installed()
