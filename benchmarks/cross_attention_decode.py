@@ -16,7 +16,7 @@ from common import machine
 from fusionlm.checkpoint import build_model
 from fusionlm.config import RecipeConfig, validate
 from fusionlm.data.processing import ImageBatch
-from fusionlm.data.synthetic import World
+from fusionlm.data.world import World
 from fusionlm.data.tokenizer import train_tokenizer
 from fusionlm.runtime import StaticDecoder
 

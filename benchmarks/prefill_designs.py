@@ -22,7 +22,7 @@ from common import machine, matmul_flops, timed
 from fusionlm.checkpoint import build_model
 from fusionlm.config import RecipeConfig, validate
 from fusionlm.data.processing import ImageBatch, ImageInput
-from fusionlm.data.synthetic import World
+from fusionlm.data.world import World
 from fusionlm.data.tokenizer import train_tokenizer
 from fusionlm.info import forward_flops
 

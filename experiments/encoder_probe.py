@@ -14,7 +14,7 @@ import torch
 
 from fusionlm.config import EncoderConfig
 from fusionlm.data.images import image_to_pixels
-from fusionlm.data.synthetic import SHAPES, World
+from fusionlm.data.world import SHAPES, World
 from fusionlm.encoders import build_encoder
 
 

@@ -39,7 +39,7 @@ def _quiet() -> None:
 def cmd_data_synth(args) -> None:
     from .data.sources.formats import write_llava_json
     from .data.sample import TASKS
-    from .data.synthetic import World
+    from .data.world import World
 
     tasks = args.tasks or list(TASKS)
     world = World(image_size=args.image_size, seed=args.seed)

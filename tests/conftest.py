@@ -13,7 +13,7 @@ from fusionlm.config import RecipeConfig, validate
 from fusionlm.data.batches import Batch, ImageSpec, collate
 from fusionlm.data.chat import encode
 from fusionlm.data.sample import Sample
-from fusionlm.data.synthetic import World
+from fusionlm.data.world import World
 from fusionlm.data.tokenizer import train_tokenizer
 from fusionlm.model import FusionLM
 

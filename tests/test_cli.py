@@ -238,7 +238,7 @@ def test_generate_with_the_marker_in_the_prompt(run_dir, image, capsys):
 
 
 def test_generate_about_a_clip(run_dir, tmp_path, capsys):
-    from fusionlm.data.synthetic import World
+    from fusionlm.data.world import World
     from fusionlm.data.video import Video
 
     clip = World(image_size=32, seed=0).sample("motion", "test", 0).images[0]

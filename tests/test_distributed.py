@@ -70,7 +70,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, parallel):
     from fusionlm.checkpoint import load_model
 
     from conftest import make_batch
-    from fusionlm.data.synthetic import World
+    from fusionlm.data.world import World
 
     two_model, tokenizer, _ = load_model(ckpt)
     one_model, _, _ = load_model(sorted((tmp_path / "one" / "checkpoints").iterdir())[-1])

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from pycocoevalcap.cider.cider import Cider
 
-from fusionlm.data.synthetic import table_markdown
+from fusionlm.data.world import table_markdown
 from fusionlm.errors import ConfigError
 from fusionlm.evaluate.metrics import (METRICS, anls, choice_accuracy, cider, exact_match, markdown_rows, metric_for,
                                        normalize, picked_choice, score_task, table_cell_f1, table_match,

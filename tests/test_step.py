@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fusionlm.config import from_dict, validate
-from fusionlm.data.synthetic import World
+from fusionlm.data.world import World
 from fusionlm.errors import ConfigError
 from fusionlm.train.loop import Trainer, lr_lambda, train
 from tests.conftest import make_batch

@@ -27,10 +27,10 @@ from fusionlm.data.layout import ImageLayout
 from fusionlm.designs import DESIGNS
 from fusionlm.data.processing import ImageBatch
 from fusionlm.data.prompt import PromptEncoder
-from fusionlm.data.render import COLORS
+from fusionlm.data.world.render import COLORS
 from fusionlm.data.sample import VIDEO_TOKEN, Sample
 from fusionlm.data.sources import WorldSource
-from fusionlm.data.synthetic import MOTION_FRAMES, SPLITS, World
+from fusionlm.data.world import MOTION_FRAMES, SPLITS, World
 from fusionlm.data.video import DEFAULT_MAX_VIDEO_PIXELS, Video, frame_sources, sample_indices
 from fusionlm.errors import ConfigError, ImageError, SampleError
 from fusionlm.evaluate.harness import EVAL_TASKS

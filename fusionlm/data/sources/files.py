@@ -8,7 +8,7 @@ from pathlib import Path
 from ...errors import ConfigError
 from ..chat import check_placeholders
 from ..sample import TASKS, Sample
-from ..synthetic import World
+from ..world import World
 from .formats import read_llava_json, read_qa_jsonl
 
 
