@@ -78,7 +78,7 @@ def peft_config(s: dict):
 
 def adapted(model: nn.Module) -> dict[str, dict]:
     """{part: settings} of the adapters now injected into ``model`` (empty: none)."""
-    return getattr(model, "_lora", None) or {}
+    return model.adapters
 
 
 def inject(model: nn.Module, parts: dict[str, dict], *, key: str = "lora") -> None:
@@ -91,7 +91,7 @@ def inject(model: nn.Module, parts: dict[str, dict], *, key: str = "lora") -> No
             peft.inject_adapter_in_model(peft_config(s), module, adapter_name="default")
         except ValueError as exc:
             raise ConfigError(f"{key}.targets: {s['targets']} fit no layer of the {part} ({exc})") from None
-    model._lora = {**adapted(model), **parts}
+    model.adapters = {**adapted(model), **parts}
 
 
 def inject_for_stage(model: nn.Module, lora: LoraConfig | None, *, key: str = "lora") -> None:
@@ -116,12 +116,13 @@ def _lora_layers(module: nn.Module):
 
 
 def adapter_state(model: nn.Module, part: str) -> dict[str, torch.Tensor]:
-    """The part's adapter weights under peft's saved names (``base_model.model.<name>.lora_A.weight``)."""
-    out = {}
-    for name, tensor in part_module(model, part).state_dict().items():
-        if is_lora_param(name):
-            out["base_model.model." + name.replace(".default.", ".")] = tensor.detach().cpu().contiguous()
-    return out
+    """The part's adapter weights under the names ``PeftModel.save_pretrained`` writes
+    (``base_model.model.<name>.lora_A.weight``: peft's own state dict of the adapted module, under
+    the prefix its ``PeftModel`` wrapper would add)."""
+    from peft import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(part_module(model, part), adapter_name="default")
+    return {"base_model.model." + name: t.detach().cpu().contiguous() for name, t in state.items()}
 
 
 def merge(model: nn.Module) -> dict[str, tuple[dict, dict]]:
@@ -139,7 +140,7 @@ def merge(model: nn.Module) -> dict[str, tuple[dict, dict]]:
         for attr in ("peft_config", "_hf_peft_config_loaded"):
             if attr in module.__dict__:
                 delattr(module, attr)
-    model._lora = {}
+    model.adapters = {}
     return taken
 
 

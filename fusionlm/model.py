@@ -39,6 +39,7 @@ class FusionLM(nn.Module):
         super().__init__()
         self.config = config = copy.deepcopy(config)  # the model's own record: parts fill in their ``arch``
         self.ids = ids
+        self.adapters: dict[str, dict] = {}  # {part: settings} of the LoRA adapters injected now (``lora``)
         self.design = design_of(config.fusion.kind)
         self.encoder = build_encoder(config.encoder, pretrained=pretrained)
         self.llm = build_llm(config.llm, pad_token_id=ids.pad, pretrained=pretrained)
