@@ -13,7 +13,8 @@ import torch
 from fusionlm.config import from_dict, validate
 from fusionlm.data.world import World
 from fusionlm.errors import ConfigError
-from fusionlm.train.loop import Trainer, lr_lambda, train
+from fusionlm.train.loop import Trainer, train
+from fusionlm.train.schedule import lr_lambda
 from tests.conftest import make_batch
 from tests.helpers_train import checkpoints, read_metrics, same_tensors, stage, tiny_dict, weights
 

@@ -6,11 +6,10 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import random
 import shutil
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -33,44 +32,14 @@ from .distributed import Group
 from .objectives import OBJECTIVES
 from .plots import plot_losses
 from .precision import master_weights
-from .report import Reporters
+from .progress import Counts, Progress
+from .report import Reporters, trim_metrics
 from .rng import rng_state, set_rng_state
+from .schedule import lr_lambda
 from .stages import apply_trainable, param_groups, select_trainable
 from .step import TrainStep
 
 TRAINER_STATE, OPTIMIZER_STATE = "trainer.json", "optimizer.pt"
-
-
-@dataclass
-class Progress:
-    """Where a run stands; saved in every checkpoint."""
-
-    stage: int = 0
-    stage_step: int = 0
-    step: int = 0  # optimizer steps over all stages
-    samples_seen: int = 0
-    samples_trained: int = 0
-    skipped: dict[str, int] = field(default_factory=dict)
-    bad_steps: int = 0  # non-finite steps skipped in a row
-    tokens: int = 0
-
-
-def lr_lambda(stage: StageConfig):
-    """Linear warmup, then cosine decay to ``min_lr_ratio`` of the peak.
-
-    Not transformers' ``get_cosine_with_min_lr_schedule_with_warmup``: its warmup starts at 0
-    (step/w, so the first step learns nothing) where this one starts at 1/w ((step+1)/w), and
-    past the last step it keeps following the cosine up again where this one stays at the floor.
-    """
-
-    def factor(step: int) -> float:
-        if step < stage.warmup_steps:
-            return (step + 1) / stage.warmup_steps
-        span = max(1, stage.steps - stage.warmup_steps)
-        t = min(1.0, (step - stage.warmup_steps) / span)
-        return stage.min_lr_ratio + (1 - stage.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
-
-    return factor
 
 
 class Trainer:
@@ -137,7 +106,8 @@ class Trainer:
             save_config(config, self.out / "config.yaml")
         self.spec = ImageSpec.for_model(self.model, config, root=self.source.root)
         self.metrics_path = self.out / "metrics.jsonl"
-        self._trim_metrics()
+        if self.group.main:
+            trim_metrics(self.metrics_path, self.progress.step)
 
     def _check_stages(self) -> None:
         """Every stage's parts and tasks, checked before step 0: a typo in the last stage must not
@@ -166,19 +136,6 @@ class Trainer:
         if self.config.model.tokenizer.path is None and self.config.model.llm.hf is None and self.group.main:
             tok.save_pretrained(str(self.out / TOKENIZER))
         return tok
-
-    def _trim_metrics(self) -> None:
-        """Keep only the lines up to the resumed step, so the file reads as one run. A last line
-        without its newline was torn by a kill mid-write: it is dropped. The file is replaced
-        atomically, so a kill here loses no line."""
-        if not self.group.main or not self.metrics_path.exists():
-            return
-        text = self.metrics_path.read_text()
-        whole = text[: text.rfind("\n") + 1].split("\n")  # without a torn last line
-        keep = [line for line in whole if line.strip() and json.loads(line)["step"] <= self.progress.step]
-        tmp = self.metrics_path.with_name(self.metrics_path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        os.replace(tmp, self.metrics_path)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -408,23 +365,6 @@ class Trainer:
         with open(self.metrics_path, "a") as fh:
             fh.write(json.dumps(row) + "\n")
         self.reporters.log(row, p.step)
-
-
-class Counts:
-    """A step's samples, counted in this process (``Trainer._count`` sums them over processes)."""
-
-    REASONS = ("too_long", "no_target", "bad_image", "bad_sample")
-
-    def __init__(self) -> None:
-        self.seen = self.trained = 0
-        self.skipped = {r: 0 for r in self.REASONS}
-
-    def add(self, batch: Batch, log) -> None:
-        self.seen += len(batch.sample_ids) + len(batch.skipped)
-        self.trained += len(batch.sample_ids)
-        for skip in batch.skipped:
-            self.skipped[skip.reason] = self.skipped.get(skip.reason, 0) + 1
-            log(f"skipped {skip.detail}")
 
 
 def sharded_layers(model) -> list[torch.nn.Module]:

@@ -8,6 +8,7 @@ main process reports (the trainer builds a disabled ``Reporters`` on the other r
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import secrets
 from pathlib import Path
@@ -92,3 +93,17 @@ class Reporters:
             writers["tensorboard"].close()
         if "wandb" in writers:
             self.modules["wandb"].finish(exit_code=1 if failed else 0)
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Keep the lines of ``metrics.jsonl`` up to ``step`` (a resumed run's), so the file reads as
+    one run. A last line without its newline was torn by a kill mid-write: it is dropped. The file
+    is replaced atomically, so a kill here loses no line."""
+    if not path.exists():
+        return
+    text = path.read_text()
+    whole = text[: text.rfind("\n") + 1].split("\n")  # without a torn last line
+    keep = [line for line in whole if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
