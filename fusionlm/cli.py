@@ -76,7 +76,7 @@ def context_check(recipe: str, overrides: list[str], root_of: str):
     from .recipe import make_tokenizer
 
     config = load_recipe(recipe, overrides)
-    shapes_only(config)  # pretrained parts: their configs only, no weights
+    config = shapes_only(config)  # pretrained parts: their configs only, no weights
     tokenizer = make_tokenizer(config, build_source(config.data))
     model = build_model(config, tokenizer, pretrained=False)
     source_dir = Path(root_of) if Path(root_of).is_dir() else Path(root_of).parent

@@ -11,6 +11,7 @@ part that gradients must pass through 2×, a frozen part with nothing trainable 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -65,9 +66,10 @@ class Report:
         return "\n".join(lines)
 
 
-def shapes_only(config: RecipeConfig) -> None:
-    """Record the architecture of ``hf`` parts from their configs alone: nothing is downloaded but
-    the config files, and the weights stay random."""
+def shapes_only(config: RecipeConfig) -> RecipeConfig:
+    """A copy of ``config`` with the architecture of its ``hf`` parts recorded from their configs
+    alone: nothing is downloaded but the config files, and the weights stay random."""
+    config = copy.deepcopy(config)
     llm, enc = config.model.llm, config.model.encoder
     if llm.hf and llm.arch is None:
         raw = check_custom_code(llm.hf, allow=llm.allow_custom_code, key="model.llm.hf")
@@ -81,10 +83,11 @@ def shapes_only(config: RecipeConfig) -> None:
             from .data.processing import pretrained_processor
 
             enc.processor = pretrained_processor(enc.hf)
+    return config
 
 
 def report(config: RecipeConfig, name: str = "recipe") -> Report:
-    shapes_only(config)
+    config = shapes_only(config)
     source = build_source(config.data)
     tokenizer = make_tokenizer(config, source)
     torch.manual_seed(0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+
 @dataclass
 class EncoderConfig:
     """Image encoder. ``kind`` names an entry of ``encoders.ENCODERS``."""
