@@ -15,7 +15,7 @@ import torch
 from common import machine
 from fusionlm.checkpoint import build_model
 from fusionlm.config import RecipeConfig, validate
-from fusionlm.data.processing import ImageBatch
+from fusionlm.data.pixels.processing import ImageBatch
 from fusionlm.data.world import World
 from fusionlm.data.tokenizer import train_tokenizer
 from fusionlm.runtime import StaticDecoder

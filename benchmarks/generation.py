@@ -12,7 +12,7 @@ import time
 import torch
 
 from common import llava_pair, machine
-from fusionlm.data.processing import ImageSpec
+from fusionlm.data.pixels.processing import ImageSpec
 from fusionlm.generate import Request, generate_ids
 
 NEW = 32

@@ -21,7 +21,7 @@ import torch
 from common import machine, matmul_flops, timed
 from fusionlm.checkpoint import build_model
 from fusionlm.config import RecipeConfig, validate
-from fusionlm.data.processing import ImageBatch, ImageInput
+from fusionlm.data.pixels.processing import ImageBatch, ImageInput
 from fusionlm.data.world import World
 from fusionlm.data.tokenizer import train_tokenizer
 from fusionlm.info import forward_flops

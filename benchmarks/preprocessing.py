@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from common import llava_pair, machine, timed_alternately
-from fusionlm.data.processing import ImageSpec
+from fusionlm.data.pixels.processing import ImageSpec
 from hf_tiny import noise_images
 
 N = 64

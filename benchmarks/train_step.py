@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from common import train_pair, llava_pair, machine, train_table
-from fusionlm.data.processing import ImageBatch
+from fusionlm.data.pixels.processing import ImageBatch
 
 BATCH = 8
 

@@ -17,7 +17,7 @@ import torch
 
 from fusionlm.checkpoint import load_model
 from fusionlm.config import load_recipe
-from fusionlm.data.processing import ImageSpec
+from fusionlm.data.pixels.processing import ImageSpec
 from fusionlm.data.sources import build_source
 from fusionlm.device import resolve_device
 from fusionlm.evaluate.harness import EVAL_TASKS, evaluate

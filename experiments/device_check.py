@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from fusionlm.checkpoint import load_model  # noqa: E402
 from fusionlm.config import load_recipe  # noqa: E402
-from fusionlm.data.processing import ImageSpec  # noqa: E402
+from fusionlm.data.pixels.processing import ImageSpec  # noqa: E402
 from fusionlm.device import resolve_device  # noqa: E402
 from fusionlm.generate import generate_ids  # noqa: E402
 from fusionlm.interop import import_checkpoint  # noqa: E402

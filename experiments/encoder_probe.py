@@ -13,7 +13,7 @@ import argparse
 import torch
 
 from fusionlm.config import EncoderConfig
-from fusionlm.data.images import image_to_pixels
+from fusionlm.data.pixels.images import image_to_pixels
 from fusionlm.data.world import SHAPES, World
 from fusionlm.encoders import build_encoder
 

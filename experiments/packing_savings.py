@@ -12,8 +12,8 @@ import sys
 
 from fusionlm.checkpoint import build_model
 from fusionlm.config import load_recipe
-from fusionlm.data.batches import MixtureBatches
-from fusionlm.data.processing import ImageSpec
+from fusionlm.data.batching.batches import MixtureBatches
+from fusionlm.data.pixels.processing import ImageSpec
 from fusionlm.data.prompt import PromptEncoder
 from fusionlm.data.sources import build_source
 from fusionlm.recipe import make_tokenizer

@@ -25,8 +25,8 @@ from PIL import Image
 
 from fusionlm.checkpoint import build_model
 from fusionlm.config import from_dict, validate
-from fusionlm.data.batches import MixtureBatches
-from fusionlm.data.processing import ImageSpec
+from fusionlm.data.batching.batches import MixtureBatches
+from fusionlm.data.pixels.processing import ImageSpec
 from fusionlm.data.prompt import PromptEncoder
 from fusionlm.data.sources import build_source
 from fusionlm.recipe import make_tokenizer

@@ -69,7 +69,7 @@ def context_check(recipe: str, overrides: list[str], root_of: str):
     from .config import load_recipe
     from .data.chat import SkipSample
     from .data.prompt import PromptEncoder
-    from .data.processing import ImageSpec
+    from .data.pixels.processing import ImageSpec
     from .errors import ImageError
     from .data.sources import build_source
     from .info import shapes_only
@@ -109,14 +109,14 @@ def cmd_train(args) -> None:
 
 def _load(checkpoint: str, device: str):
     from .checkpoint import load_model
-    from .data.batches import ImageSpec
+    from .data.batching.batches import ImageSpec
 
     model, tokenizer, config = load_model(checkpoint, device=device)
     return model, tokenizer, config, ImageSpec.for_model(model, config)
 
 
 def cmd_generate(args) -> None:
-    from .data.video import Video
+    from .data.pixels.video import Video
     from .generate import MAX_NEW_TOKENS, Request, generate
 
     model, tokenizer, _, spec = _load(args.checkpoint, args.device)

@@ -22,10 +22,10 @@ import torch
 
 from .checkpoint import build_model, list_checkpoints, load_checkpoint_weights, load_model
 from .config import RecipeConfig, load_recipe
-from .data.batches import collate
+from .data.batching.batches import collate
 from .data.chat import SkipSample
 from .data.prompt import PromptEncoder
-from .data.processing import ImageBatch, ImageSpec
+from .data.pixels.processing import ImageBatch, ImageSpec
 from .data.sources import build_source
 from .evaluate.harness import EVAL_TASKS, evaluate
 from .generate import Request

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .checkpoint import load_model
 from .config import load_recipe
-from .data.batches import ImageSpec
+from .data.batching.batches import ImageSpec
 from .data.sources import build_source
 from .evaluate.harness import EVAL_TASKS, evaluate, markdown_table, write_results
 from .recipe import trained_tasks

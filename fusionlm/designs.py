@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # names for annotations only; the model (model.FusionLM) is p
     from torch.nn import Module as FusionLM
 
     from .config.schema import RecipeConfig
-    from .data.processing import ImageBatch
+    from .data.pixels.processing import ImageBatch
 
 DESIGNS: Registry[type["Design"]] = Registry("fusion", "model.fusion.kind")
 

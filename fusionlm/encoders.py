@@ -17,7 +17,7 @@ from transformers import (
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 
 from .config import EncoderConfig
-from .data.processing import ImageBatch, pretrained_processor
+from .data.pixels.processing import ImageBatch, pretrained_processor
 from .errors import ConfigError
 from .hub import arch_of, config_from_arch, load_pretrained, torch_dtype
 from .registry import Registry

@@ -12,11 +12,11 @@ from typing import Any
 
 import torch
 
-from .data.processing import ImageBatch, ImageSpec
+from .data.pixels.processing import ImageBatch, ImageSpec
 from .data.chat import PLACEHOLDERS
 from .data.prompt import PromptEncoder
 from .data.sample import Sample
-from .data.video import placeholder
+from .data.pixels.video import placeholder
 from .errors import SampleError
 from .device import model_device
 from .model import FusionLM

@@ -20,10 +20,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from .checkpoint import build_model
 from .config import RecipeConfig
 from .errors import ConfigError
-from .data.batches import check_mixture, collate
+from .data.batching.batches import check_mixture, collate
 from .data.chat import SkipSample
 from .data.prompt import PromptEncoder
-from .data.processing import ImageSpec
+from .data.pixels.processing import ImageSpec
 from .data.sources import build_source
 from .encoders import ENCODERS
 from .hub import arch_of, check_custom_code
@@ -80,7 +80,7 @@ def shapes_only(config: RecipeConfig) -> RecipeConfig:
         check_custom_code(enc.hf, allow=enc.allow_custom_code, key="model.encoder.hf")
         enc.arch = arch_of(ENCODERS.get(enc.kind).config_cls.from_pretrained(enc.hf))
         if enc.preprocess == "hf" and enc.processor is None:
-            from .data.processing import pretrained_processor
+            from .data.pixels.processing import pretrained_processor
 
             enc.processor = pretrained_processor(enc.hf)
     return config

@@ -12,8 +12,8 @@ from torch import nn
 from .config import ModelConfig
 from .connectors import build_connector
 from .data.layout import ImageLayout, SpecialIds
-from .data.packing import segment_mask, segment_positions
-from .data.processing import ImageBatch
+from .data.batching.packing import segment_mask, segment_positions
+from .data.pixels.processing import ImageBatch
 from .designs import design_of
 from .encoders import build_encoder
 from .errors import ConfigError, SampleError
@@ -139,7 +139,7 @@ class FusionLM(nn.Module):
                 configured size); or pass ``context``, the images already encoded.
             labels: (B, T), -100 where no loss is taken; the shift happens here.
             query_start: sequence index of input_ids[:, 0] (the KV-cache length when decoding).
-            segment_ids: (B, T) packed rows (``data.packing``): attention stays inside each sample
+            segment_ids: (B, T) packed rows (``data.batching.packing``): attention stays inside each sample
                 and positions restart at each (overrides ``attention_mask`` and ``position_ids``).
             loss_reduction: ``mean`` over the target tokens, or their ``sum`` (the training loop
                 divides by the whole step's count, over micro-batches and processes).

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .checkpoint import needs_newline
 from .config import RecipeConfig
-from .data.batches import check_mixture
+from .data.batching.batches import check_mixture
 from .data.tokenizer import load_any_tokenizer, load_tokenizer, prepare_tokenizer, train_tokenizer
 
 

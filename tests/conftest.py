@@ -10,7 +10,7 @@ import torch
 
 from fusionlm.checkpoint import build_model
 from fusionlm.config import RecipeConfig, validate
-from fusionlm.data.batches import Batch, ImageSpec, collate
+from fusionlm.data.batching.batches import Batch, ImageSpec, collate
 from fusionlm.data.chat import encode
 from fusionlm.data.sample import Sample
 from fusionlm.data.world import World

@@ -18,7 +18,7 @@ from fusionlm.cli import main, parser
 from fusionlm.errors import FusionError
 from fusionlm.data.sources.formats import read_llava_json
 from fusionlm.data.sample import TASKS
-from fusionlm.data.video import Video
+from fusionlm.data.pixels.video import Video
 from fusionlm.evaluate.harness import EVAL_TASKS
 from tests.test_images import png_with_size
 from tests.helpers_train import TINY_OVERRIDES, stage, tiny_dict, write_recipe
@@ -239,7 +239,7 @@ def test_generate_with_the_marker_in_the_prompt(run_dir, image, capsys):
 
 def test_generate_about_a_clip(run_dir, tmp_path, capsys):
     from fusionlm.data.world import World
-    from fusionlm.data.video import Video
+    from fusionlm.data.pixels.video import Video
 
     clip = World(image_size=32, seed=0).sample("motion", "test", 0).images[0]
     assert isinstance(clip, Video)

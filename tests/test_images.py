@@ -1,4 +1,4 @@
-"""Tests for fusionlm.data.images: every file is made in tmp_path at test time, tiny sizes."""
+"""Tests for fusionlm.data.pixels.images: every file is made in tmp_path at test time, tiny sizes."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image, ImageFile, features
 
-from fusionlm.data.images import (
+from fusionlm.data.pixels.images import (
     BACKGROUND,
     DEFAULT_MAX_PIXELS,
     fit_square,

@@ -17,7 +17,7 @@ from transformers import FuyuForCausalLM, FuyuImageProcessorPil, FuyuProcessor
 
 from fusionlm.checkpoint import load_model, save_model
 from fusionlm.data.chat import encode
-from fusionlm.data.processing import ImageBatch, ImageSpec
+from fusionlm.data.pixels.processing import ImageBatch, ImageSpec
 from fusionlm.errors import ExportError
 from fusionlm.generate import Request, generate_ids, left_pad
 from fusionlm.interop import export_checkpoint, import_checkpoint

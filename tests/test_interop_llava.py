@@ -16,7 +16,7 @@ from transformers import LlavaForConditionalGeneration, LlavaProcessor
 from fusionlm.checkpoint import load_model, save_model
 from fusionlm.cli import main
 from fusionlm.data.chat import encode
-from fusionlm.data.processing import ImageBatch, ImageSpec
+from fusionlm.data.pixels.processing import ImageBatch, ImageSpec
 from fusionlm.errors import ExportError
 from fusionlm.generate import Request, generate_ids
 from fusionlm.interop import export_checkpoint

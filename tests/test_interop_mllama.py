@@ -19,7 +19,7 @@ from transformers import MllamaForConditionalGeneration, MllamaProcessor
 from fusionlm.checkpoint import load_model, save_model
 from fusionlm.cli import main
 from fusionlm.data.chat import encode
-from fusionlm.data.processing import ImageBatch, ImageSpec
+from fusionlm.data.pixels.processing import ImageBatch, ImageSpec
 from fusionlm.errors import ConfigError, ExportError
 from fusionlm.generate import Request, generate_ids, left_pad
 from fusionlm.interop import export_checkpoint, import_checkpoint

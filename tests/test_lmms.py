@@ -24,7 +24,7 @@ import torch
 from conftest import FUSIONS, make_batch, overfit, tiny_config
 from fusionlm.checkpoint import build_model, save_model
 from fusionlm.data.chat import encode
-from fusionlm.data.video import Video
+from fusionlm.data.pixels.video import Video
 from fusionlm.errors import SampleError
 from fusionlm.evaluate.lmms import (
     FusionLMAdapter,
@@ -270,7 +270,7 @@ def direct_loglikelihood(adapter, prompt: str, images: list, continuation: str) 
                  end_token=model.config.tokenizer.end_token, add_generation_prompt=True)
     cont = tok(continuation, add_special_tokens=False)["input_ids"]
     ids = torch.tensor([enc.input_ids + cont])
-    from fusionlm.data.processing import ImageBatch
+    from fusionlm.data.pixels.processing import ImageBatch
 
     pixels = ImageBatch.collate([inp for inputs in per_image for inp in inputs])
     with torch.no_grad():

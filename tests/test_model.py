@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fusionlm.data.processing import ImageBatch
+from fusionlm.data.pixels.processing import ImageBatch
 from safetensors.torch import load_file, save_file
 
 from conftest import FUSIONS, tiny_config

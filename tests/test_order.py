@@ -7,9 +7,9 @@ from collections import Counter
 
 import pytest
 
-from fusionlm.data.batches import MixtureBatches
+from fusionlm.data.batching.batches import MixtureBatches
 from fusionlm.data.sources import MultiSource, open_source
-from fusionlm.data.order import PassOrder
+from fusionlm.data.batching.order import PassOrder
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from fusionlm.config import from_dict, validate
-from fusionlm.data.batches import collate
+from fusionlm.data.batching.batches import collate
 from fusionlm.data.chat import encode
-from fusionlm.data.packing import pack_rows, segment_positions
+from fusionlm.data.batching.packing import pack_rows, segment_positions
 from fusionlm.errors import ConfigError
 from conftest import spec_for
 

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from fusionlm.data.sources.formats import read_llava_json, read_qa_jsonl
-from fusionlm.data.images import load_image
-from fusionlm.data.paths import resolve_under
+from fusionlm.data.pixels.images import load_image
+from fusionlm.data.pixels.paths import resolve_under
 from fusionlm.data.sources import open_source
 from fusionlm.errors import SampleError
 

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, SiglipImageProcess
 from fusionlm.checkpoint import build_model, load_model
 from fusionlm.config import from_dict, validate
 from fusionlm.data.chat import encode
-from fusionlm.data.processing import ImageSpec
+from fusionlm.data.pixels.processing import ImageSpec
 from fusionlm.data.sample import Sample
 from fusionlm.data.tokenizer import prepare_tokenizer
 from fusionlm.errors import ConfigError

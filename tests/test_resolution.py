@@ -10,9 +10,9 @@ import torch
 
 from fusionlm.checkpoint import build_model, load_model
 from fusionlm.config import RecipeConfig, from_dict, validate
-from fusionlm.data.batches import collate
+from fusionlm.data.batching.batches import collate
 from fusionlm.data.chat import encode
-from fusionlm.data.processing import ImageBatch, ImageSpec, hf_image_processor
+from fusionlm.data.pixels.processing import ImageBatch, ImageSpec, hf_image_processor
 from fusionlm.data.sample import Sample
 from fusionlm.encoders import build_encoder
 from fusionlm.errors import ConfigError

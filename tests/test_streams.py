@@ -11,8 +11,8 @@ from PIL import Image
 from fusionlm.cli import main
 from fusionlm.config import DataConfig, SourceConfig, _validate_sources
 from fusionlm.data.sources import streams
-from fusionlm.data.batches import MixtureBatches
-from fusionlm.data.images import load_image
+from fusionlm.data.batching.batches import MixtureBatches
+from fusionlm.data.pixels.images import load_image
 from fusionlm.data.sources import MultiSource, open_source
 from fusionlm.data.sources import build_source
 from fusionlm.errors import ConfigError, SampleError

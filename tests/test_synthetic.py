@@ -15,7 +15,7 @@ from fusionlm.data.world import render
 from fusionlm.data.sources.formats import read_llava_json, write_llava_json
 from fusionlm.data.chat import check_placeholders
 from fusionlm.data.sample import IMAGE_TOKEN, TASKS, VIDEO_TOKEN
-from fusionlm.data.video import Video, frame_sources, placeholder
+from fusionlm.data.pixels.video import Video, frame_sources, placeholder
 from fusionlm.data.world import COLORS, SHAPES, SPLITS, WORDS, World, table_markdown
 from fusionlm.errors import SampleError
 

@@ -9,7 +9,7 @@ from PIL import Image
 from fusionlm.checkpoint import build_model
 from fusionlm.config import from_dict, validate
 from fusionlm.errors import ConfigError
-from fusionlm.data.tiling import cut_tiles, tile_grid
+from fusionlm.data.pixels.tiling import cut_tiles, tile_grid
 from fusionlm.train.loop import Trainer
 from helpers_train import tiny_dict
 from hf_tiny import noise_images

@@ -19,19 +19,19 @@ from conftest import make_batch, spec_for, tiny_config
 from fusionlm.checkpoint import build_model
 from fusionlm.cli import main
 from fusionlm.config import RecipeConfig, from_dict, validate
-from fusionlm.data import images
-from fusionlm.data.batches import MixtureBatches
+from fusionlm.data.pixels import images
+from fusionlm.data.batching.batches import MixtureBatches
 from fusionlm.data.chat import check_placeholders
 from fusionlm.data.sources.formats import read_llava_json, write_llava_json
 from fusionlm.data.layout import ImageLayout
 from fusionlm.designs import DESIGNS
-from fusionlm.data.processing import ImageBatch
+from fusionlm.data.pixels.processing import ImageBatch
 from fusionlm.data.prompt import PromptEncoder
 from fusionlm.data.world.render import COLORS
 from fusionlm.data.sample import VIDEO_TOKEN, Sample
 from fusionlm.data.sources import WorldSource
 from fusionlm.data.world import MOTION_FRAMES, SPLITS, World
-from fusionlm.data.video import DEFAULT_MAX_VIDEO_PIXELS, Video, frame_sources, sample_indices
+from fusionlm.data.pixels.video import DEFAULT_MAX_VIDEO_PIXELS, Video, frame_sources, sample_indices
 from fusionlm.errors import ConfigError, ImageError, SampleError
 from fusionlm.evaluate.harness import EVAL_TASKS
 from fusionlm.evaluate.metrics import metric_for

@@ -108,7 +108,7 @@ class TilingConfig:
 
 @dataclass
 class VideoConfig:
-    """Video input (``<video>`` items, see ``data.video``): every clip is sampled to ``frames`` frames,
+    """Video input (``<video>`` items, see ``data.pixels.video``): every clip is sampled to ``frames`` frames,
     each encoded as an image; the connector outputs of each ``temporal_pool`` consecutive frames are
     averaged into one image's worth of tokens, so a clip takes ``frames / temporal_pool`` image slots."""
 

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 from ..errors import ConfigError, FusionError, SampleError
 from .sample import IMAGE_TOKEN, VIDEO_TOKEN, Sample
-from .video import Video, placeholder
+from .pixels.video import Video, placeholder
 
 IGNORE = -100
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 from ..errors import FusionError
 from .chat import check_placeholders
-from .images import DEFAULT_MAX_PIXELS, load_image
-from .video import Video
+from .pixels.images import DEFAULT_MAX_PIXELS, load_image
+from .pixels.video import Video
 
 
 @dataclass

@@ -15,7 +15,7 @@ from typing import Any
 from ..errors import SampleError
 from .chat import Encoded, SkipSample, encode
 from .layout import ImageLayout
-from .processing import ImageInput, ImageSpec
+from .pixels.processing import ImageInput, ImageSpec
 from .sample import IMAGE_TOKEN, Sample
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..config import DataConfig
-from ..data.batches import ImageSpec, stable_seed
+from ..data.batching.batches import ImageSpec, stable_seed
 from ..data.prompt import PromptEncoder
 from ..data.fewshot import few_shot
 from ..data.sample import Sample

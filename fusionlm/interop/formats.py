@@ -12,7 +12,7 @@ from transformers import GenerationConfig, PretrainedConfig, PreTrainedModel
 
 from ..checkpoint import build_model, load_model, load_state, needs_newline, save_model
 from ..config import ModelConfig, RecipeConfig
-from ..data.processing import pretrained_processor
+from ..data.pixels.processing import pretrained_processor
 from ..data.tokenizer import load_any_tokenizer, prepare_tokenizer
 from ..errors import CheckpointError, ConfigError, ExportError
 from ..hub import check_custom_code, torch_dtype

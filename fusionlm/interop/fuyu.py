@@ -24,7 +24,7 @@ from tokenizers import AddedToken
 from transformers import AutoTokenizer, FuyuConfig, FuyuForCausalLM, FuyuProcessor
 
 from ..config import ConnectorConfig, EncoderConfig, FusionConfig, ModelConfig, TokenizerConfig
-from ..data.processing import hf_image_processor
+from ..data.pixels.processing import hf_image_processor
 from .. import designs
 from ..errors import ConfigError, ExportError
 from ..model import FusionLM

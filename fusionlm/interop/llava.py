@@ -11,7 +11,7 @@ from typing import Any
 from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaImageProcessorPil, LlavaProcessor
 
 from ..config import ConnectorConfig, EncoderConfig, FusionConfig, LLMConfig, ModelConfig, TokenizerConfig
-from ..data.processing import hf_image_processor
+from ..data.pixels.processing import hf_image_processor
 from .. import designs
 from ..errors import ConfigError, ExportError
 from ..hub import arch_of

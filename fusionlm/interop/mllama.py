@@ -13,7 +13,7 @@ from __future__ import annotations
 from transformers import MllamaConfig, MllamaForConditionalGeneration, MllamaProcessor
 
 from ..config import ConnectorConfig, EncoderConfig, FusionConfig, ModelConfig, TokenizerConfig
-from ..data.processing import hf_image_processor
+from ..data.pixels.processing import hf_image_processor
 from .. import designs
 from ..errors import ConfigError, ExportError
 from ..hub import arch_of

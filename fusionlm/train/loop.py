@@ -9,6 +9,7 @@ import math
 import random
 import shutil
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from ..checkpoint import (
     recover_checkpoints, required_tokens, resolve_checkpoint, save_model, staging,
 )
 from ..config import RecipeConfig, StageConfig, load_config, save_config
-from ..data.batches import Batch, ImageSpec, MixtureBatches, check_mixture
+from ..data.batching.batches import Batch, ImageSpec, MixtureBatches, check_mixture
 from ..data.prompt import PromptEncoder
 from ..data.sources import build_source
 from ..data.tokenizer import load_tokenizer
@@ -299,7 +300,11 @@ class Trainer:
         if optimizer_steps:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
+        with warnings.catch_warnings():
+            # A skipped update still advances the schedule on purpose; torch's "scheduler before
+            # optimizer" warning would only repeat that choice back to the user.
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+            scheduler.step()
         if items == 0:
             return None, tokens
         if not optimizer_steps:

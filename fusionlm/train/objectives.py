@@ -22,9 +22,9 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from ..data.batches import Batch
+from ..data.batching.batches import Batch
 from ..data.chat import IGNORE
-from ..data.processing import ImageBatch
+from ..data.pixels.processing import ImageBatch
 from ..config import OBJECTIVE_NAMES
 from ..errors import ConfigError
 from ..model import FusionLM

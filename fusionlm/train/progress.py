@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..data.batches import Batch
+from ..data.batching.batches import Batch
 
 
 @dataclass

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from ..data.batches import Batch
+from ..data.batching.batches import Batch
 from .objectives import Loss, Objective
 
 

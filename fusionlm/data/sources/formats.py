@@ -34,9 +34,9 @@ from PIL import Image
 
 from ...errors import SampleError
 from ..chat import PLACEHOLDERS
-from ..paths import resolve_under
+from ..pixels.paths import resolve_under
 from ..sample import IMAGE_TOKEN, VIDEO_TOKEN, Sample
-from ..video import Video, frame_files
+from ..pixels.video import Video, frame_files
 
 _ROLES_OUT = {"user": "human", "assistant": "gpt"}
 _ROLES_IN = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}

@@ -19,7 +19,7 @@ from typing import Any
 
 from ...errors import SampleError
 from ..chat import PLACEHOLDERS
-from ..paths import resolve_under
+from ..pixels.paths import resolve_under
 from ..sample import IMAGE_TOKEN, Sample
 
 IMAGE_KEYS = ("image", "jpg", "jpeg", "png", "webp")

@@ -31,7 +31,7 @@ price      "How much do all the circles cost?" (two images)                 ``"6
 motion     ``MOTION_QUESTIONS`` (a clip: user turn ``"<video>\n" + question``) left/right/up/down
 ========== ================================================================= ==================
 
-A ``motion`` sample's item is a :class:`~fusionlm.data.video.Video` of ``MOTION_FRAMES`` frames: one
+A ``motion`` sample's item is a :class:`~fusionlm.data.pixels.video.Video` of ``MOTION_FRAMES`` frames: one
 circle moving in a straight line (at least 40% of the side, along one axis) over one or two
 static squares/triangles of other colours that stay clear of its path; its key is the whole clip.
 
@@ -47,7 +47,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from ..sample import TASKS, Sample
-from ..video import Video, placeholder
+from ..pixels.video import Video, placeholder
 from .render import COLORS, render_clip, render_image
 from .spec import SampleSpec, _stable_int
 from .tasks import TASK_MAKERS

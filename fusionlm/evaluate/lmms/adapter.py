@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import torch
 
-from ...data.processing import ImageSpec
+from ...data.pixels.processing import ImageSpec
 from ...device import model_device
 from ...errors import FusionError, SampleError
 from ...generate import MAX_NEW_TOKENS, Request, generate

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ...data.chat import PLACEHOLDERS
-from ...data.video import VIDEO_FILE_SUFFIXES, Video, placeholder
+from ...data.pixels.video import VIDEO_FILE_SUFFIXES, Video, placeholder
 from ...errors import SampleError
 from ...generate import MAX_NEW_TOKENS, Request
 

@@ -6,7 +6,7 @@ from typing import Sequence
 
 import torch
 
-from ...data.processing import ImageBatch, ImageSpec
+from ...data.pixels.processing import ImageBatch, ImageSpec
 from ...data.prompt import PromptEncoder
 from ...device import model_device
 from ...errors import SampleError

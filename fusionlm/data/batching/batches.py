@@ -28,13 +28,13 @@ from typing import Iterator, Protocol
 import numpy as np
 import torch
 
-from ..errors import ConfigError, FusionError, ImageError
-from .chat import IGNORE, Encoded, SkipSample
+from ...errors import ConfigError, FusionError, ImageError
+from ..chat import IGNORE, Encoded, SkipSample
 from .order import PassOrder, generator, stable_seed
 from .packing import packed
-from .processing import ImageBatch, ImageInput, ImageSpec
-from .prompt import PromptEncoder
-from .sample import Sample
+from ..pixels.processing import ImageBatch, ImageInput, ImageSpec
+from ..prompt import PromptEncoder
+from ..sample import Sample
 
 __all__ = ["Batch", "ImageSpec", "MixtureBatches", "Skip", "collate", "check_mixture", "stable_seed"]
 

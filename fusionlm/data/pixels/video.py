@@ -6,9 +6,9 @@ is one of:
 
 * a folder of frame files: every file with an image extension Pillow knows, hidden files left
   out, sorted by name with runs of digits compared as numbers (``f2.png`` before ``f10.png``);
-  only the sampled frames are opened, each through :func:`~fusionlm.data.images.load_image`;
+  only the sampled frames are opened, each through :func:`~fusionlm.data.pixels.images.load_image`;
 * an animated image file (GIF, animated WebP or PNG): every frame is decoded by
-  :func:`~fusionlm.data.images.load_frames` (the one loader's checks, per frame), so a clip whose
+  :func:`~fusionlm.data.pixels.images.load_frames` (the one loader's checks, per frame), so a clip whose
   frames x width x height is over ``max_video_pixels`` (``data.max_video_pixels``) is refused
   from its header, naming the file, before any frame is decoded;
 * a list of ``PIL.Image`` frames (in memory, e.g. the synthetic world's clips).
@@ -36,10 +36,10 @@ from typing import Any, Union
 
 from PIL import Image
 
-from ..errors import ImageError
+from ...errors import ImageError
 from .images import DEFAULT_MAX_PIXELS, ImageSource, load_frames
 from .paths import resolve_under
-from .sample import IMAGE_TOKEN, VIDEO_TOKEN
+from ..sample import IMAGE_TOKEN, VIDEO_TOKEN
 
 DEFAULT_MAX_VIDEO_PIXELS = 400_000_000  # an animated file's frames x width x height (data.max_video_pixels)
 VIDEO_FILE_SUFFIXES = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv", ".flv", ".ts")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..errors import SampleError
+from ...errors import SampleError
 
 
 def resolve_under(path: str | os.PathLike, root: str | Path | None, *, where: str = "") -> str:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import ConfigError, ImageError
+from ...errors import ConfigError, ImageError
 from .images import DEFAULT_MAX_PIXELS, fit_square, load_image, to_pixels
 from .tiling import cut_tiles, tile_grid
 from .video import DEFAULT_MAX_VIDEO_PIXELS, Video, frame_sources

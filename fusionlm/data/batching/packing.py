@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .chat import IGNORE, Encoded
+from ..chat import IGNORE, Encoded
 
 
 def pack_rows(encoded: list[Encoded], length: int) -> list[list[int]]:
