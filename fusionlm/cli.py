@@ -15,14 +15,13 @@ import sys
 import warnings
 from pathlib import Path
 
+from .cli_deprecated import add_moved, old_data_form, old_task_file, resolve_moved
 from .errors import ConfigError, FusionError
 
 
 NOISY_WARNINGS = (  # known and harmless; every other warning still shows
     # transformers 5 renames the argument `cache`; the 4.x versions we support know only this name
     (FutureWarning, r"`past_key_values` is deprecated"),
-    # a skipped first step (non-finite, or no sample) still advances the schedule, on purpose
-    (UserWarning, r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`"),
 )
 
 
@@ -164,16 +163,11 @@ def _task_names(source, names: list[str]) -> list[str]:
     return names
 
 
-def _old_task_file(args) -> None:
-    """eval --tasks FILE.yaml, the spelling before --tasks-file, read as --tasks-file FILE.yaml."""
-    if not args.tasks_file and args.tasks and len(args.tasks) == 1 and Path(args.tasks[0]).suffix in (".yaml", ".yml"):
-        _deprecated("eval", "--tasks FILE.yaml", "--tasks-file FILE.yaml (--tasks names tasks)")
-        args.tasks_file, args.tasks = args.tasks[0], None
 
 
 def _check_eval(args) -> None:
     """A task file names each task's data and its tasks: --data and --tasks do not go with it."""
-    _old_task_file(args)
+    old_task_file(args)
     for flag, value in (("--data", args.data), ("--tasks", args.tasks)):
         if args.tasks_file and value:
             args.parser.error(f"argument {flag}: not allowed with --tasks-file (the task file names each task "
@@ -223,8 +217,6 @@ def cmd_recipes(args) -> None:
     print("\n".join(shipped_recipes()))
 
 
-def _deprecated(command: str, old: str, new: str) -> None:
-    print(f"fusionlm {command}: {old} is deprecated; use {new}", file=sys.stderr)
 
 
 def _command(sub, name: str, help: str, fn) -> argparse.ArgumentParser:
@@ -233,36 +225,10 @@ def _command(sub, name: str, help: str, fn) -> argparse.ArgumentParser:
     return p
 
 
-def _add_moved(p: argparse.ArgumentParser, flag: str, metavar: str, help: str) -> None:
-    """`flag METAVAR`, and the positional METAVAR it replaces, deprecated (see _resolve_moved)."""
-    dest = flag.lstrip("-").replace("-", "_")
-    p.add_argument(flag, metavar=metavar, help=help)
-    p.add_argument(f"old_{dest}", nargs="?", metavar=metavar, help=f"deprecated: use {flag} {metavar}")
-    p.set_defaults(moved=[*(p.get_default("moved") or []), (dest, flag, metavar)])
 
 
-def _resolve_moved(args) -> None:
-    """Each deprecated positional onto its flag, with one line; both spellings, or neither: exit 2."""
-    old = []
-    for dest, flag, metavar in getattr(args, "moved", []):
-        new, positional = getattr(args, dest), getattr(args, f"old_{dest}")
-        if (new is None) == (positional is None):
-            args.parser.error(f"argument {flag}: not allowed with the positional {metavar}; give one" if new
-                              else f"the following arguments are required: {flag}")
-        if positional is not None:
-            setattr(args, dest, positional)
-            old.append((flag, metavar))
-    if old:
-        _deprecated(args.command, "the positional " + " ".join(m for _, m in old),
-                    " ".join(f"{f} {m}" for f, m in old))
 
 
-def _old_data_form(argv: list[str]) -> list[str]:
-    """`fusionlm data --out …` (before `data synth`) read as `fusionlm data synth --out …`, with one line."""
-    if argv[:1] == ["data"] and len(argv) > 1 and argv[1].startswith("-") and argv[1] not in ("-h", "--help"):
-        _deprecated("data", "`fusionlm data --out …` without a subcommand", "`fusionlm data synth --out …`")
-        return ["data", "synth", *argv[1:]]
-    return argv
 
 
 def _device(name: str) -> str:
@@ -356,14 +322,14 @@ def parser() -> argparse.ArgumentParser:
     i = _command(sub, "import", "convert a transformers LLaVA / Mllama / Fuyu checkpoint to a fusionlm one",
                  cmd_import)
     i.add_argument("source", metavar="SOURCE", help="a transformers checkpoint directory or a hub id")
-    _add_moved(i, "--out", "OUT", "the fusionlm checkpoint directory to write")
+    add_moved(i, "--out", "OUT", "the fusionlm checkpoint directory to write")
     i.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="the weights' dtype in the written checkpoint")
     i.add_argument("--allow-custom-code", action="store_true", help="let the checkpoint's own code (auto_map) run")
 
     x = _command(sub, "export", "write a fusionlm checkpoint in a transformers format, or whole", cmd_export)
-    _add_moved(x, "--checkpoint", "CHECKPOINT", "a checkpoint or a run directory (its latest checkpoint)")
-    _add_moved(x, "--out", "OUT", "the directory to write")
+    add_moved(x, "--checkpoint", "CHECKPOINT", "a checkpoint or a run directory (its latest checkpoint)")
+    add_moved(x, "--out", "OUT", "the directory to write")
     x.add_argument("--format", required=True, choices=["llava", "mllama", "fuyu", "fusionlm"],
                    help="a transformers format, or fusionlm: one whole fusionlm checkpoint (e.g. of a run that "
                         "wrote shards)")
@@ -387,8 +353,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(_old_data_form(sys.argv[1:] if argv is None else list(argv)))
-    _resolve_moved(args)
+    args = parser().parse_args(old_data_form(sys.argv[1:] if argv is None else list(argv)))
+    resolve_moved(args)
     _quiet()
     try:
         args.fn(args)
