@@ -264,3 +264,30 @@ def test_a_process_without_samples_joins_the_others(tmp_path, parallel):
         if a["loss"] is not None:
             assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6)
         assert (a["samples_trained"], a["skipped"]) == (b["samples_trained"], b["skipped"])
+
+
+def _main_first_worker(rank: int, world: int, port: int, out: str) -> None:
+    import time
+    from types import SimpleNamespace
+
+    from fusionlm.train.distributed import Group
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    group = Group(SimpleNamespace(device="cpu", backend="auto", parallel="ddp", timeout_s=60))
+    try:
+        with group.main_first():
+            if rank == 0:
+                time.sleep(0.5)  # a download: the others must not start theirs before it ends
+            with open(out, "a") as fh:
+                fh.write(f"{rank}\n")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_rank_0_runs_the_hub_download_block_before_the_others(tmp_path):
+    """The trainer builds the model inside ``main_first``: rank 0 fills the hub cache, then the rest read it."""
+    out = tmp_path / "order.txt"
+    mp.spawn(_main_first_worker, args=(3, _free_port(), str(out)), nprocs=3, join=True)
+    lines = out.read_text().split()
+    assert lines[0] == "0" and sorted(lines[1:]) == ["1", "2"]
