@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from ..sample import IMAGE_TOKEN
 from .render import BAR_LABELS, COLORS, fit_size, text_width
@@ -20,10 +20,22 @@ from .vocabulary import (
     caption_references, table_markdown,
 )
 
-if TYPE_CHECKING:
-    from .world import World
 
-TASK_MAKERS: dict[str, Callable[["World", SampleSpec, random.Random, str], None]] = {}
+class Canvas(Protocol):
+    """What a task maker needs from the world (``World`` is one): its image side and the helpers
+    that draw a key inside a split."""
+
+    image_size: int
+
+    def draw(self, rng: random.Random, split: str, make: Callable[[random.Random], Any]) -> Any: ...
+
+    def single(self, rng: random.Random, split: str) -> tuple[tuple, dict]: ...
+
+    def scatter(self, rng: random.Random, n: int, size_range: tuple[float, float],
+                shapes: tuple[str, ...] = ...) -> tuple | None: ...
+
+
+TASK_MAKERS: dict[str, Callable[[Canvas, SampleSpec, random.Random, str], None]] = {}
 
 
 def task(make: Callable) -> Callable:
@@ -33,28 +45,28 @@ def task(make: Callable) -> Callable:
 
 
 @task
-def color(world: World, spec: SampleSpec, rng: random.Random, split: str) -> None:
+def color(world: Canvas, spec: SampleSpec, rng: random.Random, split: str) -> None:
     key, meta = world.single(rng, split)
     spec.image_keys, spec.meta = [key], meta
     spec.question, spec.answers = rng.choice(COLOR_QUESTIONS), [meta["color"]]
 
 
 @task
-def shape(world: World, spec: SampleSpec, rng: random.Random, split: str) -> None:
+def shape(world: Canvas, spec: SampleSpec, rng: random.Random, split: str) -> None:
     key, meta = world.single(rng, split)
     spec.image_keys, spec.meta = [key], meta
     spec.question, spec.answers = rng.choice(SHAPE_QUESTIONS), [meta["shape"]]
 
 
 @task
-def caption(world: World, spec: SampleSpec, rng: random.Random, split: str) -> None:
+def caption(world: Canvas, spec: SampleSpec, rng: random.Random, split: str) -> None:
     key, meta = world.single(rng, split)
     spec.image_keys, spec.meta = [key], meta
     spec.question, spec.answers = rng.choice(CAPTION_QUESTIONS), caption_references(**meta)
 
 
 @task
-def count(world: World, spec: SampleSpec, rng: random.Random, split: str) -> None:
+def count(world: Canvas, spec: SampleSpec, rng: random.Random, split: str) -> None:
     def make(rng):
         elems = world.scatter(rng, rng.randint(1, 5), (0.15, 0.24))
         return None if elems is None else (("shapes", world.image_size, world.image_size, elems), {})
@@ -65,7 +77,7 @@ def count(world: World, spec: SampleSpec, rng: random.Random, split: str) -> Non
 
 
 @task
-def position(world: World, spec: SampleSpec, rng: random.Random, split: str) -> None:
+def position(world: Canvas, spec: SampleSpec, rng: random.Random, split: str) -> None:
     S = world.image_size
 
     def make(rng):
@@ -104,7 +116,7 @@ def position(world: World, spec: SampleSpec, rng: random.Random, split: str) -> 
 
 
 @task
-def text(world: World, spec: SampleSpec, rng: random.Random, split: str) -> None:
+def text(world: Canvas, spec: SampleSpec, rng: random.Random, split: str) -> None:
     S = world.image_size
     W, H = 2 * S, S
 
@@ -122,7 +134,7 @@ def text(world: World, spec: SampleSpec, rng: random.Random, split: str) -> None
 
 
 @task
-def table(world: World, spec: SampleSpec, rng: random.Random, split: str) -> None:
+def table(world: Canvas, spec: SampleSpec, rng: random.Random, split: str) -> None:
     S = world.image_size
 
     def make(rng):
@@ -138,7 +150,7 @@ def table(world: World, spec: SampleSpec, rng: random.Random, split: str) -> Non
 
 
 @task
-def chart(world: World, spec: SampleSpec, rng: random.Random, split: str) -> None:
+def chart(world: Canvas, spec: SampleSpec, rng: random.Random, split: str) -> None:
     S = world.image_size
 
     def make(rng):
@@ -157,7 +169,7 @@ def chart(world: World, spec: SampleSpec, rng: random.Random, split: str) -> Non
 
 
 @task
-def price(world: World, spec: SampleSpec, rng: random.Random, split: str) -> None:
+def price(world: Canvas, spec: SampleSpec, rng: random.Random, split: str) -> None:
     S = world.image_size
 
     def make_list(rng):
@@ -180,7 +192,7 @@ def price(world: World, spec: SampleSpec, rng: random.Random, split: str) -> Non
 
 
 @task
-def motion(world: World, spec: SampleSpec, rng: random.Random, split: str) -> None:
+def motion(world: Canvas, spec: SampleSpec, rng: random.Random, split: str) -> None:
     S = world.image_size
 
     def make(rng):
@@ -223,7 +235,7 @@ def motion(world: World, spec: SampleSpec, rng: random.Random, split: str) -> No
 
 
 @task
-def interleaved(world: World, spec: SampleSpec, rng: random.Random, split: str) -> None:
+def interleaved(world: Canvas, spec: SampleSpec, rng: random.Random, split: str) -> None:
     spec.kind = "document"
     items = [world.single(rng, split) for _ in range(rng.randint(2, 3))]
     style = rng.choice(("describe", "qa", "caption"))
@@ -252,7 +264,7 @@ def interleaved(world: World, spec: SampleSpec, rng: random.Random, split: str) 
 
 
 @task
-def text_only(world: World, spec: SampleSpec, rng: random.Random, split: str) -> None:
+def text_only(world: Canvas, spec: SampleSpec, rng: random.Random, split: str) -> None:
     spec.kind = "document"
     facts = [world.draw(rng, split, lambda r: (("fact", r.choice(FACTS)), {}))[0][1]
              for _ in range(rng.randint(1, 3))]
