@@ -2,7 +2,8 @@
 
 ``vocabulary`` holds what it can say, ``tasks`` what each task asks about the picture it draws,
 ``world`` the ``World`` that draws samples by ``(seed, split, task, index)`` and partitions them
-into splits, ``render`` the pixels of an image key.
+into splits, ``render`` the pixels of an image key, ``scenes`` the text-to-image prompts (GenEval's
+categories, with held-out combinations) and pictures that satisfy them.
 """
 
 from .render import COLORS
