@@ -48,6 +48,28 @@ class ConnectorConfig:
 
 
 @dataclass
+class ImageTokenizerConfig:
+    """The visual vocabulary: an image <-> a grid of discrete codes (what a model that draws writes).
+    ``kind`` names an entry of ``image_tokenizers.IMAGE_TOKENIZERS``; not the text ``TokenizerConfig``.
+    A pretrained kind (janus, emu3) settles ``image_size``'s grid, ``downsample`` and ``codebook_size``
+    from its checkpoint and records them in the tokenizer's own config."""
+
+    kind: str = "vq"
+    image_size: int = 32
+    downsample: int = 4  # pixels per code along each side: a 32-pixel image is an 8x8 grid of codes
+    codebook_size: int = 512
+    code_dim: int = 32  # vq: the width of a code vector
+    channels: int = 64  # vq: the convolutional encoder's and decoder's width
+    decay: float = 0.9  # vq: EMA decay of the codebook
+    kmeans_init: bool = True  # vq: the codebook starts as k-means centres of the first batch
+    dead_code_threshold: float = 1.0  # vq: a code whose EMA count falls below this is re-seeded from the batch
+    commitment: float = 0.25  # vq: weight of the commitment loss
+    hf: str | None = None  # janus / emu3: a pretrained VQ model, a local directory or a hub id
+    allow_custom_code: bool = False  # let a checkpoint's own Python code (auto_map) run
+    arch: dict[str, Any] | None = None  # janus / emu3: the VQ model's transformers config (recorded; rebuilds it offline)
+
+
+@dataclass
 class LLMConfig:
     """The decoder. ``kind`` names an entry of ``llm.LLMS``; sizes apply to a random init."""
 

@@ -1,0 +1,287 @@
+"""Image tokenizers: the visual vocabulary that a model which draws writes in.
+
+An image tokenizer turns a picture into a grid of discrete codes and back (``encode`` /
+``decode``). Pixels are ``(B, 3, H, W)`` floats in [-1, 1]; codes are ``(B, h, w)`` longs with
+``h = H / downsample``. Each kind is a class behind ``IMAGE_TOKENIZERS``:
+
+* ``vq``: a convolutional autoencoder around vector-quantize-pytorch's ``VectorQuantize`` (k-means
+  initialised, EMA-updated codebook, dead codes re-seeded from the batch, rotation-trick
+  gradients). Its codebook is one codebook across processes: the library all-reduces the EMA
+  statistics and k-means init when torch.distributed is initialised.
+* ``palette``: an exact, untrained code for the synthetic world: each cell of ``downsample`` pixels
+  becomes white or the world colour (``COLORS``) that covers at least half of it, so generation can
+  be tested apart from the quality of a learned tokenizer. At ``downsample: 1`` it reproduces a
+  world picture up to its anti-aliased edges, and GenEval passes every reconstruction.
+
+* ``janus`` / ``emu3``: a pretrained VQ model through the same ``hf:`` path as the other parts, run
+  by transformers' own ``JanusVQVAE`` / ``Emu3VQVAE`` (the codes and pixels are theirs).
+
+``usage`` reports what collapse would show first: the perplexity of the codes in use and how many
+codes are dead (never chosen) over a set of pictures.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from .config import ImageTokenizerConfig
+from .data.world.render import COLORS, WHITE
+from .errors import ConfigError
+from .hub import arch_of, config_from_arch, load_pretrained
+from .registry import Registry
+
+IMAGE_TOKENIZERS: Registry[type["ImageTokenizer"]] = Registry("image tokenizer", "model.image_tokenizer.kind")
+
+
+@dataclass
+class Reconstruction:
+    """One pass through a tokenizer: the decoded pixels, the codes and the training loss."""
+
+    pixels: torch.Tensor  # (B, 3, H, W) in [-1, 1]
+    codes: torch.Tensor  # (B, h, w)
+    loss: torch.Tensor  # () mean squared error + the quantiser's own losses
+    mse: torch.Tensor  # () the reconstruction error alone
+
+
+class ImageTokenizer(nn.Module):
+    """The interface every kind implements."""
+
+    def __init__(self, config: ImageTokenizerConfig):
+        super().__init__()
+        if config.image_size % config.downsample:
+            raise ConfigError(f"model.image_tokenizer.image_size: {config.image_size} is not a multiple of "
+                              f"downsample ({config.downsample})")
+        self.config = config
+
+    @property
+    def codebook_size(self) -> int:
+        return self.config.codebook_size
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Codes per image, ``(rows, columns)``."""
+        side = self.config.image_size // self.config.downsample
+        return side, side
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, pixels: torch.Tensor) -> Reconstruction:
+        codes = self.encode(pixels)
+        out = self.decode(codes)
+        mse = F.mse_loss(out, pixels)
+        return Reconstruction(out, codes, mse, mse.detach())
+
+
+def _block(channels: int) -> nn.Module:
+    groups = math.gcd(8, channels)
+    return nn.Sequential(nn.GroupNorm(groups, channels), nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1),
+                         nn.GroupNorm(groups, channels), nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1))
+
+
+class _Residual(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.body = _block(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+@IMAGE_TOKENIZERS.register("vq")
+class VQTokenizer(ImageTokenizer):
+    """Conv encoder (a stride-2 convolution per halving) -> ``VectorQuantize`` -> conv decoder."""
+
+    def __init__(self, config: ImageTokenizerConfig):
+        super().__init__(config)
+        from vector_quantize_pytorch import VectorQuantize
+
+        halvings = int(math.log2(config.downsample))
+        if 2 ** halvings != config.downsample:
+            raise ConfigError(f"model.image_tokenizer.downsample: {config.downsample} is not a power of 2 (vq)")
+        c = config.channels
+        down: list[nn.Module] = [nn.Conv2d(3, c, 3, padding=1)]
+        for _ in range(halvings):
+            down += [_Residual(c), nn.Conv2d(c, c, 4, stride=2, padding=1)]
+        down += [_Residual(c), nn.GroupNorm(math.gcd(8, c), c), nn.SiLU(), nn.Conv2d(c, config.code_dim, 1)]
+        self.encoder = nn.Sequential(*down)
+        self.quantizer = VectorQuantize(
+            dim=config.code_dim, codebook_size=config.codebook_size, decay=config.decay,
+            kmeans_init=config.kmeans_init, kmeans_iters=10, threshold_ema_dead_code=config.dead_code_threshold,
+            commitment_weight=config.commitment, accept_image_fmap=True,
+        )
+        up: list[nn.Module] = [nn.Conv2d(config.code_dim, c, 3, padding=1), _Residual(c)]
+        for _ in range(halvings):
+            up += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, c, 3, padding=1), _Residual(c)]
+        up += [nn.GroupNorm(math.gcd(8, c), c), nn.SiLU(), nn.Conv2d(c, 3, 3, padding=1)]
+        self.decoder = nn.Sequential(*up)
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            _, codes, _ = self.quantizer(self.encoder(pixels), freeze_codebook=True)  # (B, h, w)
+        return codes
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        vectors = self.quantizer.get_output_from_indices(codes)  # (B, code_dim, h, w)
+        return self.decoder(vectors)  # (B, 3, H, W)
+
+    def forward(self, pixels: torch.Tensor) -> Reconstruction:
+        quantized, codes, commit = self.quantizer(self.encoder(pixels))  # (B, D, h, w), (B, h, w), (1,)
+        out = self.decoder(quantized)  # (B, 3, H, W)
+        mse = F.mse_loss(out, pixels)
+        return Reconstruction(out, codes, mse + commit.sum(), mse.detach())
+
+
+PALETTE = torch.tensor([WHITE, *COLORS.values()], dtype=torch.float32) / 127.5 - 1  # (7, 3) in [-1, 1]
+
+
+@IMAGE_TOKENIZERS.register("palette")
+class PaletteTokenizer(ImageTokenizer):
+    """Each ``downsample`` x ``downsample`` cell as white (0) or the world colour covering it (1-6)."""
+
+    def __init__(self, config: ImageTokenizerConfig):
+        super().__init__(config)
+        if config.codebook_size != len(PALETTE):
+            raise ConfigError(f"model.image_tokenizer.codebook_size: the palette tokenizer has {len(PALETTE)} codes "
+                              f"(white and the world's colours), got {config.codebook_size}")
+        self.register_buffer("palette", PALETTE.clone(), persistent=False)
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """A cell is a colour when it lies nearest that colour's line from white and is at least half
+        covered by it, else white (the rule ``evaluate.geneval`` segments by: a half-blue edge is
+        blue or white, never the purple it is nearest to)."""
+        cells = F.avg_pool2d(pixels, self.config.downsample).permute(0, 2, 3, 1)  # (B, h, w, 3)
+        away = self.palette[0] - cells  # (B, h, w, 3) from white
+        axes = self.palette[0] - self.palette[1:]  # (6, 3) white -> each colour
+        cover = away @ axes.T / (axes * axes).sum(-1)  # (B, h, w, 6)
+        off = (away[..., None, :] - cover[..., None] * axes).norm(dim=-1)  # (B, h, w, 6) distance off each line
+        best = off.masked_fill(cover <= 0, float("inf")).argmin(-1)  # (B, h, w)
+        covered = cover.gather(-1, best[..., None])[..., 0] >= 0.5  # (B, h, w)
+        return torch.where(covered, best + 1, torch.zeros_like(best))  # (B, h, w)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        flat = self.palette[codes].permute(0, 3, 1, 2)  # (B, 3, h, w)
+        return F.interpolate(flat, scale_factor=self.config.downsample, mode="nearest")  # (B, 3, H, W)
+
+
+class PretrainedTokenizer(ImageTokenizer):
+    """A transformers VQ model as the tokenizer, run by its own modules (so its codes and pixels are
+    transformers' own): from ``hf`` (a directory or hub id), or rebuilt from a recorded ``arch``
+    (the weights then come from a fusionlm checkpoint). The tokenizer's ``config`` records the
+    architecture, grid and codebook the model settled; the caller's config is left as given."""
+
+    model_types: tuple[str, ...] = ()
+
+    def __init__(self, config: ImageTokenizerConfig):
+        key = "model.image_tokenizer"
+        cls = self.model_class()
+        if config.hf:
+            vq = load_pretrained(cls, config.hf, dtype="float32", allow_custom_code=config.allow_custom_code,
+                                 key=f"{key}.hf", model_types=self.model_types)
+        elif config.arch:
+            vq = cls(config_from_arch(config.arch, key=f"{key}.arch"))
+        else:
+            raise ConfigError(f"{key}: kind {config.kind!r} needs hf (a pretrained VQ model) or a recorded arch")
+        down, codes, grid = self.shape_of(vq)
+        super().__init__(replace(config, downsample=down, codebook_size=codes,
+                                 image_size=grid * down if grid else config.image_size, arch=arch_of(vq.config)))
+        self.vq = vq.eval()
+
+    @staticmethod
+    def model_class():
+        raise NotImplementedError
+
+    def shape_of(self, vq) -> tuple[int, int, int | None]:
+        """(pixels per code, codebook size, codes per side if the model fixes it)."""
+        raise NotImplementedError
+
+
+@IMAGE_TOKENIZERS.register("janus")
+class JanusTokenizer(PretrainedTokenizer):
+    """Janus's VQ model (``JanusVQVAE``): a fixed ``num_patches`` x ``num_patches`` grid."""
+
+    model_types = ("janus_vqgan",)
+
+    @staticmethod
+    def model_class():
+        from transformers.models.janus.modeling_janus import JanusVQVAE
+
+        return JanusVQVAE
+
+    def shape_of(self, vq):
+        c = vq.config
+        return 2 ** (len(c.channel_multiplier) - 1), c.num_embeddings, c.num_patches
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        rows, cols = self.grid
+        return self.vq.encode(pixels).image_tokens.view(pixels.shape[0], rows, cols)  # (B, h, w)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.vq.decode(codes.flatten(1))  # (B, 3, H, W)
+
+
+@IMAGE_TOKENIZERS.register("emu3")
+class Emu3Tokenizer(PretrainedTokenizer):
+    """Emu3's VQ model (``Emu3VQVAE``): any image size divisible by its spatial factor."""
+
+    model_types = ("emu3_vqgan",)
+
+    @staticmethod
+    def model_class():
+        from transformers.models.emu3.modeling_emu3 import Emu3VQVAE
+
+        return Emu3VQVAE
+
+    def shape_of(self, vq):
+        return vq.vision_spatial_factor, vq.config.codebook_size, None
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        sizes = torch.tensor([list(pixels.shape[-2:])] * pixels.shape[0])  # (B, 2)
+        return torch.stack(self.vq.encode(pixels, image_sizes=sizes).image_tokens)  # (B, h, w)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.vq.decode(codes)  # (B, 3, H, W)
+
+
+def build_image_tokenizer(config: ImageTokenizerConfig) -> ImageTokenizer:
+    return IMAGE_TOKENIZERS.get(config.kind)(config)
+
+
+def to_pixels(images: list[Image.Image], size: int) -> torch.Tensor:
+    """PIL images -> ``(B, 3, size, size)`` in [-1, 1] (resized with a box filter when not ``size``)."""
+    arrays = [np.asarray(im.convert("RGB").resize((size, size), Image.Resampling.BOX) if im.size != (size, size)
+                         else im.convert("RGB"), dtype=np.float32) for im in images]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1  # (B, 3, size, size)
+
+
+def to_images(pixels: torch.Tensor) -> list[Image.Image]:
+    """``(B, 3, H, W)`` in [-1, 1] -> PIL images."""
+    arrays = ((pixels.detach().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in arrays]
+
+
+def psnr(reconstructed: torch.Tensor, original: torch.Tensor) -> float:
+    """Peak signal-to-noise ratio in dB of pixels in [-1, 1] (peak-to-peak 2)."""
+    mse = F.mse_loss(reconstructed.clamp(-1, 1), original).item()
+    return float("inf") if mse == 0 else 10 * math.log10(4 / mse)
+
+
+def usage(codes: torch.Tensor, codebook_size: int) -> dict[str, float]:
+    """How the codes of a batch spread over the codebook: ``perplexity`` (exp of the entropy of
+    their histogram: the number of equally used codes it equals), ``used`` (the share of the
+    codebook that appears) and ``dead`` (how many codes do not)."""
+    counts = torch.bincount(codes.flatten(), minlength=codebook_size).double()  # (codebook_size,)
+    p = counts / counts.sum()
+    entropy = -(p[p > 0] * p[p > 0].log()).sum()
+    return {"perplexity": float(entropy.exp()), "used": float((counts > 0).double().mean()),
+            "dead": int((counts == 0).sum())}
