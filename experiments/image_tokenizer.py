@@ -51,6 +51,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--codebook", type=int, default=512)
+    ap.add_argument("--downsample", type=int, default=4, help="pixels per code along a side (vq)")
+    ap.add_argument("--channels", type=int, default=64, help="the vq encoder's and decoder's width")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--per-category", type=int, default=50)
     ap.add_argument("--out", default="runs/image_tokenizer")
@@ -64,7 +66,8 @@ def main() -> None:
                                                          codebook_size=7))
         results[f"palette/{down}"] = measure(tok, args.size, args.per_category)
         print(f"palette/{down}", results[f"palette/{down}"], flush=True)
-    tok = build_image_tokenizer(ImageTokenizerConfig(image_size=args.size, codebook_size=args.codebook))
+    tok = build_image_tokenizer(ImageTokenizerConfig(image_size=args.size, codebook_size=args.codebook,
+                                                     downsample=args.downsample, channels=args.channels))
     opt = torch.optim.AdamW(tok.parameters(), lr=args.lr, weight_decay=0.0)
     warmup = max(1, args.steps // 20)  # linear warm-up, then cosine to zero
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -86,7 +89,8 @@ def main() -> None:
             log.append(line)
             print(line, flush=True)
     results["vq"] = {**measure(tok, args.size, args.per_category), "steps": args.steps,
-                     "train_seconds": round(time.time() - start, 1), "codebook_size": args.codebook}
+                     "train_seconds": round(time.time() - start, 1), "codebook_size": args.codebook,
+                     "downsample": args.downsample, "channels": args.channels}
     print("vq", results["vq"])
     (out / "results.json").write_text(json.dumps({"results": results, "log": log}, indent=1))
     originals = to_pixels([render_image(draw_scene(s, random.Random(i), args.size))

@@ -29,7 +29,7 @@ from PIL import Image
 
 from ..data.world import render
 from ..data.world.render import COLORS
-from ..data.world.scenes import CATEGORIES, Scene
+from ..data.world.scenes import CATEGORIES, Scene, relation_holds
 
 WHITE = np.array(render.WHITE, dtype=np.float64)
 
@@ -138,13 +138,6 @@ def find_objects(image: Image.Image | np.ndarray, *, tolerance: float = 45.0,
     return sorted(blobs, key=lambda b: -b.area)
 
 
-def _relation_holds(a: Blob, b: Blob, relation: str, side: float) -> bool:
-    """``a`` is ``relation`` ``b``: ahead along the axis by 15% of the side, and more along it than across."""
-    dx, dy = b.center[0] - a.center[0], b.center[1] - a.center[1]
-    along, across = (dx, dy) if relation == "left of" else (dy, dx)
-    return along >= 0.15 * side and abs(across) <= along
-
-
 def check(scene: Scene, image: Image.Image | np.ndarray, **segmentation) -> Verdict:
     """Every clause of ``scene`` against ``image``; ``failed`` names the clauses that fail."""
     blobs = find_objects(image, **segmentation)
@@ -164,7 +157,7 @@ def check(scene: Scene, image: Image.Image | np.ndarray, **segmentation) -> Verd
         failed.append(f"{known - wanted} object(s) more than the prompt asks for")
     if scene.relation and len(chosen) == 2:
         side = float(_pixels(image).shape[1])
-        if not _relation_holds(chosen[0], chosen[1], scene.relation, side):
+        if not relation_holds(chosen[0].center, chosen[1].center, scene.relation, side):
             failed.append(f"{scene.objects[0].phrase()} is not {scene.relation} {scene.objects[1].phrase()}")
     return Verdict(not failed, failed, blobs)
 

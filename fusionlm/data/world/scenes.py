@@ -132,10 +132,14 @@ def _palette(rng: random.Random, w: Wanted, named: set[str]) -> str:
     return rng.choice([c for c in COLORS if c not in named and (c, w.shape) not in HELD_OUT["bindings"]])
 
 
-def _relation_holds(a: tuple, b: tuple, relation: str, side: int) -> bool:
-    dx, dy = b[2] - a[2], b[3] - a[3]
+def relation_holds(a: tuple[float, float], b: tuple[float, float], relation: str, side: float, *,
+                   ahead: float = 0.15, slant: float = 1.0) -> bool:
+    """Centre ``a`` is ``relation`` centre ``b``: ahead of it along the relation's axis by ``ahead``
+    of the side, and off that axis by at most ``slant`` times as much. The checker uses the
+    defaults; drawing asks for twice the lead and half the slant, so a drawn picture passes clearly."""
+    dx, dy = b[0] - a[0], b[1] - a[1]
     along, across = (dx, dy) if relation == "left of" else (dy, dx)
-    return along >= 0.3 * side and abs(across) <= 0.5 * along
+    return along >= ahead * side and abs(across) <= slant * along
 
 
 def draw_scene(scene: Scene, rng: random.Random, size: int) -> tuple:
@@ -155,7 +159,8 @@ def draw_scene(scene: Scene, rng: random.Random, size: int) -> tuple:
                 break
             elems.append((w.shape, _palette(rng, w, named), cx, cy, d))
         else:
-            if scene.relation and not _relation_holds(elems[0], elems[1], scene.relation, size):
+            centres = [e[2:4] for e in elems[:2]]
+            if scene.relation and not relation_holds(*centres, scene.relation, size, ahead=0.3, slant=0.5):
                 continue
             return ("shapes", size, size, tuple(elems))
     raise ValueError(f"cannot draw {scene.prompt!r} at {size} pixels")
