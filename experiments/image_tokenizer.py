@@ -2,8 +2,10 @@
 and measure what issue 14 asks of it, next to the exact ``palette`` tokenizer.
 
 For each tokenizer: reconstruction PSNR on held-out GenEval reference pictures, the share of the
-codebook those pictures use, the perplexity of their codes, the dead codes, and the *ceiling*:
-GenEval of the reconstructed pictures (what a generator that wrote the right codes would score).
+codebook those pictures use, the perplexity of their codes, the dead codes, the *ceiling*:
+GenEval of the reconstructed pictures (what a generator that wrote the right codes would score),
+and FD (``fusionlm.evaluate.fd``) of the reconstructions against a second draw of the same prompts,
+next to the FD of the references themselves (the floor).
 
     python experiments/image_tokenizer.py --steps 1500 --out runs/image_tokenizer
 """
@@ -15,6 +17,7 @@ import json
 import math
 import random
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -22,27 +25,41 @@ import torch
 from fusionlm.config import ImageTokenizerConfig
 from fusionlm.data.world.render import render_image
 from fusionlm.data.world.scenes import draw_scene, geneval_scenes, training_scene
-from fusionlm.evaluate.geneval import geneval
-from fusionlm.image_tokenizers import build_image_tokenizer, psnr, to_images, to_pixels, usage
+from fusionlm.evaluate.fd import frechet_distance
+from fusionlm.evaluate.geneval import check, geneval
+from fusionlm.image_tokenizers import build_image_tokenizer, psnr, images_of, pixels_of, usage
 
 
 def pictures(rng: random.Random, n: int, size: int):
     scenes = [training_scene(rng) for _ in range(n)]
-    return to_pixels([render_image(draw_scene(s, rng, size)) for s in scenes], size)
+    return pixels_of([render_image(draw_scene(s, rng, size)) for s in scenes], size)
+
+
+def _kind(clause: str) -> str:
+    """A failed clause by kind: what went wrong, not which prompt."""
+    for words, kind in (("not a world shape", "unrecognised object"), ("more than", "extra object"),
+                        ("found", "missing or wrong object"), (" is not ", "relation")):
+        if words in clause:
+            return kind
+    return clause
 
 
 def measure(tok, size: int, per_category: int) -> dict:
     rng = random.Random("reference")
     scenes = geneval_scenes(per_category)
-    originals = to_pixels([render_image(draw_scene(s, rng, size)) for s in scenes], size)
+    originals = pixels_of([render_image(draw_scene(s, rng, size)) for s in scenes], size)
     tok.eval()
     with torch.no_grad():
         codes = tok.encode(originals)
         out = tok.decode(codes)
-    scores = geneval(scenes, to_images(out))
-    return {"psnr_db": round(psnr(out, originals), 2), **{k: round(v, 3) for k, v in usage(codes, tok.codebook_size).items()},
+    scores = geneval(scenes, images_of(out))
+    failures = Counter(_kind(f) for s, im in zip(scenes, images_of(out)) for f in check(s, im).failed)
+    other = [render_image(draw_scene(s, random.Random(f"other/{i}"), size)) for i, s in enumerate(scenes)]
+    return {"psnr_db": round(psnr(out, originals), 2),
+            "fd": round(frechet_distance(other, images_of(out)), 3),
+            "fd_of_references": round(frechet_distance(other, images_of(originals)), 3), **{k: round(v, 3) for k, v in usage(codes, tok.codebook_size).items()},
             "geneval_ceiling": {k: round(v, 3) for k, v in scores.items()},
-            "reference_geneval": geneval(scenes, to_images(originals))["overall"]}
+            "failed_clauses": dict(failures.most_common(8)), "reference_geneval": geneval(scenes, images_of(originals))["overall"]}
 
 
 def main() -> None:
@@ -56,7 +73,10 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--per-category", type=int, default=50)
     ap.add_argument("--out", default="runs/image_tokenizer")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -92,13 +112,14 @@ def main() -> None:
                      "train_seconds": round(time.time() - start, 1), "codebook_size": args.codebook,
                      "downsample": args.downsample, "channels": args.channels}
     print("vq", results["vq"])
+    torch.save({"config": vars(tok.config), "state_dict": tok.state_dict()}, out / "vq.pt")
     (out / "results.json").write_text(json.dumps({"results": results, "log": log}, indent=1))
-    originals = to_pixels([render_image(draw_scene(s, random.Random(i), args.size))
+    originals = pixels_of([render_image(draw_scene(s, random.Random(i), args.size))
                            for i, s in enumerate(geneval_scenes(2))], args.size)  # (12, 3, S, S)
     with torch.no_grad():
         rows = torch.cat([originals, tok.decode(tok.encode(originals))], dim=2)  # (12, 3, 2S, S)
     grid = torch.cat(list(rows), dim=2)  # (3, 2S, 12 S): originals above, reconstructions below
-    to_images(grid[None])[0].resize((grid.shape[2] * 4, grid.shape[1] * 4), 0).save(out / "reconstructions.png")
+    images_of(grid[None])[0].resize((grid.shape[2] * 4, grid.shape[1] * 4), 0).save(out / "reconstructions.png")
     print(f"wrote {out / 'results.json'}")
 
 

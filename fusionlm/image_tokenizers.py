@@ -25,13 +25,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
 from .config import ImageTokenizerConfig
+from .data.pixels.images import to_pixels
 from .data.world.render import COLORS, WHITE
 from .errors import ConfigError
 from .hub import arch_of, config_from_arch, load_pretrained
@@ -142,6 +142,7 @@ class VQTokenizer(ImageTokenizer):
         return Reconstruction(out, codes, mse + commit.sum(), mse.detach())
 
 
+HALF = (0.5, 0.5, 0.5)
 PALETTE = torch.tensor([WHITE, *COLORS.values()], dtype=torch.float32) / 127.5 - 1  # (7, 3) in [-1, 1]
 
 
@@ -257,14 +258,13 @@ def build_image_tokenizer(config: ImageTokenizerConfig) -> ImageTokenizer:
     return IMAGE_TOKENIZERS.get(config.kind)(config)
 
 
-def to_pixels(images: list[Image.Image], size: int) -> torch.Tensor:
-    """PIL images -> ``(B, 3, size, size)`` in [-1, 1] (resized with a box filter when not ``size``)."""
-    arrays = [np.asarray(im.convert("RGB").resize((size, size), Image.Resampling.BOX) if im.size != (size, size)
-                         else im.convert("RGB"), dtype=np.float32) for im in images]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1  # (B, 3, size, size)
+def pixels_of(images: list[Image.Image], size: int) -> torch.Tensor:
+    """PIL images -> ``(B, 3, size, size)`` in [-1, 1]: the one image loader's ``to_pixels`` (letterboxed
+    when not ``size`` square) at mean = std = 0.5."""
+    return torch.stack([to_pixels(im, size, mean=HALF, std=HALF) for im in images])  # (B, 3, size, size)
 
 
-def to_images(pixels: torch.Tensor) -> list[Image.Image]:
+def images_of(pixels: torch.Tensor) -> list[Image.Image]:
     """``(B, 3, H, W)`` in [-1, 1] -> PIL images."""
     arrays = ((pixels.detach().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(a) for a in arrays]

@@ -132,3 +132,18 @@ def test_a_blank_or_mismatched_batch_is_refused_or_fails():
     assert not check(s, Image.new("RGB", (32, 32), "white")).ok
     with pytest.raises(ValueError, match="2 scenes but 1 images"):
         geneval([s, s], [Image.new("RGB", (32, 32), "white")])
+
+
+@pytest.mark.parametrize("name, draw", [
+    ("a diamond", lambda d: d.polygon([(16, 4), (28, 16), (16, 28), (4, 16)], fill=COLORS["red"])),
+    ("a 13x17 box", lambda d: d.rectangle((8, 8, 20, 24), fill=COLORS["red"])),
+    ("a 2:1 ellipse", lambda d: d.ellipse((4, 10, 28, 22), fill=COLORS["red"])),
+    ("a downward triangle", lambda d: d.polygon([(4, 4), (28, 4), (16, 28)], fill=COLORS["red"])),
+])
+def test_a_shape_the_world_never_draws_is_no_world_shape(name, draw):
+    image = Image.new("RGB", (32, 32), "white")
+    draw(ImageDraw.Draw(image))
+    (blob,) = find_objects(image)
+    assert blob.color == "red" and blob.shape is None, name
+    assert not check(Scene("colors", (Wanted("square", color="red"),)), image).ok
+

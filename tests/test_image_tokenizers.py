@@ -14,13 +14,13 @@ from fusionlm.data.world.render import render_image
 from fusionlm.data.world.scenes import draw_scene, training_scene
 from fusionlm.errors import ConfigError
 from fusionlm.evaluate.geneval import check
-from fusionlm.image_tokenizers import IMAGE_TOKENIZERS, build_image_tokenizer, psnr, to_images, to_pixels, usage
+from fusionlm.image_tokenizers import IMAGE_TOKENIZERS, build_image_tokenizer, psnr, images_of, pixels_of, usage
 
 
 def _pictures(n: int, size: int, seed: int = 0):
     rng = random.Random(seed)
     scenes = [training_scene(rng) for _ in range(n)]
-    return scenes, to_pixels([render_image(draw_scene(s, rng, size)) for s in scenes], size)
+    return scenes, pixels_of([render_image(draw_scene(s, rng, size)) for s in scenes], size)
 
 
 def test_the_registry_names_its_kinds_and_refuses_others():
@@ -38,7 +38,7 @@ def test_the_registry_names_its_kinds_and_refuses_others():
 def test_pixels_round_trip_through_pil():
     _, pixels = _pictures(3, 32)
     assert pixels.shape == (3, 3, 32, 32) and pixels.min() >= -1 and pixels.max() <= 1
-    assert torch.equal(to_pixels(to_images(pixels), 32), pixels)
+    assert torch.equal(pixels_of(images_of(pixels), 32), pixels)
 
 
 def test_the_palette_code_is_exact_on_flat_colours_and_keeps_the_prompt():
@@ -50,7 +50,7 @@ def test_the_palette_code_is_exact_on_flat_colours_and_keeps_the_prompt():
     interior = (out - pixels).abs().amax(1) < 1e-6  # (B, H, W): every pixel not on an anti-aliased edge
     assert interior.float().mean() > 0.95
     assert torch.equal(tok.encode(out), codes)  # decoding then encoding changes no code
-    assert all(check(s, im).ok for s, im in zip(scenes, to_images(out)))
+    assert all(check(s, im).ok for s, im in zip(scenes, images_of(out)))
 
 
 def test_usage_counts_perplexity_and_the_share_in_use():
