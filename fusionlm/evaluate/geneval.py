@@ -78,12 +78,25 @@ def _coverage(px: np.ndarray, tolerance: float) -> np.ndarray:
     best, best_res = np.full(px.shape[:2], -1), np.full(px.shape[:2], np.inf)
     best_a = np.zeros(px.shape[:2])
     for i, rgb in enumerate(COLORS.values()):
-        axis = WHITE - np.asarray(rgb, dtype=np.float64)  # (3,)
-        a = away @ axis / (axis @ axis)  # (H, W) coverage of this colour
+        a, axis = _along(px, rgb)  # (H, W) coverage of this colour, (3,)
         res = np.linalg.norm(away - a[..., None] * axis, axis=-1)  # (H, W) distance off the line
         nearer = (a > 0) & (a <= 1.5) & (res < best_res)
         best, best_res, best_a = np.where(nearer, i, best), np.where(nearer, res, best_res), np.where(nearer, a, best_a)
     return np.where((best_res <= tolerance) & (best_a >= 0.5), best, -1)
+
+
+def _along(px: np.ndarray, rgb) -> tuple[np.ndarray, np.ndarray]:
+    """(H, W) each pixel's coverage by ``rgb`` (its position on the line from white, unclipped), and
+    that line's direction (3,)."""
+    axis = WHITE - np.asarray(rgb, dtype=np.float64)  # (3,)
+    return (WHITE - px) @ axis / (axis @ axis), axis
+
+
+def _neighbourhood(a: np.ndarray, fill) -> np.ndarray:
+    """(9, H, W): ``a`` shifted to each of its 3x3 neighbours (``fill`` beyond the border)."""
+    h, w = a.shape
+    padded = np.pad(a, 1, constant_values=fill)
+    return np.stack([padded[1 + dy:h + 1 + dy, 1 + dx:w + 1 + dx] for dy in (-1, 0, 1) for dx in (-1, 0, 1)])
 
 
 def _components(mask: np.ndarray) -> list[np.ndarray]:
@@ -92,10 +105,7 @@ def _components(mask: np.ndarray) -> list[np.ndarray]:
     none = h * w + 1
     labels = np.where(mask, np.arange(h * w).reshape(h, w), none)  # (H, W)
     while True:
-        padded = np.pad(labels, 1, constant_values=none)
-        near = np.min([padded[1 + dy:h + 1 + dy, 1 + dx:w + 1 + dx]
-                       for dy in (-1, 0, 1) for dx in (-1, 0, 1)], axis=0)  # (H, W)
-        new = np.where(mask, near, none)
+        new = np.where(mask, _neighbourhood(labels, none).min(0), none)  # (H, W)
         if np.array_equal(new, labels):
             break
         labels = new
@@ -105,16 +115,13 @@ def _components(mask: np.ndarray) -> list[np.ndarray]:
 def _grow(mask: np.ndarray, steps: int = 1) -> np.ndarray:
     """``mask`` grown by ``steps`` pixels (8-neighbourhood)."""
     for _ in range(steps):
-        padded = np.pad(mask, 1)
-        mask = np.max([padded[1 + dy:padded.shape[0] - 1 + dy, 1 + dx:padded.shape[1] - 1 + dx]
-                       for dy in (-1, 0, 1) for dx in (-1, 0, 1)], axis=0)
+        mask = _neighbourhood(mask, False).max(0)
     return mask
 
 
 def _cover(px: np.ndarray, rgb) -> np.ndarray:
     """(H, W) how much of each pixel ``rgb`` covers, on its line from white, in [0, 1]."""
-    axis = WHITE - np.asarray(rgb, dtype=np.float64)  # (3,)
-    return np.clip((WHITE - px) @ axis / (axis @ axis), 0, 1)
+    return np.clip(_along(px, rgb)[0], 0, 1)
 
 
 # Each world shape's diameter from its area, and its box centre from its centroid (render.py draws
