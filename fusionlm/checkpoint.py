@@ -27,11 +27,14 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .config import ModelConfig, RecipeConfig, TilingConfig, TokenizerConfig, load_config, save_config
+from .config import (
+    GenerationConfig, ModelConfig, RecipeConfig, TilingConfig, TokenizerConfig, load_config, save_config,
+)
 from .data.chat import end_of_turn
 from .data.layout import SpecialIds
 from .data.tokenizer import load_tokenizer
 from .designs import design_of
+from .generators import generator_of
 from .errors import CheckpointError, ConfigError, first_line
 from .device import resolve_device
 from . import lora
@@ -58,21 +61,35 @@ def needs_newline(model: ModelConfig) -> bool:
     return design_of(model.fusion.kind).sequence.newline or (model.tiling.max_tiles > 0 and model.tiling.marker == "newline")
 
 
+def drawing_tokens(model: ModelConfig) -> list[str]:
+    """The tokens a model that draws writes an image with (``model.generation``); none for one that reads."""
+    gen = model.generation
+    return [gen.begin_token, gen.end_token, gen.code_token] if generator_of(gen.kind).draws else []
+
+
 def special_ids(tokenizer, tcfg: TokenizerConfig, *, need_newline: bool,
-                tiling: TilingConfig | None = None) -> SpecialIds:
-    """The ids of the image, newline, pad and end-of-turn tokens (``tcfg.end_token`` set)."""
+                tiling: TilingConfig | None = None, generation: GenerationConfig | None = None) -> SpecialIds:
+    """The ids of the image, newline, pad and end-of-turn tokens (``tcfg.end_token`` set), and of a
+    model that draws, its image tokens (``generation``)."""
     vocab = tokenizer.get_vocab()
-    wanted = {"image_token": tcfg.image_token, "end_token": tcfg.end_token}
+    wanted = {"model.tokenizer.image_token": tcfg.image_token, "model.tokenizer.end_token": tcfg.end_token}
     if need_newline:
-        wanted["newline_token"] = tcfg.newline_token
+        wanted["model.tokenizer.newline_token"] = tcfg.newline_token
+    draws = generation is not None and generator_of(generation.kind).draws
+    if draws:
+        wanted.update({f"model.generation.{k}": getattr(generation, k) for k in ("begin_token", "end_token", "code_token")})
     for key, token in wanted.items():
         if token not in vocab:
-            raise ConfigError(f"model.tokenizer.{key}: the tokenizer has no token {token!r}")
+            raise ConfigError(f"{key}: the tokenizer has no token {token!r}")
     newline = vocab.get(tcfg.newline_token, vocab[tcfg.image_token])
     if tokenizer.pad_token_id is None:
         raise ConfigError("model.tokenizer: the tokenizer has no padding token")
+    drawing = {}
+    if draws:
+        drawing = {"begin_image": vocab[generation.begin_token], "end_image": vocab[generation.end_token],
+                   "code": vocab[generation.code_token]}
     return SpecialIds(image=vocab[tcfg.image_token], newline=newline, pad=tokenizer.pad_token_id,
-                      end=vocab[tcfg.end_token], tile_tags=tile_tags(tokenizer, tiling))
+                      end=vocab[tcfg.end_token], tile_tags=tile_tags(tokenizer, tiling), **drawing)
 
 
 def build_model(config: RecipeConfig, tokenizer, *, pretrained: bool = True) -> FusionLM:
@@ -93,7 +110,8 @@ def build_model(config: RecipeConfig, tokenizer, *, pretrained: bool = True) -> 
                       llm=replace(llm, vocab_size=len(tokenizer)) if own else llm,
                       tokenizer=replace(config.model.tokenizer,
                                         end_token=config.model.tokenizer.end_token or end_of_turn(tokenizer)))
-    ids = special_ids(tokenizer, settled.tokenizer, need_newline=needs_newline(settled), tiling=settled.tiling)
+    ids = special_ids(tokenizer, settled.tokenizer, need_newline=needs_newline(settled), tiling=settled.tiling,
+                      generation=settled.generation)
     return FusionLM(settled, ids, pretrained=pretrained, vocab_size=None if own else len(tokenizer))
 
 
@@ -284,7 +302,7 @@ def required_tokens(config: RecipeConfig) -> list[str] | None:
     tcfg = config.model.tokenizer
     if config.model.llm.hf is None and config.model.llm.arch is None:
         return None
-    return [tcfg.image_token] + ([tcfg.newline_token] if needs_newline(config.model) else [])
+    return [tcfg.image_token] + ([tcfg.newline_token] if needs_newline(config.model) else []) + drawing_tokens(config.model)
 
 
 def load_model(path: str | Path, *, device: str = "cpu") -> tuple[FusionLM, object, RecipeConfig]:

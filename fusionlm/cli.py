@@ -123,10 +123,33 @@ def cmd_generate(args) -> None:
         if not Path(path).exists():
             raise FusionError(f"{path}: file not found")
     items = list(args.image) + [Video(path) for path in args.video]  # in this order when the prompt has no placeholders
+    if args.image_out:
+        return _draw(args, model, tokenizer, spec, items)
     (answer,) = generate(model, tokenizer, [Request(args.prompt, items)], spec,
                          max_new_tokens=MAX_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens,
-                         temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+                         temperature=args.temperature or 0.0, top_p=args.top_p, seed=args.seed)
     print(answer)
+
+
+def _draw(args, model, tokenizer, spec, items) -> None:
+    """``generate --image-out``: ``--n`` pictures of the prompt, seeds ``--seed`` … ``--seed + n - 1``,
+    sampled as the model's ``generation`` config says unless a flag overrides it."""
+    from .draw import DrawRequest, Sampling, draw
+
+    gen = model.config.generation
+    sampling = Sampling(cfg=gen.cfg if args.cfg is None else args.cfg,
+                        temperature=gen.temperature if args.temperature is None else args.temperature,
+                        top_k=gen.top_k if args.top_k is None else args.top_k, top_p=args.top_p)
+    out = Path(args.image_out)
+    if args.n < 1:
+        args.parser.error(f"argument --n: must be >= 1, got {args.n}")
+    paths = [out] if args.n == 1 else [out.with_name(f"{out.stem}-{k}{out.suffix or '.png'}") for k in range(args.n)]
+    requests = [DrawRequest(args.prompt, seed=args.seed + k, images=items) for k in range(args.n)]
+    pictures = draw(model, tokenizer, requests, spec, sampling=sampling)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for picture, path in zip(pictures, paths):
+        picture.save(path, format="PNG")
+        print(path)
 
 
 def cmd_eval(args) -> None:
@@ -288,16 +311,24 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--init", metavar="CHECKPOINT", help="start from this checkpoint's model and weights "
                    "(e.g. an imported LLaVA); the same as --set train.init_from=CHECKPOINT")
 
-    g = _command(sub, "generate", "answer a prompt about images", cmd_generate)
+    g = _command(sub, "generate", "answer a prompt about images, or draw it (--image-out)", cmd_generate)
     g.add_argument("--checkpoint", required=True, help="a run directory (its latest checkpoint) or a checkpoint")
     g.add_argument("--image", action="append", default=[], help="an image file (repeat for several)")
     g.add_argument("--video", action="append", default=[], help="a folder of frames or an animated GIF")
     g.add_argument("--prompt", required=True, help="the question; <image> marks where each image goes")
     g.add_argument("--max-new-tokens", type=int, help="the answer's budget in tokens (default: the library's, "
                    "fusionlm.generate.MAX_NEW_TOKENS, as for eval)")
-    g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
+    g.add_argument("--temperature", type=float, help="sampling temperature (0: greedy; default: 0 for text, the "
+                   "model's model.generation.temperature for pictures)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep this much probability mass")
-    g.add_argument("--seed", type=int, default=0, help="the sampling seed")
+    g.add_argument("--seed", type=int, default=0, help="the sampling seed (pictures: the first picture's)")
+    g.add_argument("--image-out", metavar="PNG", help="draw the prompt instead of answering it (a model that draws): "
+                   "the picture's path; with --n K, PNG's stem gets -0 … -(K-1)")
+    g.add_argument("--n", type=int, default=1, help="pictures to draw (--image-out), each with its own seed")
+    g.add_argument("--cfg", type=float, help="classifier-free guidance scale for pictures (1: none; default: the "
+                   "model's model.generation.cfg)")
+    g.add_argument("--top-k", type=int, help="pictures: sample among the k most likely codes (0: all; default: "
+                   "the model's model.generation.top_k)")
     _add_device(g)
 
     e = _command(sub, "eval", "score a checkpoint per task", cmd_eval)

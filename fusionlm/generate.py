@@ -58,17 +58,27 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, mask
 
 
-def next_tokens(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
-    """logits (B, V) -> token ids (B,)."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V)
+def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float = 1.0, top_k: int = 0) -> torch.Tensor:
+    """logits (B, V) -> the distribution (B, V) to sample from: at ``temperature``, only the ``top_k``
+    most likely tokens (0: all), then only the smallest set whose probability reaches ``top_p``."""
+    logits = logits.float() / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)  # (B, V)
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         keep = sorted_p.cumsum(-1) - sorted_p < top_p  # always keeps the most likely token
         sorted_p = sorted_p * keep
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=generator).squeeze(-1)
+    return probs / probs.sum(-1, keepdim=True)
+
+
+def next_tokens(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """logits (B, V) -> token ids (B,)."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    return torch.multinomial(sampling_probs(logits, temperature, top_p), 1, generator=generator).squeeze(-1)
 
 
 class GeneralDecoder:
@@ -76,8 +86,9 @@ class GeneralDecoder:
     (``use_cache=False``) the whole sequence again at every step. Any LLM; the reference that
     ``StaticDecoder`` is tested against."""
 
-    def __init__(self, model: FusionLM, use_cache: bool):
-        self.model, self.use_cache, self.past = model, use_cache, None
+    def __init__(self, model: FusionLM, use_cache: bool, *, scores: str = "logits"):
+        """``scores``: the output read at each step, ``logits`` (text) or ``code_logits`` (a drawing's codes)."""
+        self.model, self.use_cache, self.past, self.scores = model, use_cache, None, scores
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, context) -> torch.Tensor:
         """The prompts (B, T), left-padded where ``attention_mask`` is 0 -> next-token logits (B, V)."""
@@ -93,12 +104,13 @@ class GeneralDecoder:
     def _run(self, new_ids: torch.Tensor) -> torch.Tensor:
         position_ids = (self.mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): left padding shifts positions
         if not self.use_cache:
-            return self.model(self.seq, attention_mask=self.mask, position_ids=position_ids, context=self.context).logits[:, -1]
+            out = self.model(self.seq, attention_mask=self.mask, position_ids=position_ids, context=self.context)
+            return getattr(out, self.scores)[:, -1]
         start = self.seq.shape[1] - new_ids.shape[1]
         result = self.model(new_ids, attention_mask=self.mask, position_ids=position_ids[:, start:], context=self.context,
                             past_key_values=self.past, use_cache=True, query_start=start)
         self.past = result.past_key_values
-        return result.logits[:, -1]  # (B, V)
+        return getattr(result, self.scores)[:, -1]  # (B, V)
 
 
 def generate(model: FusionLM, tokenizer, requests: list[Request], spec: ImageSpec, **kwargs) -> list[str]:

@@ -281,7 +281,12 @@ def usage(codes: torch.Tensor, codebook_size: int) -> dict[str, float]:
     """How the codes of a batch spread over the codebook: ``perplexity`` (exp of the entropy of
     their histogram: the number of equally used codes it equals), ``used`` (the share of the
     codebook that appears) and ``dead`` (how many codes do not)."""
-    counts = torch.bincount(codes.flatten(), minlength=codebook_size).double()  # (codebook_size,)
+    return counts_usage(torch.bincount(codes.flatten(), minlength=codebook_size).double())
+
+
+def counts_usage(counts: torch.Tensor) -> dict[str, float]:
+    """``usage`` from the histogram ``counts`` (codebook_size,) of the codes chosen."""
+    counts = counts.double()
     p = counts / counts.sum()
     entropy = -(p[p > 0] * p[p > 0].log()).sum()
     return {"perplexity": float(entropy.exp()), "used": float((counts > 0).double().mean()),

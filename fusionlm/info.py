@@ -30,7 +30,8 @@ from .hub import arch_of, check_custom_code
 from .recipe import make_tokenizer
 from .train.stages import select_trainable
 
-PARTS = ("encoder", "connector", "cross_attention", "llm")  # in the order data flows through them
+PARTS = ("encoder", "connector", "cross_attention", "llm", "image_tokenizer", "generation")  # in the order data flows
+PROMPT = "a red circle left of a blue square"  # what a drawing's cost is measured on
 SAMPLES_PER_TASK = 4
 
 
@@ -45,6 +46,7 @@ class Report:
     images_per_sample: float  # encoder inputs (images, tiles, thumbnails) of a typical sample
     forward: dict[str, float]  # FLOPs per sample per part
     training: dict[str, dict[str, float]] = field(default_factory=dict)  # stage -> part -> FLOPs per sample
+    drawing: dict[str, float] = field(default_factory=dict)  # a model that draws: codes, FLOPs per picture
 
     def markdown(self) -> str:
         lines = [f"## {self.name} ({self.design})", "",
@@ -63,6 +65,12 @@ class Report:
             train = [sum(t.values()) if part == "total" else t.get(part, 0.0) for t in self.training.values()]
             lines.append(f"| {part} | {params:,} | {fwd / 1e6:,.2f} | " + " | ".join(f"{x / 1e6:,.2f}" for x in train)
                          + " |")
+        if self.drawing:
+            d = self.drawing
+            lines += ["", f"drawing: {d['codes']:.0f} codes per picture ({d['positions']:.0f} decoder positions with "
+                      f"its begin and end tokens); {d['flops'] / 1e6:,.2f} MFLOPs per picture, "
+                      f"{d['flops_guided'] / 1e6:,.2f} with classifier-free guidance (a null row beside each prompt), "
+                      f"decoding included"]
         return "\n".join(lines)
 
 
@@ -113,16 +121,50 @@ def report(config: RecipeConfig, name: str = "recipe") -> Report:
     out = Report(name=name, design=config.model.fusion.kind, params=params, encoder_tokens=enc_tokens,
                  decoder_tokens=dec_tokens, sample_length=sum(b.num_tokens for b in batches) / n,
                  images_per_sample=sum(b.num_images for b in batches) / n, forward=forward)
+    reconstruction = sum(reconstruction_flops(model, b) for b in batches) / n
     for i, stage in enumerate(config.stages):
         chosen = select_trainable(model, stage.train, key=f"stages.{i}.train")
         trains = {model.part_of(p) for p in chosen}
+        if stage.objective == "reconstruction":  # the image tokenizer alone, encoder and decoder
+            out.training[stage.name] = {part: 3.0 * reconstruction if part == "image_tokenizer" else 0.0
+                                        for part in PARTS}
+            continue
         runs = PARTS if stage.objective == "lm" else ("encoder", "connector")  # contrastive: no decoder pass
         out.training[stage.name] = {part: forward.get(part, 0.0) * _multiplier(part, trains) if part in runs else 0.0
                                     for part in PARTS}
+    if model.draws:
+        out.drawing = drawing_cost(model, tokenizer, spec)
     return out
 
 
+@torch.no_grad()
+def reconstruction_flops(model, batch) -> float:
+    """FLOPs of the image tokenizer's autoencoding of the pictures ``batch`` draws."""
+    if batch.drawn is None:
+        return 0.0
+    with FlopCounterMode(display=False) as counter:
+        model.image_tokenizer(batch.drawn)
+    return float(counter.get_total_flops())
+
+
+def drawing_cost(model, tokenizer, spec) -> dict[str, float]:
+    """Codes per picture, and the FLOPs of drawing one (prompt, every code, decoding the codes to
+    pixels), without and with guidance."""
+    from .draw import DrawRequest, Sampling, draw
+
+    count_cpu_attention()
+    cost = {"codes": float(model.image_tokenizer.grid[0] * model.image_tokenizer.grid[1])}
+    cost["positions"] = cost["codes"] + 2
+    for key, cfg in (("flops", 1.0), ("flops_guided", 3.0)):
+        with FlopCounterMode(display=False) as counter:
+            draw(model, tokenizer, [DrawRequest(PROMPT)], spec, sampling=Sampling(cfg=cfg), static=False)
+        cost[key] = float(counter.get_total_flops())
+    return cost
+
+
 def _multiplier(part: str, trains: set[str]) -> float:
+    if part == "image_tokenizer":  # in an lm stage it only turns drawn pictures into target codes
+        return 1.0
     if part in trains:
         return 3.0
     upstream = PARTS[: PARTS.index(part)]
@@ -150,7 +192,8 @@ def typical_batches(model, tokenizer, config: RecipeConfig, source, spec: ImageS
             prompted = prompts.sample(sample)
         except SkipSample:
             continue
-        batches.append(collate([prompted.encoded], prompted.inputs, [sample.task], [], tokenizer.pad_token_id))
+        batches.append(collate([prompted.encoded], prompted.inputs, [sample.task], [], tokenizer.pad_token_id,
+                               drawn=prompted.drawn))
     if not batches:
         raise ConfigError("no sample of the last stage's mixture fits the context (model.llm.max_length)")
     return batches
@@ -193,8 +236,13 @@ def forward_flops(model, batch) -> dict[str, float]:
         # the rest is the one-off projection of image keys/values for the cross-attention blocks
         out["cross_attention"] = float(sum(counts.get("Global", {}).values())) - out["encoder"] - out["connector"]
     with FlopCounterMode(display=False) as counter:
-        model(batch.input_ids, attention_mask=batch.attention_mask, context=context)
+        model(batch.input_ids, attention_mask=batch.attention_mask, context=context, drawn=batch.drawn)
     decoder = _by_part(counter, model)
+    out["generation"] = decoder["generation"]
+    if batch.drawn is not None:  # a drawn picture's codes (the model calls the tokenizer's encode, not the module)
+        with FlopCounterMode(display=False) as counter:
+            model.image_tokenizer.encode(batch.drawn)
+        out["image_tokenizer"] = float(counter.get_total_flops())
     if model.native_cross:  # Llama 3.2 Vision: the cross-attention layers are the LLM's own
         counts = counter.get_flop_counts()
         decoder["cross_attention"] = float(sum(sum(counts.get(f"FusionLM.llm.model.layers.{i}", {}).values())
@@ -208,4 +256,5 @@ def _by_part(counter: FlopCounterMode, model) -> dict[str, float]:
     counts = counter.get_flop_counts()
     total = lambda key: float(sum(counts.get(key, {}).values()))  # noqa: E731
     return {"llm": total("FusionLM.llm"),
-            "cross_attention": sum(total(f"FusionLM.cross_blocks.{name}") for name in model.cross_blocks)}
+            "cross_attention": sum(total(f"FusionLM.cross_blocks.{name}") for name in model.cross_blocks),
+            "generation": sum(total(f"FusionLM.{name}") for name in ("gen_embed", "gen_aligner", "gen_head"))}

@@ -16,6 +16,8 @@ from .data.batching.packing import segment_mask, segment_positions
 from .data.pixels.processing import ImageBatch
 from .designs import design_of
 from .encoders import build_encoder
+from .generators import generator_of
+from .image_tokenizers import build_image_tokenizer
 from .errors import ConfigError, SampleError
 from .fusion import (
     CrossCall, GatedCrossAttentionBlock, ImageContext, cross_layer, native_cross_masks, scatter_image_features,
@@ -25,9 +27,10 @@ from .llm import build_llm, decoder_layers, dims, is_mllama_text
 
 @dataclass
 class Output:
-    logits: torch.Tensor  # (B, T, V)
+    logits: torch.Tensor  # (B, T, V) text logits (a shared head's code columns at -inf)
     loss: torch.Tensor | None = None
     past_key_values: object | None = None
+    code_logits: torch.Tensor | None = None  # (B, T, K) a model that draws: the next code's scores
 
 
 class FusionLM(nn.Module):
@@ -43,10 +46,12 @@ class FusionLM(nn.Module):
         self.design = design_of(config.fusion.kind)
         self.encoder = build_encoder(config.encoder, pretrained=pretrained)
         self.llm = build_llm(config.llm, pad_token_id=ids.pad, pretrained=pretrained)
-        if vocab_size is not None and vocab_size > self.llm.get_input_embeddings().weight.shape[0]:
+        rows = self.llm.get_input_embeddings().weight.shape[0]
+        if vocab_size is not None and vocab_size > rows:
             self.llm.resize_token_embeddings(vocab_size, mean_resizing=False)
-            if config.llm.arch is not None:
-                config.llm.arch["vocab_size"] = self.llm.config.vocab_size
+        self._add_generation()
+        if config.llm.arch is not None and self.llm.get_input_embeddings().weight.shape[0] != rows:
+            config.llm.arch["vocab_size"] = self.llm.config.vocab_size
         width = self.llm.config.hidden_size
         self.connector = build_connector(config.connector, self.encoder.out_dim, width, self.encoder.grid)
         self.cross_blocks = nn.ModuleDict()
@@ -55,6 +60,46 @@ class FusionLM(nn.Module):
             raise ConfigError("model.fusion.kind: a Llama 3.2 Vision decoder needs fusion 'cross_attention'")
         if self.design.cross and not self.native_cross:
             self._add_cross_attention()
+
+    # ------------------------------------------------------------------ drawing
+
+    def _add_generation(self) -> None:
+        """The image tokenizer and the generation design's modules (``generators``); the id of code 0
+        is recorded in the model's config the first time, so a rebuilt model finds its codes again."""
+        config = self.config
+        self.generation = generator_of(config.generation.kind)
+        self.image_tokenizer = None
+        if config.image_tokenizer is not None:
+            self.image_tokenizer = build_image_tokenizer(config.image_tokenizer)
+            config.image_tokenizer = self.image_tokenizer.config  # as settled (a pretrained one's grid)
+        if not self.generation.draws:
+            self.code_offset = None
+            return
+        if self.image_tokenizer is None:
+            raise ConfigError(f"model.image_tokenizer: the {self.generation.name!r} generation needs one")
+        text = config.generation.code_offset or self.llm.get_input_embeddings().weight.shape[0]
+        self.code_offset = self.generation.build(self, text)
+        config.generation.code_offset = self.code_offset
+
+    @property
+    def draws(self) -> bool:
+        return self.code_offset is not None
+
+    def code_ids(self, device=None) -> torch.Tensor:
+        """(K,) the ids of the codes."""
+        return torch.arange(self.image_tokenizer.codebook_size, device=device) + self.code_offset
+
+    def with_codes(self, ids: torch.Tensor, drawn: torch.Tensor) -> torch.Tensor:
+        """``ids`` (B, T) with the ``<image_code>`` positions of the drawn images ``drawn`` (G, 3, H, W),
+        in order, holding their codes' ids (``code_offset + code``, raster order)."""
+        slots = ids == self.ids.code  # (B, T)
+        codes = self.image_tokenizer.encode(drawn).flatten(1)  # (G, h*w)
+        if int(slots.sum()) != codes.numel():
+            raise SampleError(f"the batch has {int(slots.sum())} image-code positions but its {len(drawn)} drawn "
+                              f"image(s) have {codes.numel()} codes")
+        out = ids.clone()
+        out[slots] = codes.flatten().to(ids.device) + self.code_offset
+        return out
 
     # ------------------------------------------------------------------ Method B wiring
 
@@ -127,47 +172,71 @@ class FusionLM(nn.Module):
         pixel_values: torch.Tensor | ImageBatch | None = None,
         context: ImageContext | None = None,
         labels: torch.Tensor | None = None,
+        drawn: torch.Tensor | None = None,
         past_key_values: object | None = None,
         use_cache: bool = False,
         query_start: int = 0,
         segment_ids: torch.Tensor | None = None,
         loss_reduction: str = "mean",
+        loss_weights: tuple[float, float] = (1.0, 1.0),
     ) -> Output:
         """Args:
             input_ids: (B, T) with image layouts already expanded.
             pixel_values: the batch's images in order (an ``ImageBatch``, or (I, 3, H, W) of the
                 configured size); or pass ``context``, the images already encoded.
             labels: (B, T), -100 where no loss is taken; the shift happens here.
+            drawn: (G, 3, H, W) in [-1, 1], the images the sequences draw, in order: their
+                ``<image_code>`` positions (in ``input_ids`` and ``labels``) become their codes.
             query_start: sequence index of input_ids[:, 0] (the KV-cache length when decoding).
             segment_ids: (B, T) packed rows (``data.batching.packing``): attention stays inside each sample
                 and positions restart at each (overrides ``attention_mask`` and ``position_ids``).
             loss_reduction: ``mean`` over the target tokens, or their ``sum`` (the training loop
                 divides by the whole step's count, over micro-batches and processes).
+            loss_weights: a model that draws: the weight of text targets and of code targets.
         """
         if segment_ids is not None:
             self.design.check_packing()
             position_ids = segment_positions(segment_ids)  # (B, T)
             attention_mask = segment_mask(segment_ids, self.llm.get_input_embeddings().weight.dtype)  # (B, 1, T, T)
+        if drawn is not None and len(drawn) > 0:
+            input_ids = self.with_codes(input_ids, drawn)
+            labels = None if labels is None else torch.where(labels == self.ids.code, input_ids, labels)
         if context is None and pixel_values is not None and len(pixel_values) > 0:
             context = self.encode_images(pixel_values, input_ids)
         embeds, extra = self.embed(input_ids, context, query_start, cached=past_key_values is not None)
+        hidden = self.draws and self.generation.needs_hidden
         out = self.llm(
             inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, use_cache=use_cache, **extra,
+            past_key_values=past_key_values, use_cache=use_cache, output_hidden_states=hidden or None, **extra,
         )
         call = extra.get("cross_inputs")
         if call is not None and len(call.reached) != len(decoder_layers(self.llm)):
             raise RuntimeError(f"cross-attention reached {len(call.reached)} of {len(decoder_layers(self.llm))} "
                                "decoder layers: this transformers version does not hand a layer's keyword "
                                "arguments on to it (fusionlm's hooks need that)")
-        logits = out.logits  # (B, T, V)
+        logits, codes = out.logits, None  # (B, T, V)
+        if self.draws:
+            codes = self.generation.code_logits(self, logits, out.hidden_states[-1] if hidden else None)  # (B, T, K)
+            logits = self.generation.text_logits(self, logits)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100,
-                reduction=loss_reduction,
-            )
-        return Output(logits=logits, loss=loss, past_key_values=out.past_key_values if use_cache else None)
+            loss = self.loss(logits, codes, labels, loss_reduction, loss_weights)
+        return Output(logits=logits, loss=loss, past_key_values=out.past_key_values if use_cache else None,
+                      code_logits=codes)
+
+    def loss(self, logits: torch.Tensor, codes: torch.Tensor | None, labels: torch.Tensor, reduction: str,
+             weights: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
+        """Next-token cross-entropy: text targets over the text logits (B, T, V), and, for a model that
+        draws, code targets over the code logits (B, T, K) alone; ``weights``: (text, codes)."""
+        targets = labels[:, 1:]  # (B, T-1)
+        if codes is None:
+            return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                                   ignore_index=-100, reduction=reduction)
+        is_code = targets >= self.code_offset  # (B, T-1)
+        text = F.cross_entropy(logits[:, :-1][~is_code].float(), targets[~is_code], ignore_index=-100, reduction="sum")
+        image = F.cross_entropy(codes[:, :-1][is_code].float(), targets[is_code] - self.code_offset, reduction="sum")
+        total = weights[0] * text + weights[1] * image
+        return total if reduction == "sum" else total / (targets != -100).sum().clamp(min=1)
 
     def embed(self, input_ids: torch.Tensor, context: ImageContext | None, query_start: int = 0, *,
               cached: bool = False) -> tuple[torch.Tensor, dict]:
@@ -177,7 +246,12 @@ class FusionLM(nn.Module):
         ``cached``: a KV cache already holds the earlier positions (Llama 3.2 Vision's layers then
         keep the image keys/values from the first call).
         """
-        embeds = self.llm.get_input_embeddings()(input_ids)  # (B, T, D)
+        table = self.llm.get_input_embeddings()
+        if self.draws:  # code ids past the table (decoupled) are embedded by the generation design
+            lookup = input_ids.masked_fill(input_ids >= table.weight.shape[0], self.ids.pad)
+            embeds = self.generation.embed_codes(self, table(lookup), input_ids)  # (B, T, D)
+        else:
+            embeds = table(input_ids)  # (B, T, D)
         image_mask = input_ids == self.ids.image  # (B, T)
         if context is None and image_mask.any():
             # Else the image tokens would silently run as plain text tokens.
@@ -206,4 +280,6 @@ class FusionLM(nn.Module):
             parts = name.split(".")
             if parts[1:3] == ["model", "layers"] and int(parts[3]) in self.llm.config.cross_attention_layers:
                 return "cross_attention"
+        if head.startswith("gen_"):
+            return "generation"
         return {"cross_blocks": "cross_attention"}.get(head, head)

@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
-from .checkpoint import needs_newline
+from .checkpoint import drawing_tokens, needs_newline
 from .config import RecipeConfig
 from .data.batching.batches import check_mixture
-from .data.tokenizer import load_any_tokenizer, load_tokenizer, prepare_tokenizer, train_tokenizer
+from .data.tokenizer import add_tokens, load_any_tokenizer, load_tokenizer, prepare_tokenizer, train_tokenizer
 
 
 def make_tokenizer(config: RecipeConfig, source):
     """A saved tokenizer; else the LLM's own (made ready for images); else one trained on the data."""
     tcfg, llm = config.model.tokenizer, config.model.llm
     if tcfg.path and llm.hf is None:
-        return load_tokenizer(tcfg.path)
-    if tcfg.path or llm.hf:
+        tok = load_tokenizer(tcfg.path)
+    elif tcfg.path or llm.hf:
         tok = load_any_tokenizer(tcfg.path or llm.hf, allow_custom_code=llm.allow_custom_code)
-        return prepare_tokenizer(tok, image_token=tcfg.image_token, newline_token=tcfg.newline_token,
-                                 need_newline=needs_newline(config.model))
-    return train_tokenizer(source.corpus(tcfg.corpus_per_task, trained_tasks(config, source)), tcfg.vocab_size)
+        tok = prepare_tokenizer(tok, image_token=tcfg.image_token, newline_token=tcfg.newline_token,
+                                need_newline=needs_newline(config.model))
+    else:
+        tok = train_tokenizer(source.corpus(tcfg.corpus_per_task, trained_tasks(config, source)), tcfg.vocab_size)
+    return add_tokens(tok, drawing_tokens(config.model))
 
 
 def trained_tasks(config: RecipeConfig, source) -> list[str]:

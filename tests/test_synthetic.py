@@ -72,6 +72,11 @@ def test_every_task_gives_valid_samples(world, task):
                 assert (len(s.images) in (2, 3)) if task == "interleaved" else not s.images
                 continue
             assert s.kind == "chat" and [m["role"] for m in s.messages] == ["user", "assistant"]
+            if task == "draw":  # text to image: the prompt asks, the picture answers
+                assert s.messages == [{"role": "user", "content": s.answers[0]},
+                                      {"role": "assistant", "content": placeholder(s.images[0])}]
+                assert len(s.images) == 1 and s.images[0].size == (S, S)
+                continue
             assert s.messages[0]["content"].startswith("".join(placeholder(i) + "\n" for i in s.images))
             assert s.messages[1]["content"] == s.answers[0]
             assert len(s.images) == (2 if task == "price" else 1)

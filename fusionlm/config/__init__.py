@@ -12,15 +12,15 @@ from .convert import from_dict, to_dict
 from .files import RECIPES_DIR, load_config, load_recipe, resolve_recipe_path, save_config, shipped_recipes
 from .overrides import apply_overrides
 from .schema import (
-    CHOICES, DTYPES, LORA_PARTS, OBJECTIVE_NAMES, PARTS, REPORT_TO, SOURCE_FORMATS, STAND_INS, TRAINABLE_GROUPS,
-    ConnectorConfig, DataConfig, EncoderConfig, FusionConfig, ImageTokenizerConfig, LLMConfig, LoraConfig, ModelConfig,
+    CHOICES, DTYPES, LOSS_KINDS, LORA_PARTS, OBJECTIVE_NAMES, PARTS, REPORT_TO, SOURCE_FORMATS, STAND_INS, TRAINABLE_GROUPS,
+    ConnectorConfig, DataConfig, EncoderConfig, FusionConfig, GenerationConfig, ImageTokenizerConfig, LLMConfig, LoraConfig, ModelConfig,
     RecipeConfig, SourceConfig, StageConfig, TilingConfig, TokenizerConfig, TrainConfig, VideoConfig,
 )
 from .validate import _validate_sources, validate
 
 __all__ = [
-    "CHOICES", "DTYPES", "LORA_PARTS", "OBJECTIVE_NAMES", "PARTS", "RECIPES_DIR", "REPORT_TO", "SOURCE_FORMATS",
-    "STAND_INS", "TRAINABLE_GROUPS", "ConnectorConfig", "DataConfig", "EncoderConfig", "FusionConfig",
+    "CHOICES", "DTYPES", "LOSS_KINDS", "LORA_PARTS", "OBJECTIVE_NAMES", "PARTS", "RECIPES_DIR", "REPORT_TO", "SOURCE_FORMATS",
+    "STAND_INS", "TRAINABLE_GROUPS", "ConnectorConfig", "DataConfig", "EncoderConfig", "FusionConfig", "GenerationConfig",
     "ImageTokenizerConfig", "LLMConfig", "LoraConfig", "ModelConfig", "RecipeConfig", "SourceConfig", "StageConfig",
     "TilingConfig", "TokenizerConfig", "TrainConfig", "VideoConfig", "_validate_sources", "apply_overrides",
     "from_dict", "load_config", "load_recipe", "resolve_recipe_path", "save_config", "shipped_recipes", "to_dict", "validate",

@@ -70,6 +70,25 @@ class ImageTokenizerConfig:
 
 
 @dataclass
+class GenerationConfig:
+    """How the LLM draws. ``kind`` names a design of ``fusionlm.generators`` (``none``: it only reads;
+    ``shared``: Chameleon / Emu3 / Anole, the tokenizer's codes appended to the LLM's vocabulary
+    under one LM head; ``decoupled``: Janus, the codes through an embedding + aligner of their own in
+    and a generation head out). Drawing needs ``model.image_tokenizer``."""
+
+    kind: str = "none"
+    begin_token: str = "<begin_of_image>"  # opens a drawn image (added to the tokenizer)
+    end_token: str = "<end_of_image>"  # closes it
+    code_token: str = "<image_code>"  # a drawn image's positions before its codes are known (added too)
+    head_hidden: int | None = None  # decoupled: the aligner's and the generation head's width; default: the LLM's
+    # how the model draws unless told otherwise (``fusionlm generate --image-out``, GenEval in ``eval``)
+    cfg: float = 3.0  # classifier-free guidance scale (1: none)
+    temperature: float = 1.0
+    top_k: int = 0  # 0: every code
+    code_offset: int | None = None  # recorded: the id of code 0 (the text vocabulary's size when first built)
+
+
+@dataclass
 class LLMConfig:
     """The decoder. ``kind`` names an entry of ``llm.LLMS``; sizes apply to a random init."""
 
@@ -147,6 +166,8 @@ class ModelConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     tiling: TilingConfig = field(default_factory=TilingConfig)
     video: VideoConfig = field(default_factory=VideoConfig)
+    image_tokenizer: ImageTokenizerConfig | None = None  # the visual vocabulary (a model that draws)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
 
 
 SOURCE_FORMATS = ("auto", "synthetic", "llava", "qa", "webdataset", "parquet", "jsonl", "hf")
@@ -247,6 +268,11 @@ class StageConfig:
     weight_decay: float = 0.0
     # LoRA on the LLM and/or the encoder tower; ``train`` then names what else trains fully (may be []).
     lora: LoraConfig | None = None
+    # text-to-image samples: the share whose prompt is replaced by the null prompt that guidance
+    # samples against (``data.drawing.null_prompt``), drawn per sample number (resumes exactly)
+    condition_dropout: float = 0.0
+    # lm objective: the weight of each kind of target in the loss (text tokens, image codes)
+    loss_weights: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -270,9 +296,10 @@ CHOICES = {  # dotted key -> allowed values, checked by ``validate``
     "train.checkpoint_format": ("full", "sharded"),
     "train.backend": ("auto", "gloo", "nccl"),
 }
-PARTS = ("encoder", "connector", "llm", "cross_attention")  # the groups of weights a stage trains
+PARTS = ("encoder", "connector", "llm", "cross_attention", "image_tokenizer", "generation")  # the groups of weights a stage trains
 TRAINABLE_GROUPS = PARTS + ("all",)  # stages.N.train: parts, "all", or globs over parameter names
 REPORT_TO = ("tensorboard", "wandb")  # train.report_to: where metrics go besides metrics.jsonl
 LORA_PARTS = ("llm", "encoder")  # stages.N.lora.parts: the transformers models LoRA adapts
-OBJECTIVE_NAMES = ("lm", "contrastive")  # stages.N.objective (each a class in ``train.objectives``)
-STAND_INS = ("llm", "encoder")  # stages.N.stand_in_for: the pre-training a stand-in stage replaces
+OBJECTIVE_NAMES = ("lm", "contrastive", "reconstruction")  # stages.N.objective (each a class in ``train.objectives``)
+STAND_INS = ("llm", "encoder", "image_tokenizer")
+LOSS_KINDS = ("text", "image")  # stages.N.loss_weights: the kinds of target the lm objective weighs  # stages.N.stand_in_for: the pre-training a stand-in stage replaces

@@ -4,9 +4,10 @@ and each fusion design checks its own settings (``designs.Design.check``)."""
 from __future__ import annotations
 
 from ..designs import design_of
+from ..generators import generator_of
 from ..errors import ConfigError
 from .schema import (
-    CHOICES, LORA_PARTS, OBJECTIVE_NAMES, PARTS, REPORT_TO, SOURCE_FORMATS, STAND_INS, TRAINABLE_GROUPS, DataConfig,
+    CHOICES, LORA_PARTS, LOSS_KINDS, OBJECTIVE_NAMES, PARTS, REPORT_TO, SOURCE_FORMATS, STAND_INS, TRAINABLE_GROUPS, DataConfig,
     RecipeConfig, StageConfig,
 )
 
@@ -27,6 +28,7 @@ def validate(config: RecipeConfig) -> RecipeConfig:
     if tiling.max_tiles and tiling.min_tiles > tiling.max_tiles:
         raise ConfigError(f"model.tiling.min_tiles: {tiling.min_tiles} is more than max_tiles {tiling.max_tiles}")
     design.check(config)
+    generator_of(config.model.generation.kind).check(config)  # a ConfigError listing the designs, for an unknown one
     if tiling.max_tiles and config.model.encoder.kind in ("patches", "mllama", "qwen2vl"):
         raise ConfigError(f"model.tiling: the {config.model.encoder.kind!r} encoder cuts images its own way; "
                           f"leave max_tiles at 0")
@@ -71,6 +73,12 @@ def validate(config: RecipeConfig) -> RecipeConfig:
             raise ConfigError(f"stages.{i}.train: name at least one part ({', '.join(TRAINABLE_GROUPS)}) or a glob")
         if stage.lora is not None:
             _validate_lora(stage, f"stages.{i}.lora")
+        if not 0 <= stage.condition_dropout < 1:
+            raise ConfigError(f"stages.{i}.condition_dropout: {stage.condition_dropout} is not in [0, 1)")
+        bad = [k for k, w in stage.loss_weights.items() if k not in LOSS_KINDS or w < 0]
+        if bad:
+            raise ConfigError(f"stages.{i}.loss_weights: {bad[0]!r} is not one of {', '.join(LOSS_KINDS)} with a "
+                              f"weight >= 0")
     return config
 
 

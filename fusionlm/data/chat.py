@@ -92,7 +92,7 @@ def render(sample: Sample, tokenizer, *, image_token: str = IMAGE_TOKEN, end_tok
 
 def encode(sample: Sample, tokenizer, layouts: Sequence[list[int]] | list[int], *, max_length: int,
            image_token: str = IMAGE_TOKEN, end_token: str | None = None,
-           add_generation_prompt: bool = False) -> Encoded:
+           add_generation_prompt: bool = False, targets: Sequence[bool] | None = None) -> Encoded:
     """Token ids and labels for one sample.
 
     Args:
@@ -101,6 +101,7 @@ def encode(sample: Sample, tokenizer, layouts: Sequence[list[int]] | list[int], 
         image_token: the tokenizer's image token (each ``<image>`` / ``<video>`` placeholder becomes
             one, then that item's layout).
         end_token: what ends a turn (documents end with it); default the tokenizer's eos.
+        targets: for each item, whether its layout is a target (an image the model draws); default none.
     Raises:
         SampleError: the placeholders don't match the images (a data error, found before training).
         SkipSample: too long for the context (never cut inside an image), or nothing to learn.
@@ -120,9 +121,9 @@ def encode(sample: Sample, tokenizer, layouts: Sequence[list[int]] | list[int], 
     for tok, (start, _) in zip(enc["input_ids"], enc["offset_mapping"]):
         if tok == image_id:
             layout = layouts[n_image]
-            n_image += 1
             ids.extend(layout)
-            labels.extend([IGNORE] * len(layout))
+            labels.extend(layout if targets and targets[n_image] else [IGNORE] * len(layout))
+            n_image += 1
             continue
         ids.append(tok)
         labels.append(tok if any(s <= start < e for s, e in spans) else IGNORE)

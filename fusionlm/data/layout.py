@@ -69,6 +69,10 @@ class SpecialIds:
     pad: int
     end: int  # ends a turn: generation stops here
     tile_tags: tuple[tuple[int, ...], ...] = ()  # tiling with tags: ids of <tile_1>… then the thumbnail's
+    # a model that draws (model.generation): ids of <begin_of_image>, <end_of_image>, <image_code>; -1: none
+    begin_image: int = -1
+    end_image: int = -1
+    code: int = -1
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,14 @@ video's frames), the model's ``ImageLayout`` turns those inputs into image token
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+import torch
 
 from ..errors import SampleError
 from .chat import Encoded, SkipSample, encode
+from .drawing import DrawLayout, drawn_items
 from .layout import ImageLayout
 from .pixels.processing import ImageInput, ImageSpec
 from .sample import IMAGE_TOKEN, Sample
@@ -25,6 +28,7 @@ class Prompted:
 
     encoded: Encoded
     inputs: list[ImageInput]
+    drawn: list[torch.Tensor] = field(default_factory=list)  # each (3, S, S): the pictures the sample draws
 
 
 @dataclass(frozen=True)
@@ -37,13 +41,14 @@ class PromptEncoder:
     max_length: int
     image_token: str = IMAGE_TOKEN
     end_token: str | None = None  # what ends a turn; None: the tokenizer's eos
+    draw: DrawLayout | None = None  # a model that draws: how it writes the pictures of assistant turns
 
     @classmethod
     def of(cls, model, tokenizer, spec: ImageSpec | None, *, max_length: int | None = None) -> "PromptEncoder":
         """The encoder of a built model (its layout, its tokenizer settings, its context)."""
         tokens = model.config.tokenizer
         return cls(tokenizer, spec, model.layout, max_length or model.config.llm.max_length,
-                   tokens.image_token, tokens.end_token)
+                   tokens.image_token, tokens.end_token, DrawLayout.of(model))
 
     def sample(self, sample: Sample, *, generation_prompt: bool = False) -> Prompted:
         """``sample`` as the model reads it.
@@ -53,11 +58,16 @@ class PromptEncoder:
             SampleError: placeholders that do not match the pictures.
             SkipSample: too long for ``max_length``, or nothing to learn (without a generation prompt).
         """
-        per_item = [self.spec.process_all(item) for item in sample.images]
-        encoded = encode(sample, self.tokenizer, [self.layout.image_tokens(inputs) for inputs in per_item],
-                         max_length=self.max_length, image_token=self.image_token, end_token=self.end_token,
-                         add_generation_prompt=generation_prompt)
-        return Prompted(encoded, [inp for inputs in per_item for inp in inputs])
+        drawn = drawn_items(sample) if self.draw is not None else [False] * len(sample.images)
+        per_item = [[] if d else self.spec.process_all(item) for item, d in zip(sample.images, drawn)]
+        layouts = [self.draw.tokens() if d else self.layout.image_tokens(inputs) for inputs, d in zip(per_item, drawn)]
+        encoded = encode(sample, self.tokenizer, layouts, max_length=self.max_length, image_token=self.image_token,
+                         end_token=self.end_token, add_generation_prompt=generation_prompt, targets=drawn)
+        pictures = [self.draw.pixels(item, **self._loading()) for item, d in zip(sample.images, drawn) if d]
+        return Prompted(encoded, [inp for inputs in per_item for inp in inputs], pictures)
+
+    def _loading(self) -> dict:
+        return {} if self.spec is None else {"root": self.spec.root, "max_pixels": self.spec.max_pixels}
 
     def request(self, request) -> Prompted:
         """A request's prompt (anything with ``.sample()``), the generation prompt added.

@@ -74,17 +74,23 @@ def prepare_tokenizer(tok, *, image_token: str, newline_token: str, need_newline
     tokenizer without a chat template gets fusionlm's, with its role tokens added.
     """
     wanted = [image_token] + ([newline_token] if need_newline else [])
-    vocab = tok.get_vocab()
-    new = [t for t in wanted if t not in vocab]
     if not tok.chat_template:
-        new += [t for t in (USER, ASSISTANT, SYSTEM, END) if t not in vocab]
+        wanted += [USER, ASSISTANT, SYSTEM, END]
         tok.chat_template = CHAT_TEMPLATE
-    if new:
-        tok.add_special_tokens({"additional_special_tokens": new}, replace_extra_special_tokens=False)
+    add_tokens(tok, wanted)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else PAD
         if tok.pad_token == PAD and PAD not in tok.get_vocab():
             tok.add_special_tokens({"pad_token": PAD})
+    return tok
+
+
+def add_tokens(tok, tokens: list[str]):
+    """``tok`` with those of ``tokens`` it lacks added as special tokens, at the end of its vocabulary
+    (so the ids it had stay as they were; the caller grows the embeddings)."""
+    new = [t for t in tokens if t not in tok.get_vocab()]
+    if new:
+        tok.add_special_tokens({"additional_special_tokens": new}, replace_extra_special_tokens=False)
     return tok
 
 

@@ -25,7 +25,10 @@ from ..data.sample import Sample
 from ..data.sources import build_source
 from ..errors import ConfigError
 from ..generate import MAX_NEW_TOKENS, Request, generate
-from .metrics import METRICS, metric_for
+from ..data.world.scenes import CATEGORIES, geneval_scenes
+from ..draw import DrawRequest, Sampling, draw
+from .geneval import check, geneval
+from .metrics import GENEVAL, METRICS, metric_for
 from .tasks import WORLD_EVAL_TASKS, EvalTask
 
 EVAL_TASKS = WORLD_EVAL_TASKS  # the world's tasks that are answered from images (motion: from a clip)
@@ -120,6 +123,10 @@ def evaluate_tasks(model, tokenizer, tasks: list[EvalTask], spec: ImageSpec, *, 
     max_length = model.config.llm.max_length
     results = []
     for task in tasks:
+        if task.metric == GENEVAL:
+            results += draw_task(model, tokenizer, task, spec, per_task=per_task, batch_size=batch_size, seed=seed,
+                                 progress=progress)
+            continue
         data = TaskData(task, sources)
         task_spec = replace(spec, root=data.source.root)  # the task's images, under its data's root
         questions, prompts, skipped, fewer = [], [], [], 0
@@ -147,11 +154,43 @@ def evaluate_tasks(model, tokenizer, tasks: list[EvalTask], spec: ImageSpec, *, 
     return results
 
 
+def draw_task(model, tokenizer, task: EvalTask, spec: ImageSpec, *, per_task: int = 50, batch_size: int = 32,
+              seed: int = 0, progress=None) -> list[TaskResult]:
+    """GenEval on the synthetic world: ``per_task`` held-out prompts of each category
+    (``scenes.geneval_scenes``), one picture each, drawn the way the model's config says
+    (``model.generation``: guidance, temperature, top-k), prompt ``i`` with seed ``seed + i``.
+    Results: the task overall (GenEval's mean of the categories), then one per category."""
+    if not model.draws:
+        raise ConfigError(f"task {task.name}: a drawing task, and this model does not draw "
+                          "(model.generation.kind: none)")
+    gen = model.config.generation
+    sampling = Sampling(cfg=gen.cfg, temperature=gen.temperature, top_k=gen.top_k)
+    scenes = geneval_scenes(per_task, seed=seed)
+    pictures = []
+    for start in range(0, len(scenes), batch_size):
+        reqs = [DrawRequest(task.prompt.format(question=s.prompt), seed=seed + start + i, id=f"geneval/{start + i}")
+                for i, s in enumerate(scenes[start:start + batch_size])]
+        pictures.extend(draw(model, tokenizer, reqs, spec, sampling=sampling))
+    verdicts = [check(s, p) for s, p in zip(scenes, pictures)]
+    scores = geneval(scenes, pictures)
+    examples = [{"id": f"geneval/{i}", "question": s.prompt, "category": s.category, "score": float(v.ok),
+                 "failed": v.failed} for i, (s, v) in enumerate(zip(scenes, verdicts))]
+    results = [TaskResult(task.name, GENEVAL, scores["overall"], len(scenes), examples=examples)]
+    for category in CATEGORIES:
+        mine = [e for e in examples if e["category"] == category]
+        results.append(TaskResult(f"{task.name}/{category}", GENEVAL, scores[category], len(mine), examples=mine))
+    if progress:
+        progress(f"{task.name:<10} {GENEVAL:<18} {scores['overall']:.3f}  (n={len(scenes)}: "
+                 + ", ".join(f"{c} {scores[c]:.2f}" for c in CATEGORIES) + ")")
+    return results
+
+
 def evaluate(model, tokenizer, source, spec: ImageSpec, *, split: str = "test", per_task: int = 50,
                  batch_size: int = 32, tasks: list[str] | None = None, max_new_tokens: int = MAX_NEW_TOKENS,
                  shots: int = 0, seed: int = 0, progress=None) -> list[TaskResult]:
     """The tasks of a data source (the world's, or a file's) by name, each with its usual metric."""
-    names = tasks or [t for t in source.tasks() if t in EVAL_TASKS or t not in ("interleaved", "text_only")]
+    names = tasks or [t for t in source.tasks() if t in EVAL_TASKS or t not in ("interleaved", "text_only", "draw")
+                      or (t == "draw" and model.draws)]
     data = getattr(source, "path", "synthetic")
     root = None if data == "synthetic" else source.root
     defs = [EvalTask(name=n, metric=metric_for(n), data=data, split=split, max_new_tokens=max_new_tokens,

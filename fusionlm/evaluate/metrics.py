@@ -319,7 +319,8 @@ for _name, _one in [("exact_match", exact_match), ("table_exact_match", table_ma
 METRICS.register("cider")(cider)
 
 # The synthetic world's tasks and their metrics; any other task of the world: exact match.
-TASK_METRICS = {"caption": "cider", "table": "table_exact_match"}
+TASK_METRICS = {"caption": "cider", "table": "table_exact_match", "draw": "geneval"}
+GENEVAL = "geneval"  # a drawing task: its pictures scored by ``evaluate.geneval``, not its text
 
 
 def metric_for(task: str) -> str:

@@ -30,7 +30,7 @@ from ..llm import decoder_layers
 from ..errors import CheckpointError, ConfigError, FusionError
 from ..recipe import make_tokenizer
 from .distributed import Group
-from .objectives import OBJECTIVES
+from .objectives import objective_for
 from .plots import plot_losses
 from .precision import master_weights
 from .progress import Counts, Progress
@@ -107,6 +107,7 @@ class Trainer:
             save_config(config, self.out / "config.yaml")
         self.spec = ImageSpec.for_model(self.model, config, root=self.source.root)
         self.metrics_path = self.out / "metrics.jsonl"
+        self.reported: dict[str, float] = {}  # the last step's objective metrics (``Objective.report``)
         if self.group.main:
             trim_metrics(self.metrics_path, self.progress.step)
 
@@ -200,7 +201,7 @@ class Trainer:
         dataset = MixtureBatches(
             self.source, stage.mixture, seed=self.config.train.seed, stage=index, batch_size=stage.batch_size,
             prompts=PromptEncoder.of(self.model, self.tokenizer, self.spec), rank=self.group.rank, world=self.group.world,
-            pack=self.config.data.pack, grad_accum=stage.grad_accum,
+            pack=self.config.data.pack, grad_accum=stage.grad_accum, condition_dropout=stage.condition_dropout,
         )
         order = range(start * stage.grad_accum, stage.steps * stage.grad_accum)
         workers = self.config.data.loader_workers
@@ -318,19 +319,31 @@ class Trainer:
         finite), each over all processes. Each process divides its summed loss by the items of the
         whole step (target tokens for ``lm``) and the engine sums the gradients over processes, once,
         with the last micro-batch: the gradients are those of one batch of all the step's samples."""
-        objective = OBJECTIVES[stage.objective]
+        objective = objective_for(stage)
         local = sum(objective.items(batch) for batch in micro if batch.sample_ids)
         (items,) = self.group.sum([local])
-        shown = 0.0
+        shown, stats = 0.0, {}
         for k, batch in enumerate(micro):
             with self.group.accumulating(engine, sync=k == len(micro) - 1):
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                    train, part = engine(batch.to(self.device) if batch.sample_ids else None, objective)
+                    train, part, sums = engine(batch.to(self.device) if batch.sample_ids else None, objective)
                 (train / max(items, 1)).backward()  # a process without samples joins the reductions
             shown += float(part) / max(items, 1)
+            for name, value in sums.items():
+                stats[name] = stats.get(name, 0) + value.detach().double().cpu().reshape(-1)
         finite = math.isfinite(shown)
         loss, tokens, bad = self.group.sum([shown if finite else 0.0, sum(b.num_tokens for b in micro), not finite])
+        self.reported = objective.report(self._sum_stats(stats)) if stats else {}
         return loss, int(tokens), int(items), not bad
+
+    def _sum_stats(self, stats: dict[str, torch.Tensor]) -> dict[str, list[float]]:
+        """Each of an objective's sums over all processes (every process has the same names)."""
+        names = sorted(stats)
+        flat = self.group.sum(torch.cat([stats[n] for n in names]).tolist())
+        out, at = {}, 0
+        for n in names:
+            out[n], at = flat[at: at + len(stats[n])], at + len(stats[n])
+        return out
 
     def _grad_norm(self, params: list[torch.nn.Parameter]) -> float:
         """The gradients' global L2 norm, after clipping them to ``train.grad_clip`` (0 or null: not clipped)."""
@@ -366,7 +379,8 @@ class Trainer:
             return
         row = {"step": p.step, "stage": index, "stage_name": stage.name, "stage_step": p.stage_step,
                "loss": loss, "lr": lr, "tokens": tokens, "tokens_per_s": tokens / elapsed if elapsed else None,
-               "samples_seen": p.samples_seen, "samples_trained": p.samples_trained, "skipped": dict(p.skipped)}
+               "samples_seen": p.samples_seen, "samples_trained": p.samples_trained, "skipped": dict(p.skipped),
+               **self.reported}
         with open(self.metrics_path, "a") as fh:
             fh.write(json.dumps(row) + "\n")
         self.reporters.log(row, p.step)

@@ -1,5 +1,6 @@
 """What a stage optimises. ``lm``: next-token loss on target tokens. ``contrastive``: CLIP-style
 alignment of images with their texts, a cheap encoder pre-training stage (seed 003's lever).
+``reconstruction``: the image tokenizer's autoencoding of the pictures a model draws.
 
 Each objective is a class behind ``OBJECTIVES``. It counts the *items* a micro-batch holds (target
 tokens; samples) and returns the *sum* of their losses: the loop divides by the count of the whole
@@ -16,7 +17,8 @@ process and N give the same loss; with ``grad_accum`` > 1 they are those of the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -25,8 +27,9 @@ import torch.nn.functional as F
 from ..data.batching.batches import Batch
 from ..data.chat import IGNORE
 from ..data.pixels.processing import ImageBatch
-from ..config import OBJECTIVE_NAMES
+from ..config import LOSS_KINDS, OBJECTIVE_NAMES, StageConfig
 from ..errors import ConfigError
+from ..image_tokenizers import counts_usage
 from ..model import FusionLM
 from .distributed import all_rows
 
@@ -39,10 +42,21 @@ class Loss:
 
     train: torch.Tensor  # what this process back-propagates
     shown: torch.Tensor  # its part of the logged loss: the parts of all processes add up to the whole
+    # sums the objective reports on (``Objective.report``), added up over micro-batches and processes
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class Objective:
+    """What a stage optimises; made per stage (``objective_for``), with that stage's settings."""
+
     name: ClassVar[str]
+
+    def __init__(self, stage: StageConfig | None = None):
+        self.stage = stage if stage is not None else StageConfig(objective=self.name)
+
+    def report(self, stats: dict[str, list[float]]) -> dict[str, float]:
+        """The metrics a step logs from its summed ``stats`` (none by default)."""
+        return {}
 
     def items(self, batch: Batch) -> int:
         """How many items the loss of ``batch`` sums over."""
@@ -57,14 +71,19 @@ class Objective:
         raise NotImplementedError
 
 
-OBJECTIVES: dict[str, Objective] = {}
+OBJECTIVES: dict[str, type[Objective]] = {}
 
 
 def objective(cls: type[Objective]) -> type[Objective]:
     if cls.name not in OBJECTIVE_NAMES:  # the names a recipe may give (config.OBJECTIVE_NAMES)
         raise TypeError(f"objective {cls.name!r}: add it to fusionlm.config.schema.OBJECTIVE_NAMES")
-    OBJECTIVES[cls.name] = cls()
+    OBJECTIVES[cls.name] = cls
     return cls
+
+
+def objective_for(stage: StageConfig) -> Objective:
+    """The objective ``stage`` optimises, with its settings."""
+    return OBJECTIVES[stage.objective](stage)
 
 
 @objective
@@ -75,8 +94,10 @@ class LanguageModel(Objective):
         return int((batch.labels[:, 1:] != IGNORE).sum())
 
     def loss(self, model: FusionLM, batch: Batch, group=None) -> Loss:
+        weights = tuple(self.stage.loss_weights.get(kind, 1.0) for kind in LOSS_KINDS)
         out = model(batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixels,
-                    labels=batch.labels, segment_ids=batch.segments, loss_reduction="sum")
+                    labels=batch.labels, segment_ids=batch.segments, drawn=batch.drawn, loss_reduction="sum",
+                    loss_weights=weights)
         return Loss(out.loss, out.loss.detach())
 
     def idle(self, model: FusionLM, group=None) -> Loss:
@@ -135,6 +156,49 @@ class Contrastive(Objective):
         return Loss(terms.sum(), terms[start: start + local.shape[0]].sum().detach())
 
 
+@objective
+class Reconstruction(Objective):
+    """The image tokenizer's own training: reconstruct the pictures the batch draws (``Batch.drawn``)
+    through the codes, with the quantiser's commitment loss; PSNR and codebook use are logged
+    every step, because a collapsing codebook is the known failure."""
+
+    name = "reconstruction"
+
+    def items(self, batch: Batch) -> int:
+        return 0 if batch.drawn is None else len(batch.drawn)
+
+    def loss(self, model: FusionLM, batch: Batch, group=None) -> Loss:
+        if batch.drawn is None:
+            raise ConfigError("the reconstruction objective trains the image tokenizer on the pictures a model draws; "
+                              "this batch has none (use tasks whose answers are images, such as draw)")
+        return self._run(model, batch.drawn)
+
+    def idle(self, model: FusionLM, group=None) -> Loss:
+        size = model.image_tokenizer.config.image_size
+        return self._run(model, model.llm.get_input_embeddings().weight.new_zeros((0, 3, size, size)))
+
+    @staticmethod
+    def _run(model: FusionLM, pictures: torch.Tensor) -> Loss:
+        tokenizer = model.image_tokenizer
+        if tokenizer is None:
+            raise ConfigError("the reconstruction objective trains model.image_tokenizer; this model has none")
+        out = tokenizer(pictures)
+        n = pictures.shape[0]
+        total = out.loss * n if n else out.pixels.sum() * 0.0  # an empty batch: zero, the collectives joined
+        error = ((out.pixels.detach().clamp(-1, 1) - pictures) ** 2).sum()
+        stats = {"squared_error": error, "values": torch.tensor(float(pictures.numel())),
+                 "codes": torch.bincount(out.codes.flatten(), minlength=tokenizer.codebook_size).double()}
+        return Loss(total, total.detach(), stats)
+
+    def report(self, stats):
+        values = stats["values"][0]
+        if not values:
+            return {}
+        mse = stats["squared_error"][0] / values
+        return {"psnr": 10 * math.log10(4 / mse) if mse else float("inf"),
+                **counts_usage(torch.tensor(stats["codes"]))}
+
+
 def lm_loss(model: FusionLM, batch: Batch) -> torch.Tensor:
     """The mean next-token loss over ``batch``'s target tokens."""
     return model(batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixels,
@@ -143,7 +207,7 @@ def lm_loss(model: FusionLM, batch: Batch) -> torch.Tensor:
 
 def contrastive_loss(model: FusionLM, batch: Batch) -> torch.Tensor:
     """The mean symmetric InfoNCE over ``batch`` (one process)."""
-    contrastive = OBJECTIVES["contrastive"]
+    contrastive = OBJECTIVES["contrastive"]()
     return contrastive.loss(model, batch).train / contrastive.items(batch)
 
 

@@ -17,12 +17,12 @@ class TrainStep(nn.Module):
         self.model = model
         self.group = group
 
-    def forward(self, batch: Batch | None, objective: Objective) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the loss this process back-propagates, its part of the logged loss); ``batch`` None: this
-        process has no sample in the micro-batch."""
+    def forward(self, batch: Batch | None, objective: Objective) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """(the loss this process back-propagates, its part of the logged loss, the objective's sums
+        to report on); ``batch`` None: this process has no sample in the micro-batch."""
         loss: Loss = objective.idle(self.model, self.group) if batch is None else \
             objective.loss(self.model, batch, self.group)
-        return loss.train + touch(self.model, loss.train), loss.shown
+        return loss.train + touch(self.model, loss.train), loss.shown, loss.stats
 
 
 def touch(model: nn.Module, like: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,7 @@ import torch
 
 from ...errors import ConfigError, FusionError, ImageError
 from ..chat import IGNORE, Encoded, SkipSample
+from ..drawing import draws_pictures, null_prompt
 from .order import PassOrder, generator, stable_seed
 from .packing import packed
 from ..pixels.processing import ImageBatch, ImageInput, ImageSpec
@@ -76,14 +77,15 @@ class Batch:
     tasks: list[str]
     skipped: list[Skip] = field(default_factory=list)
     segments: torch.Tensor | None = None  # (B, T) packed rows: each token's sample (1, 2, …; 0 = padding)
+    drawn: torch.Tensor | None = None  # (G, 3, S, S) in [-1, 1]: the pictures the batch draws, in order
 
     def to(self, device: torch.device) -> "Batch":
         if self.input_ids.device == device:
             return self
-        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return Batch(move(self.input_ids), move(self.labels), move(self.attention_mask),
                      None if self.pixels is None else self.pixels.to(device), self.sample_ids, self.tasks,
-                     self.skipped, None if self.segments is None else move(self.segments))
+                     self.skipped, move(self.segments), move(self.drawn))
 
     @property
     def num_images(self) -> int:
@@ -135,7 +137,7 @@ class MixtureBatches(torch.utils.data.Dataset):
 
     def __init__(self, source: SampleSource, mixture: dict[str, float], *, seed: int, stage: int,
                  batch_size: int, prompts: PromptEncoder, split: str = "train", rank: int = 0, world: int = 1,
-                 pack: bool = False, grad_accum: int = 1):
+                 pack: bool = False, grad_accum: int = 1, condition_dropout: float = 0.0):
         mixture = check_mixture(mixture, source, key=f"stages.{stage}.mixture")
         self.source, self.split = source, split
         self.task_names = [t for t, w in mixture.items() if w > 0]
@@ -144,6 +146,7 @@ class MixtureBatches(torch.utils.data.Dataset):
         self.prompts = prompts  # how a sample becomes ids, labels and encoder inputs
         self.rank, self.world = rank, world  # data parallelism: this process's share of each batch
         self.pack = pack  # several samples per row, up to max_length tokens (``data.packing``)
+        self.condition_dropout = condition_dropout  # share of drawing samples trained on the null prompt
         if grad_accum < 1:
             raise ConfigError(f"stages.{stage}.grad_accum: must be >= 1, got {grad_accum}")
         self.step_size = batch_size * grad_accum  # sample numbers of one optimizer step: all ranks, micro-batches
@@ -170,7 +173,11 @@ class MixtureBatches(torch.utils.data.Dataset):
             index = stable_seed(self.seed, self.stage, number, "index") % 2**31
         else:
             index = order.record(int(draws[i]))
-        return self.source.get(self.task_names[t], self.split, index)
+        sample = self.source.get(self.task_names[t], self.split, index)
+        if self.condition_dropout and draws_pictures(sample):
+            if generator(self.seed, self.stage, number, "null prompt").random() < self.condition_dropout:
+                return null_prompt(sample)
+        return sample
 
     # ---------------------------------------------------------------- which record each sample reads
 
@@ -237,7 +244,7 @@ class MixtureBatches(torch.utils.data.Dataset):
         return self._steps[step]
 
     def __getitem__(self, k: int) -> Batch:
-        encoded, pixels, tasks, skipped = [], [], [], []
+        encoded, pixels, drawn, tasks, skipped = [], [], [], [], []
         share = self.batch_size // self.world
         first = k * self.batch_size + self.rank * share
         for number in range(first, first + share):
@@ -256,14 +263,16 @@ class MixtureBatches(torch.utils.data.Dataset):
                 continue
             encoded.append(prompted.encoded)
             pixels.extend(prompted.inputs)
+            drawn.extend(prompted.drawn)
             tasks.append(sample.task)
         return collate(encoded, pixels, tasks, skipped, self.prompts.tokenizer.pad_token_id,
-                       pack_length=self.prompts.max_length if self.pack else None)
+                       pack_length=self.prompts.max_length if self.pack else None, drawn=drawn)
 
 
 def collate(encoded: list[Encoded], inputs: list[ImageInput], tasks: list[str], skipped: list[Skip],
-            pad_id: int, *, pack_length: int | None = None) -> Batch:
-    """A padded batch, one sample per row; or, with ``pack_length``, samples packed into rows."""
+            pad_id: int, *, pack_length: int | None = None, drawn: list[torch.Tensor] | None = None) -> Batch:
+    """A padded batch, one sample per row; or, with ``pack_length``, samples packed into rows.
+    ``drawn``: each (3, S, S), the pictures the samples draw, in order."""
     if not encoded:
         empty = torch.zeros((0, 1), dtype=torch.long)
         return Batch(empty, empty, empty, None, [], [], skipped)
@@ -273,4 +282,4 @@ def collate(encoded: list[Encoded], inputs: list[ImageInput], tasks: list[str], 
     else:
         ids, labels, mask = pad_right(encoded, pad_id)
     return Batch(ids, labels, mask, ImageBatch.collate(inputs), [e.sample_id for e in encoded], tasks, skipped,
-                 segments)
+                 segments, torch.stack(drawn) if drawn else None)

@@ -18,6 +18,7 @@ class SampleSpec:
     answers: list[str] = field(default_factory=list)
     text: str = ""
     image_keys: list[tuple] = field(default_factory=list)
+    answer_images: bool = False  # the images are the answer (drawn in the assistant turn), not the question's
     meta: dict[str, Any] = field(default_factory=dict)
 
     def content_key(self) -> tuple:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from ..sample import IMAGE_TOKEN
+from .scenes import draw_scene, training_scene
 from .render import BAR_LABELS, COLORS, fit_size, text_width
 from .spec import SampleSpec
 from .vocabulary import (
@@ -270,3 +271,14 @@ def text_only(world: Canvas, spec: SampleSpec, rng: random.Random, split: str) -
              for _ in range(rng.randint(1, 3))]
     spec.text = " ".join(facts)
     spec.meta = {"facts": facts}
+
+
+@task
+def draw(world: Canvas, spec: SampleSpec, rng: random.Random, split: str) -> None:
+    """Text to image: a GenEval-style prompt (never a held-out combination, ``scenes.HELD_OUT``)
+    answered by a picture that satisfies it."""
+    scene = training_scene(rng)
+    key = world.draw(rng, split, lambda r: (draw_scene(scene, r, world.image_size), {}))[0]
+    spec.question, spec.answers, spec.image_keys = scene.prompt, [scene.prompt], [key]
+    spec.answer_images = True
+    spec.meta = {"category": scene.category}

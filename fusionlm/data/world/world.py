@@ -50,6 +50,7 @@ from ..sample import TASKS, Sample
 from ..pixels.video import Video, placeholder
 from .render import COLORS, render_clip, render_image
 from .spec import SampleSpec, _stable_int
+from .scenes import geneval_scenes
 from .tasks import TASK_MAKERS
 from .vocabulary import GRID_NAMES, SHAPES, vocabulary_strings
 
@@ -93,9 +94,13 @@ class World:
         images = [Video(render_clip(k)) if k[0] == "motion" else render_image(k) for k in spec.image_keys]
         if spec.kind == "document":
             return Sample(id=spec.id, task=task, kind="document", text=spec.text, images=images)
-        user = "".join(placeholder(item) + "\n" for item in images)
-        messages = [{"role": "user", "content": user + spec.question},
-                    {"role": "assistant", "content": spec.answers[0]}]
+        shown = "".join(placeholder(item) + "\n" for item in images)
+        if spec.answer_images:  # text to image: the pictures are the assistant's answer
+            messages = [{"role": "user", "content": spec.question},
+                        {"role": "assistant", "content": shown.rstrip("\n")}]
+        else:
+            messages = [{"role": "user", "content": shown + spec.question},
+                        {"role": "assistant", "content": spec.answers[0]}]
         return Sample(id=spec.id, task=task, messages=messages, images=images,
                       answers=list(spec.answers))
 
@@ -118,6 +123,8 @@ class World:
                     yield spec.question
                     yield from spec.answers
         yield from vocabulary_strings(tasks)
+        if "draw" in tasks:  # the evaluation prompts' words (their held-out combinations are of known words)
+            yield from (s.prompt for s in geneval_scenes(20))
 
     # -- drawing, for the task makers (``tasks``) -------------------------------------------
     def _in_split(self, key: tuple, split: str) -> bool:

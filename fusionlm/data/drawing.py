@@ -1,0 +1,78 @@
+"""Images a model draws, as data: which pictures of a sample are drawn, how one is written into the
+sequence, and the null prompt that condition dropout trains and guidance samples against.
+
+A picture whose ``<image>`` placeholder sits in an assistant turn is one the assistant draws (a
+text-to-image answer, or an image in the middle of an any-to-any reply); one in any other turn is
+read. A drawn picture becomes ``<begin_of_image>``, one ``<image_code>`` per code of the image
+tokenizer's grid, ``<end_of_image>``, all of it trained; the model puts the picture's codes in
+place of the ``<image_code>`` positions (``FusionLM.with_codes``).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import SampleError
+from .chat import PLACEHOLDERS
+from .pixels.video import Video
+from .pixels.images import DEFAULT_MAX_PIXELS, image_to_pixels
+from .sample import Sample
+
+HALF = (0.5, 0.5, 0.5)  # a drawn picture's pixels are in [-1, 1]
+
+
+def drawn_items(sample: Sample) -> list[bool]:
+    """For each item of ``sample.images``, in order: whether its placeholder is in an assistant turn."""
+    if sample.kind == "document":
+        return [False] * len(sample.images)
+    return [m["role"] == "assistant" for m in sample.messages for _ in PLACEHOLDERS.findall(m["content"])]
+
+
+def draws_pictures(sample: Sample) -> bool:
+    return any(drawn_items(sample))
+
+
+def null_prompt(sample: Sample) -> Sample:
+    """``sample`` with the text of its non-assistant turns removed (the pictures they show stay): the
+    unconditional prompt. Condition dropout trains on it and classifier-free guidance samples its
+    null rows from it, so the two are the same sequence by construction."""
+    out = copy.copy(sample)
+    out.messages = [m if m["role"] == "assistant" else {**m, "content": "".join(PLACEHOLDERS.findall(m["content"]))}
+                    for m in sample.messages]
+    return out
+
+
+@dataclass(frozen=True)
+class DrawLayout:
+    """How a model writes one drawn image: its token ids and the picture size its tokenizer reads."""
+
+    begin: int
+    end: int
+    code: int
+    grid: tuple[int, int]  # codes per image (rows, columns)
+    image_size: int
+
+    @property
+    def codes(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    def tokens(self) -> list[int]:
+        return [self.begin] + [self.code] * self.codes + [self.end]
+
+    def pixels(self, source, *, root=None, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+        """A drawn picture (a PIL image or a path) as the tokenizer reads it: (3, S, S) in [-1, 1],
+        through the one image loader (letterboxed when not square)."""
+        if isinstance(source, Video):
+            raise SampleError("a video in an assistant turn: a model draws pictures, not clips")
+        return image_to_pixels(source, self.image_size, mean=HALF, std=HALF, root=root, max_pixels=max_pixels)
+
+    @classmethod
+    def of(cls, model) -> "DrawLayout | None":
+        """The layout of a built model (None: it does not draw)."""
+        if not model.draws:
+            return None
+        tok = model.image_tokenizer
+        return cls(model.ids.begin_image, model.ids.end_image, model.ids.code, tok.grid, tok.config.image_size)

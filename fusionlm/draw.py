@@ -1,0 +1,128 @@
+"""Drawing: a model that draws (``model.generation``) turns prompts into pictures.
+
+Each prompt is asked as a conversation whose answer starts with ``<begin_of_image>``; the model then
+writes the image tokenizer's grid of codes one by one over a KV cache (``runtime.StaticDecoder``
+where the LLM allows, with the design's code head in place of the LM head), and the tokenizer
+decodes them. Only code scores exist inside an image, so every answer is exactly one grid.
+
+Classifier-free guidance (``cfg`` > 1) runs each prompt's null prompt (``data.drawing.null_prompt``,
+the one condition dropout trains on) as a second row of the same batch: the scores sampled from
+are ``null + cfg * (conditional - null)``. Each request samples with a generator of its own seed,
+so its picture does not depend on which other prompts share the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+
+from .data.chat import SkipSample
+from .data.drawing import null_prompt
+from .data.pixels.processing import ImageBatch, ImageSpec
+from .data.prompt import PromptEncoder
+from .data.sample import Sample
+from .device import model_device
+from .errors import ConfigError, SampleError
+from .generate import GeneralDecoder, left_pad, sampling_probs
+from .image_tokenizers import images_of
+from .model import FusionLM
+from .runtime import StaticDecoder, unsupported
+
+
+@dataclass
+class DrawRequest:
+    """One picture to draw: a prompt (with ``<image>`` where pictures it shows go), and its seed."""
+
+    prompt: str
+    seed: int = 0
+    images: list[Any] = field(default_factory=list)
+    id: str = "draw"
+
+    def sample(self) -> Sample:
+        return Sample(id=self.id, task="draw", messages=[{"role": "user", "content": self.prompt}],
+                      images=list(self.images))
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How codes are chosen: ``cfg`` the guidance scale (1: none), then temperature, top-k, top-p
+    (temperature 0: the most likely code)."""
+
+    cfg: float = 1.0
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def check(self) -> None:
+        if self.cfg < 0 or self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise ConfigError(f"sampling: cfg, temperature and top_k must be >= 0 and top_p in (0, 1], got {self}")
+
+
+def _rows(model: FusionLM, tokenizer, spec: ImageSpec | None, requests: list[DrawRequest], guided: bool):
+    """The prompts' ids (each ending in ``<begin_of_image>``), conditional rows then (guided) null rows,
+    and the pictures they show, in row order."""
+    prompts = PromptEncoder.of(model, tokenizer, spec)
+    samples = [r.sample() for r in requests]
+    rows, inputs = [], []
+    for sample in samples + ([null_prompt(s) for s in samples] if guided else []):
+        try:
+            prompted = prompts.sample(sample, generation_prompt=True)
+        except SkipSample as exc:  # over the context: a request is refused, never dropped
+            raise SampleError(str(exc)) from None
+        rows.append(prompted.encoded.input_ids + [model.ids.begin_image])
+        inputs.extend(prompted.inputs)
+    codes = model.image_tokenizer.grid[0] * model.image_tokenizer.grid[1]
+    longest = max(len(r) for r in rows)
+    if longest + codes > model.config.llm.max_length:
+        raise SampleError(f"a prompt of {longest} tokens and an image of {codes} codes do not fit the context of "
+                          f"{model.config.llm.max_length}")
+    return rows, ImageBatch.collate(inputs)
+
+
+@torch.no_grad()
+def draw_codes(model: FusionLM, tokenizer, requests: list[DrawRequest], spec: ImageSpec | None = None, *,
+               sampling: Sampling = Sampling(), static: bool = True) -> torch.Tensor:
+    """The codes (B, h, w) of one picture per request."""
+    if not model.draws:
+        raise ConfigError("this model does not draw (model.generation.kind: none)")
+    sampling.check()
+    guided = sampling.cfg != 1.0
+    rows, pixels = _rows(model, tokenizer, spec, requests, guided)
+    device = model_device(model)
+    ids, mask = (t.to(device) for t in left_pad(rows, tokenizer.pad_token_id))  # (R, T)
+    context = model.encode_images(pixels.to(device), ids) if pixels is not None else None
+    grid = model.image_tokenizer.grid
+    n = grid[0] * grid[1]
+    if static and unsupported(model, ids.shape[1] + n) is None:
+        decoder = StaticDecoder(model, len(ids), ids.shape[1] + n)
+        decoder.head = model.generation.code_head(model)
+    else:
+        decoder = GeneralDecoder(model, True, scores="code_logits")
+    generators = [torch.Generator(device).manual_seed(r.seed) for r in requests]
+    b = len(requests)
+    codes = torch.zeros(b, n, dtype=torch.long, device=device)
+    scores = decoder.prefill(ids, mask, context)  # (R, K)
+    for i in range(n):
+        guided_scores = scores[b:] + sampling.cfg * (scores[:b] - scores[b:]) if guided else scores  # (B, K)
+        codes[:, i] = pick(guided_scores, sampling, generators)
+        if i + 1 < n:
+            step = (codes[:, i] + model.code_offset).repeat(2 if guided else 1)  # (R,)
+            scores = decoder.step(step)
+    return codes.view(b, *grid)
+
+
+def pick(scores: torch.Tensor, sampling: Sampling, generators: list[torch.Generator]) -> torch.Tensor:
+    """scores (B, K) -> one code per row (B,), row i drawn with ``generators[i]`` alone."""
+    if sampling.temperature <= 0:
+        return scores.argmax(-1)
+    probs = sampling_probs(scores, sampling.temperature, sampling.top_p, sampling.top_k)  # (B, K)
+    return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)])
+
+
+def draw(model: FusionLM, tokenizer, requests: list[DrawRequest], spec: ImageSpec | None = None, **kwargs) -> list[Image.Image]:
+    """One PIL picture per request (``draw_codes``, decoded by the model's image tokenizer)."""
+    codes = draw_codes(model, tokenizer, requests, spec, **kwargs)
+    return images_of(model.image_tokenizer.decode(codes))

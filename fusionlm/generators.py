@@ -1,0 +1,155 @@
+"""The generation designs: how a model's LLM draws, one class per design behind ``GENERATORS``.
+
+A drawn image is written into the sequence as ``<begin_of_image>``, one position per code of the
+image tokenizer's grid (raster order), ``<end_of_image>``. Whatever the design, a code ``c`` sits in
+``input_ids`` as the id ``code_offset + c`` (ids past the text vocabulary), so sequences, labels,
+the KV cache and sampling are the same for every design; the designs differ in how such an id is
+embedded and which head scores the codes:
+
+* ``none``: the model only reads (no codes, no image head);
+* ``shared`` (Chameleon, Emu3, Anole, Lumina-mGPT): the codes are rows appended to the LLM's own
+  vocabulary, embedded by its embedding matrix and scored by its one LM head;
+* ``decoupled`` (Janus): the LLM's vocabulary stays text; a code goes in through an embedding of
+  its own and an aligner MLP, and a generation head (an MLP on the LLM's last hidden state) scores
+  the next code. What the model reads goes through the encoder + connector, as before.
+
+Where the next token is a code, only code logits exist (``code_logits``); elsewhere only text
+logits (``text_logits``, the code columns of a shared head set to -inf): the two are masked apart,
+never merely ignored in the loss, so sampling cannot leave an image early or write a code in text.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+from .registry import Registry
+
+if TYPE_CHECKING:  # the model (model.FusionLM) is passed in, never imported
+    from torch.nn import Module as FusionLM
+
+    from .config.schema import RecipeConfig
+
+GENERATORS: Registry[type["Generator"]] = Registry("generation", "model.generation.kind")
+
+
+class Generator:
+    """One way for the LLM to draw (subclasses hold no state; their modules live on the model)."""
+
+    name: ClassVar[str]
+    draws: ClassVar[bool] = True
+
+    def check(self, config: "RecipeConfig") -> None:
+        """This design's rules for ``config``; a ``ConfigError`` names the key at fault."""
+        if self.draws and config.model.image_tokenizer is None:
+            raise ConfigError(f"model.image_tokenizer: the {self.name!r} generation draws in an image tokenizer's "
+                              f"codes; set model.image_tokenizer (e.g. {{kind: vq}})")
+        if self.draws and config.data.pack:
+            raise ConfigError(f"data.pack: the {self.name!r} generation trains on unpacked rows; set data.pack: false")
+
+    def build(self, model: "FusionLM", text_vocab: int) -> int:
+        """Add this design's modules to ``model``; ``text_vocab``: rows of the LLM's vocabulary that are
+        text. Returns the id of code 0."""
+        return text_vocab
+
+    def embed_codes(self, model: "FusionLM", embeds: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """``embeds`` (B, T, D) with the positions of code ids embedded as codes."""
+        return embeds
+
+    def text_logits(self, model: "FusionLM", logits: torch.Tensor) -> torch.Tensor:
+        """The LM head's logits (B, T, V) as text logits: no code can be chosen from them."""
+        return logits
+
+    def code_logits(self, model: "FusionLM", logits: torch.Tensor, hidden: torch.Tensor | None) -> torch.Tensor | None:
+        """(B, T, K) scores of the next code, from the LM head's ``logits`` or the last ``hidden`` state."""
+        return None
+
+    def code_head(self, model: "FusionLM"):
+        """hidden (B, D), the LLM's last (normed) hidden state -> the next code's scores (B, K): what
+        a decoder that runs the layers itself (``runtime.StaticDecoder``) puts in place of the LM head."""
+        raise NotImplementedError
+
+    needs_hidden: ClassVar[bool] = False  # code_logits reads the last hidden state
+
+
+@GENERATORS.register("none")
+class NoGeneration(Generator):
+    name = "none"
+    draws = False
+
+    def check(self, config) -> None:
+        pass
+
+
+@GENERATORS.register("shared")
+class Shared(Generator):
+    """Codes as extra rows of the LLM's vocabulary, one LM head for text and codes."""
+
+    name = "shared"
+
+    def build(self, model, text_vocab: int) -> int:
+        size = text_vocab + model.image_tokenizer.codebook_size
+        if model.llm.get_input_embeddings().weight.shape[0] < size:
+            model.llm.resize_token_embeddings(size, mean_resizing=False)
+        return text_vocab
+
+    def text_logits(self, model, logits):
+        return logits.index_fill(-1, model.code_ids(logits.device), float("-inf"))  # (B, T, V)
+
+    def code_logits(self, model, logits, hidden):
+        return logits[..., model.code_offset: model.code_offset + model.image_tokenizer.codebook_size]  # (B, T, K)
+
+    def code_head(self, model):
+        head = model.llm.get_output_embeddings()
+        return lambda hidden: self.code_logits(model, head(hidden), None)
+
+
+class Head(nn.Module):
+    """Janus's aligner and generation head: Linear -> GELU -> Linear."""
+
+    def __init__(self, d_in: int, d_hidden: int, d_out: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d_in, d_hidden), nn.GELU(), nn.Linear(d_hidden, d_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+@GENERATORS.register("decoupled")
+class Decoupled(Generator):
+    """A code embedding + aligner in, a generation head out; the LLM's vocabulary stays text."""
+
+    name = "decoupled"
+    needs_hidden = True
+
+    def build(self, model, text_vocab: int) -> int:
+        width = model.llm.config.hidden_size
+        hidden = model.config.generation.head_hidden or width
+        tok = model.image_tokenizer
+        code_dim = getattr(tok.config, "code_dim", width)
+        model.gen_embed = nn.Embedding(tok.codebook_size, code_dim)
+        model.gen_aligner = Head(code_dim, hidden, width)
+        model.gen_head = Head(width, hidden, tok.codebook_size)
+        return text_vocab
+
+    def embed_codes(self, model, embeds, input_ids):
+        codes = input_ids - model.code_offset  # (B, T)
+        is_code = codes >= 0
+        if not bool(is_code.any()):
+            return embeds
+        aligned = model.gen_aligner(model.gen_embed(codes.clamp(min=0)))  # (B, T, D)
+        return torch.where(is_code[..., None], aligned.to(embeds.dtype), embeds)
+
+    def code_logits(self, model, logits, hidden):
+        return model.gen_head(hidden)  # (B, T, K)
+
+    def code_head(self, model):
+        return model.gen_head
+
+
+def generator_of(kind: str) -> Generator:
+    """The design that ``model.generation.kind`` names (a ``ConfigError`` listing the known ones if none)."""
+    return GENERATORS.get(kind)()

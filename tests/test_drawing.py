@@ -1,0 +1,274 @@
+"""Models that draw: the image tokenizer as a part and a stage, the shared-vocabulary (Chameleon,
+Emu3) and decoupled (Janus) generation designs, condition dropout, guided sampling, and GenEval in
+``fusionlm eval``."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from fusionlm.checkpoint import build_model, load_model
+from fusionlm.cli import main
+from fusionlm.config import from_dict, load_recipe, validate
+from fusionlm.data.batching.batches import ImageSpec, MixtureBatches
+from fusionlm.data.chat import IGNORE
+from fusionlm.data.drawing import drawn_items, null_prompt
+from fusionlm.data.prompt import PromptEncoder
+from fusionlm.data.sources import build_source
+from fusionlm.data.world import World
+from fusionlm.draw import DrawRequest, Sampling, _rows, draw, draw_codes
+from fusionlm.errors import ConfigError
+from fusionlm.recipe import make_tokenizer
+from fusionlm.train.loop import train
+from helpers_train import TINY_OVERRIDES, read_metrics, stage, tiny_dict, weights, checkpoints
+
+TOKENIZER = {"kind": "vq", "image_size": 16, "downsample": 4, "codebook_size": 32, "code_dim": 8, "channels": 8}
+
+
+def drawing_dict(kind: str = "shared", **stages) -> dict:
+    data = tiny_dict()
+    data["model"]["image_tokenizer"] = dict(TOKENIZER)
+    data["model"]["generation"] = {"kind": kind}
+    data["stages"] = [stage("tokenizer", objective="reconstruction", train=["image_tokenizer"], mixture={"draw": 1},
+                            steps=3, batch_size=4),
+                      stage("t2i", train=["llm", "connector", "generation"] if kind == "decoupled" else ["llm", "connector"],
+                            mixture={"draw": 2, "color": 1}, steps=3, batch_size=4, condition_dropout=0.25)]
+    return data
+
+
+def built(data: dict):
+    config = validate(from_dict(data))
+    tokenizer = make_tokenizer(config, build_source(config.data))
+    torch.manual_seed(0)
+    return build_model(config, tokenizer), tokenizer, config
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A shared-vocabulary model trained 3 + 3 steps (tokenizer, then text to image), on disk."""
+    out = tmp_path_factory.mktemp("drawing") / "run"
+    train(validate(from_dict(drawing_dict())), out, log=lambda *_: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def loaded(run):
+    return load_model(run)
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def test_a_drawing_model_needs_an_image_tokenizer_and_unpacked_rows():
+    data = drawing_dict()
+    del data["model"]["image_tokenizer"]
+    with pytest.raises(ConfigError, match="model.image_tokenizer"):
+        validate(from_dict(data))
+    data = drawing_dict()
+    data["model"]["generation"]["kind"] = "diffusion"
+    with pytest.raises(ConfigError, match="model.generation.kind.*decoupled.*none.*shared"):
+        validate(from_dict(data))
+    data = drawing_dict()
+    data["data"]["pack"] = True
+    with pytest.raises(ConfigError, match="data.pack"):
+        validate(from_dict(data))
+    data = drawing_dict()
+    data["stages"][1]["condition_dropout"] = 1.0
+    with pytest.raises(ConfigError, match="stages.1.condition_dropout"):
+        validate(from_dict(data))
+    data = drawing_dict()
+    data["stages"][1]["loss_weights"] = {"codes": 2.0}
+    with pytest.raises(ConfigError, match="stages.1.loss_weights.*'codes'"):
+        validate(from_dict(data))
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def test_a_picture_in_an_assistant_turn_is_drawn_as_codes_and_learned():
+    model, tokenizer, config = built(drawing_dict())
+    sample = World(32, 0).sample("draw", "train", 0)
+    assert drawn_items(sample) == [True]
+    prompts = PromptEncoder.of(model, tokenizer, ImageSpec.for_model(model, config))
+    prompted = prompts.sample(sample)
+    ids, labels = prompted.encoded.input_ids, prompted.encoded.labels
+    begin = ids.index(model.ids.begin_image)
+    n = model.image_tokenizer.grid[0] * model.image_tokenizer.grid[1]
+    assert n == 16 and ids[begin + 1: begin + 1 + n] == [model.ids.code] * n and ids[begin + 1 + n] == model.ids.end_image
+    assert labels[begin: begin + n + 2] == ids[begin: begin + n + 2]  # begin, every code and end are targets
+    assert not prompted.inputs and len(prompted.drawn) == 1 and prompted.drawn[0].shape == (3, 16, 16)
+    # a model that only reads takes the same picture as an input, never as a target
+    reader, rtok, rconfig = built(tiny_dict())
+    read = PromptEncoder.of(reader, rtok, ImageSpec.for_model(reader, rconfig)).sample(sample)
+    assert len(read.inputs) == 1 and not read.drawn
+    assert all(label == IGNORE for i, label in zip(read.encoded.input_ids, read.encoded.labels) if i == reader.ids.image)
+
+
+def test_condition_dropout_trains_on_the_null_prompt_that_guidance_samples_against():
+    model, tokenizer, config = built(drawing_dict())
+    spec = ImageSpec.for_model(model, config)
+    prompts = PromptEncoder.of(model, tokenizer, spec)
+    source = build_source(config.data)
+
+    def dataset(p):
+        return MixtureBatches(source, {"draw": 1}, seed=0, stage=1, batch_size=8, prompts=prompts, condition_dropout=p)
+
+    users = [[s.messages[0]["content"] for s in (dataset(p).sample_at(n) for n in range(40))] for p in (0.0, 0.5, 0.5)]
+    assert all(users[0]) and users[1] == users[2]  # per sample number: a resumed run drops the same ones
+    dropped = [n for n, u in enumerate(users[1]) if not u]
+    assert 8 < len(dropped) < 32 and all(users[1][n] == users[0][n] for n in range(40) if n not in dropped)
+    # the null row a guided request samples from is the training encoding of the null prompt, up to its picture
+    sample = World(32, 0).sample("draw", "train", 5)
+    trained = prompts.sample(null_prompt(sample)).encoded.input_ids
+    rows, _ = _rows(model, tokenizer, spec, [DrawRequest(sample.messages[0]["content"])], guided=True)
+    assert rows[1] == trained[: trained.index(model.ids.begin_image) + 1]
+    assert rows[0] == prompts.sample(sample).encoded.input_ids[: len(rows[0])]
+
+
+# ----------------------------------------------------------------------------- the designs
+
+
+def test_shared_vocabulary_masks_code_and_text_logits_apart():
+    model, tokenizer, config = built(drawing_dict("shared"))
+    offset, k = model.code_offset, model.image_tokenizer.codebook_size
+    assert offset == len(tokenizer) and model.llm.get_input_embeddings().weight.shape[0] == offset + k
+    batch = _prompted_batch(model, tokenizer, config)
+    out = model(batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixels, labels=batch.labels,
+                drawn=batch.drawn)
+    assert torch.isinf(out.logits[..., offset:]).all() and torch.isfinite(out.logits[..., :offset]).all()
+    ids = model.with_codes(batch.input_ids, batch.drawn)
+    raw = model.llm(inputs_embeds=model.embed(ids, model.encode_images(batch.pixels, ids))[0],
+                    attention_mask=batch.attention_mask).logits
+    torch.testing.assert_close(out.code_logits, raw[..., offset:])
+    targets = torch.where(batch.labels == model.ids.code, ids, batch.labels)[:, 1:]
+    is_code = targets >= offset
+    text = F.cross_entropy(raw[:, :-1][~is_code][:, :offset], targets[~is_code], ignore_index=IGNORE, reduction="sum")
+    codes = F.cross_entropy(raw[:, :-1][is_code][:, offset:], targets[is_code] - offset, reduction="sum")
+    n = int((targets != IGNORE).sum())
+    torch.testing.assert_close(out.loss, (text + codes) / n)
+    unmasked = F.cross_entropy(raw[:, :-1].reshape(-1, offset + k), targets.reshape(-1), ignore_index=IGNORE)
+    assert abs(float(unmasked) - float(out.loss.detach())) > 1e-3  # masked apart, not merely ignored
+    weighted = model(batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixels,
+                     labels=batch.labels, drawn=batch.drawn, loss_weights=(1.0, 0.0))
+    torch.testing.assert_close(weighted.loss, text / n)
+
+
+def _prompted_batch(model, tokenizer, config, n: int = 3):
+    from fusionlm.data.batching.batches import collate
+
+    prompts = PromptEncoder.of(model, tokenizer, ImageSpec.for_model(model, config))
+    world = World(32, 0)
+    done = [prompts.sample(s) for s in [world.sample("draw", "train", i) for i in range(n)] + [world.sample("color", "train", 0)]]
+    return collate([p.encoded for p in done], [i for p in done for i in p.inputs], ["x"] * len(done), [],
+                   tokenizer.pad_token_id, drawn=[d for p in done for d in p.drawn])
+
+
+def test_decoupled_generation_keeps_the_text_vocabulary_and_trains_its_own_head():
+    model, tokenizer, config = built(drawing_dict("decoupled"))
+    assert model.code_offset == len(tokenizer) == model.llm.get_input_embeddings().weight.shape[0]
+    parts = {model.part_of(n) for n, _ in model.named_parameters() if n.startswith("gen_")}
+    assert parts == {"generation"}
+    batch = _prompted_batch(model, tokenizer, config)
+    out = model(batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixels, labels=batch.labels,
+                drawn=batch.drawn)
+    assert out.code_logits.shape[-1] == model.image_tokenizer.codebook_size and out.logits.shape[-1] == len(tokenizer)
+    out.loss.backward()
+    assert model.gen_head.net[-1].weight.grad.abs().sum() > 0 and model.gen_embed.weight.grad.abs().sum() > 0
+    assert model.image_tokenizer.encoder[0].weight.grad is None  # codes are targets: nothing flows into the tokenizer
+
+
+@pytest.mark.parametrize("kind", ["shared", "decoupled"])
+def test_a_drawing_checkpoint_rebuilds_with_its_codes(tmp_path, kind):
+    data = drawing_dict(kind)
+    for s in data["stages"]:
+        s["steps"] = 1
+    train(validate(from_dict(data)), tmp_path / "run", log=lambda *_: None)
+    model, tokenizer, config = load_model(tmp_path / "run")
+    assert config.model.generation.code_offset == model.code_offset == len(tokenizer)
+    a = draw_codes(model, tokenizer, [DrawRequest("a red circle", seed=3)], sampling=Sampling(cfg=2.0))
+    again, _, _ = load_model(tmp_path / "run")
+    assert torch.equal(a, draw_codes(again, tokenizer, [DrawRequest("a red circle", seed=3)], sampling=Sampling(cfg=2.0)))
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def test_a_picture_does_not_depend_on_the_batch_it_is_drawn_in(loaded):
+    model, tokenizer, _ = loaded
+    requests = [DrawRequest("a red circle", seed=1), DrawRequest("two blue squares above a triangle", seed=2),
+                DrawRequest("a green square", seed=3)]
+    guided = Sampling(cfg=3.0, top_k=20)
+    together = draw_codes(model, tokenizer, requests, sampling=guided)
+    alone = torch.cat([draw_codes(model, tokenizer, [r], sampling=guided) for r in requests])
+    assert torch.equal(together, alone)
+    assert torch.equal(together, draw_codes(model, tokenizer, requests, sampling=guided, static=False))
+    assert not torch.equal(together, draw_codes(model, tokenizer, requests, sampling=Sampling(cfg=1.0, top_k=20)))
+    reseeded = [DrawRequest(r.prompt, seed=r.seed + 10) for r in requests]
+    assert not torch.equal(together, draw_codes(model, tokenizer, reseeded, sampling=guided))
+    greedy = draw_codes(model, tokenizer, requests, sampling=Sampling(cfg=3.0, temperature=0.0))
+    assert torch.equal(greedy, draw_codes(model, tokenizer, requests, sampling=Sampling(cfg=3.0, top_k=1)))
+    pictures = draw(model, tokenizer, requests[:1])
+    assert isinstance(pictures[0], Image.Image) and pictures[0].size == (16, 16)
+
+
+def test_a_model_that_only_reads_refuses_to_draw(tmp_path, capsys):
+    reader, tokenizer, _ = built(tiny_dict())
+    with pytest.raises(ConfigError, match="does not draw"):
+        draw_codes(reader, tokenizer, [DrawRequest("a red circle")])
+
+
+# ----------------------------------------------------------------------------- the tokenizer stage
+
+
+def test_the_tokenizer_stage_logs_reconstruction_and_codebook_use(run):
+    rows = read_metrics(run)
+    tokenizer_rows, t2i_rows = rows[:3], rows[3:]
+    for row in tokenizer_rows:
+        assert row["stage_name"] == "tokenizer" and row["psnr"] > 0
+        assert 1 <= row["perplexity"] <= 32 and 0 < row["used"] <= 1 and row["dead"] == round(32 * (1 - row["used"]))
+    assert all("psnr" not in r for r in t2i_rows) and all(r["loss"] > 0 for r in t2i_rows)
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def test_generate_draws_pictures_to_files(run, tmp_path, capsys):
+    out = tmp_path / "pics" / "circle.png"
+    rc = main(["generate", "--checkpoint", str(run), "--prompt", "a red circle", "--image-out", str(out), "--n", "2",
+               "--cfg", "2", "--seed", "4"])
+    printed = capsys.readouterr().out.split()
+    assert rc == 0 and printed == [str(tmp_path / "pics" / "circle-0.png"), str(tmp_path / "pics" / "circle-1.png")]
+    first, second = (Image.open(p) for p in printed)
+    assert first.size == (16, 16) and first.format == "PNG"
+    model, tokenizer, _ = load_model(run)
+    (expected,) = draw(model, tokenizer, [DrawRequest("a red circle", seed=5)], sampling=Sampling(cfg=2.0))
+    assert list(second.convert("RGB").getdata()) == list(expected.getdata())
+
+
+def test_eval_scores_the_draw_task_by_geneval(run, tmp_path, capsys):
+    out = tmp_path / "scores.json"
+    rc = main(["eval", "--checkpoint", str(run), "--tasks", "draw", "color", "--per-task", "2", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    data = json.loads(out.read_text())
+    assert data["metrics"]["draw"] == "geneval" and data["metrics"]["color"] == "exact_match"
+    categories = [k for k in data["scores"] if k.startswith("draw/")]
+    assert len(categories) == 6 and all(data["n"][k] == 2 for k in categories) and data["n"]["draw"] == 12
+    overall = sum(data["scores"][k] for k in categories) / 6
+    assert data["scores"]["draw"] == pytest.approx(overall)
+    assert all(set(e) >= {"question", "category", "failed"} for e in data["examples"]["draw"])
+
+
+def test_info_reports_what_a_picture_costs():
+    from fusionlm.info import report
+
+    r = report(from_dict(drawing_dict("decoupled")))
+    assert r.drawing["codes"] == 16 and r.drawing["positions"] == 18
+    assert r.drawing["flops_guided"] > 1.5 * r.drawing["flops"] > 0
+    assert r.params["image_tokenizer"] > 0 and r.params["generation"] > 0
+    assert r.training["tokenizer"]["image_tokenizer"] > 0 and r.training["tokenizer"]["llm"] == 0
+    assert r.training["t2i"]["generation"] == pytest.approx(3 * r.forward["generation"])
+    assert "codes per picture" in r.markdown()
