@@ -27,6 +27,7 @@ import math
 from dataclasses import dataclass, replace
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
@@ -121,6 +122,10 @@ class VQTokenizer(ImageTokenizer):
             kmeans_init=config.kmeans_init, kmeans_iters=10, threshold_ema_dead_code=config.dead_code_threshold,
             commitment_weight=config.commitment, accept_image_fmap=True,
         )
+        # k-means seeds and re-seeded dead codes are drawn from the vectors of every process, the same
+        # draw everywhere: the codebook is the one a single process would grow on the whole batch
+        book = self.quantizer._codebook
+        book.sample_fn = book.replace_sample_fn = sample_from_all
         up: list[nn.Module] = [nn.Conv2d(config.code_dim, c, 3, padding=1), _Residual(c)]
         for _ in range(halvings):
             up += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, c, 3, padding=1), _Residual(c)]
@@ -141,6 +146,27 @@ class VQTokenizer(ImageTokenizer):
         out = self.decoder(quantized)  # (B, 3, H, W)
         mse = F.mse_loss(out, pixels)
         return Reconstruction(out, codes, mse + commit.sum(), mse.detach())
+
+
+def sample_from_all(samples: torch.Tensor, num: int) -> torch.Tensor:
+    """(C, n, d) this process's vectors -> (C, num, d) drawn from those of every process, in rank
+    order, with the global random generator: the same vectors on every process (they hold the same
+    generator state), and the vectors one process would draw from the whole batch.
+
+    vector-quantize-pytorch's own distributed sampler draws each process's share from its own
+    vectors, so N processes grew a different codebook from one; with this, they grow the same."""
+    from vector_quantize_pytorch.vector_quantize_pytorch import batched_sample_vectors
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        sizes = [torch.zeros(1, dtype=torch.long, device=samples.device) for _ in range(dist.get_world_size())]
+        dist.all_gather(sizes, torch.tensor([samples.shape[1]], device=samples.device))
+        width = int(max(sizes))
+        padded = samples.new_zeros(samples.shape[0], width, samples.shape[2])  # (C, width, d)
+        padded[:, : samples.shape[1]] = samples
+        everyone = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(everyone, padded.contiguous())
+        samples = torch.cat([x[:, : int(n)] for x, n in zip(everyone, sizes)], dim=1)  # (C, N, d)
+    return batched_sample_vectors(samples, num)
 
 
 HALF = (0.5, 0.5, 0.5)

@@ -152,6 +152,31 @@ def test_a_pretrained_kind_names_what_it_needs_and_refuses_the_wrong_model(tmp_p
         build_image_tokenizer(ImageTokenizerConfig(kind="janus", hf=str(tmp_path / "emu3")))
 
 
+def _grow_codebook(pictures, sync: bool = True, world: int = 1, scale: float = 1.0) -> torch.Tensor:
+    """Three SGD steps of a tiny vq tokenizer on ``pictures(step)``; its codebook after them. Its k-means
+    init sees too few vectors for its codes, so dead codes are re-seeded from the batch at every step."""
+    import torch.distributed as dist
+
+    torch.manual_seed(0)  # the same weights (and random generator) everywhere
+    tok = build_image_tokenizer(ImageTokenizerConfig(image_size=16, downsample=4, codebook_size=16, code_dim=4,
+                                                     channels=8))
+    if not sync:  # the control: a codebook per process, as without the synchronisation
+        from vector_quantize_pytorch.vector_quantize_pytorch import batched_sample_vectors
+
+        book = tok.quantizer._codebook
+        book.all_reduce_fn = book.kmeans_all_reduce_fn = lambda t: t
+        book.sample_fn = book.replace_sample_fn = batched_sample_vectors
+    opt = torch.optim.SGD(tok.parameters(), lr=0.01)
+    for step in range(3):
+        (tok(pictures(step)).loss * scale).backward()
+        for p in tok.parameters():
+            if p.grad is not None and world > 1:
+                dist.all_reduce(p.grad)
+        opt.step()
+        opt.zero_grad()
+    return tok.quantizer._codebook.embed.detach().clone()
+
+
 def _codebook_worker(rank: int, world: int, port: int, out: str, sync: bool) -> None:
     import os
 
@@ -160,22 +185,9 @@ def _codebook_worker(rank: int, world: int, port: int, out: str, sync: bool) -> 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    try:
-        torch.manual_seed(0)  # the same weights everywhere; each process sees its own pictures
-        tok = build_image_tokenizer(ImageTokenizerConfig(image_size=16, downsample=4, codebook_size=16, code_dim=4,
-                                                         channels=8))
-        if not sync:  # the control: a codebook per process, as without the library's synchronisation
-            tok.quantizer._codebook.all_reduce_fn = lambda t: t
-        opt = torch.optim.SGD(tok.parameters(), lr=0.01)
-        for step in range(3):
-            _, pixels = _pictures(8, 16, seed=10 * step + rank)
-            tok(pixels).loss.backward()
-            for p in tok.parameters():
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-            opt.step()
-            opt.zero_grad()
-        torch.save(tok.quantizer._codebook.embed.detach().clone(), f"{out}/{rank}.pt")
+    try:  # each process sees its own pictures
+        book = _grow_codebook(lambda step: _pictures(2, 16, seed=10 * step + rank)[1], sync, world)
+        torch.save(book, f"{out}/{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -194,3 +206,8 @@ def test_the_vq_codebook_stays_one_codebook_across_processes(tmp_path, sync):
     mp.spawn(_codebook_worker, args=(2, port, str(tmp_path), sync), nprocs=2, join=True)
     a, b = torch.load(tmp_path / "0.pt"), torch.load(tmp_path / "1.pt")
     assert torch.equal(a, b) == sync
+    if sync:  # and it is the codebook one process grows on both processes' pictures (k-means seeds and
+        # re-seeded dead codes drawn from the whole batch: ``image_tokenizers.sample_from_all``)
+        torch.set_num_threads(1)
+        both = lambda step: torch.cat([_pictures(2, 16, seed=10 * step + r)[1] for r in range(2)])  # noqa: E731
+        torch.testing.assert_close(_grow_codebook(both, scale=2.0), a, rtol=1e-4, atol=1e-5)
