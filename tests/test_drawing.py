@@ -13,7 +13,7 @@ from PIL import Image
 
 from fusionlm.checkpoint import build_model, load_model
 from fusionlm.cli import main
-from fusionlm.config import from_dict, load_recipe, validate
+from fusionlm.config import from_dict, load_recipe, to_dict, validate
 from fusionlm.data.batching.batches import ImageSpec, MixtureBatches
 from fusionlm.data.chat import IGNORE
 from fusionlm.data.drawing import drawn_items, null_prompt
@@ -272,3 +272,62 @@ def test_info_reports_what_a_picture_costs():
     assert r.training["tokenizer"]["image_tokenizer"] > 0 and r.training["tokenizer"]["llm"] == 0
     assert r.training["t2i"]["generation"] == pytest.approx(3 * r.forward["generation"])
     assert "codes per picture" in r.markdown()
+
+
+# ----------------------------------------------------------------------------- the shipped recipe
+
+JANUS_STEPS = (4, 2, 2, 4, 2)  # pretrain_tokenizer, pretrain_encoder, adaptors, unified, finetune
+TINY_JANUS = TINY_OVERRIDES + [
+    "model.image_tokenizer.image_size=16", "model.image_tokenizer.codebook_size=32", "model.image_tokenizer.code_dim=8",
+    "model.image_tokenizer.channels=8", "train.checkpoint_every=2", "data.loader_workers=0",
+] + [f"stages.{i}.steps={n}" for i, n in enumerate(JANUS_STEPS)] + [f"stages.{i}.batch_size=4" for i in range(5)]
+
+
+def test_the_janus_recipe_runs_every_stage_objective():
+    config = load_recipe("janus", TINY_JANUS)
+    assert [s.objective for s in config.stages] == ["reconstruction", "contrastive", "lm", "lm", "lm"]
+    assert config.model.generation.kind == "decoupled" and all(s.condition_dropout for s in config.stages[2:])
+
+
+def test_the_janus_recipe_trains_alike_on_one_and_two_processes(tmp_path):
+    from test_distributed import run_parallel
+
+    config = load_recipe("janus", TINY_JANUS)
+    train(config, tmp_path / "one", log=lambda *_: None)
+    run_parallel(to_dict(config), tmp_path / "two")
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert [r["stage_name"] for r in one] == [r["stage_name"] for r in two] and len(one) == sum(JANUS_STEPS)
+    for a, b in zip(one, two):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-6), (a["step"], a["loss"], b["loss"])
+        if a["stage"] == 0:  # the tokenizer stage: the same reconstruction, the same codebook use
+            assert (b["psnr"], b["perplexity"]) == pytest.approx((a["psnr"], a["perplexity"]), rel=1e-4)
+            assert (a["used"], a["dead"]) == (b["used"], b["dead"])
+        else:
+            assert "psnr" not in a and "psnr" not in b
+        assert (a["tokens"], a["samples_trained"]) == (b["tokens"], b["samples_trained"])
+    wa, wb = weights(checkpoints(tmp_path / "one")[-1]), weights(checkpoints(tmp_path / "two")[-1])
+    book = "image_tokenizer.quantizer._codebook.embed"
+    torch.testing.assert_close(wb[book], wa[book], rtol=1e-4, atol=1e-5)
+
+
+def test_the_janus_recipe_resumes_as_if_never_stopped(tmp_path, monkeypatch):
+    from helpers_train import interrupt_after
+
+    config = load_recipe("janus", TINY_JANUS)
+    train(config, tmp_path / "a", log=lambda *_: None)
+    for stop in (3, 11):  # inside the tokenizer stage, then inside the unified stage (its condition dropout)
+        with monkeypatch.context() as m:
+            interrupt_after(m, stop)
+            with pytest.raises(KeyboardInterrupt):
+                train(config, tmp_path / "b", resume=stop > 3, log=lambda *_: None)
+    train(config, tmp_path / "b", resume=True, log=lambda *_: None)
+    a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
+    assert [r["step"] for r in b] == list(range(1, sum(JANUS_STEPS) + 1))
+    for ra, rb in zip(a, b):
+        assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-6), (ra["step"], ra["loss"], rb["loss"])
+        if ra["stage"] == 0:
+            assert rb["psnr"] == pytest.approx(ra["psnr"], abs=1e-6) and rb["dead"] == ra["dead"]
+    wa, wb = weights(checkpoints(tmp_path / "a")[-1]), weights(checkpoints(tmp_path / "b")[-1])
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-6, msg=k)
