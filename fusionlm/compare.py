@@ -27,6 +27,7 @@ from .data.chat import SkipSample
 from .data.prompt import PromptEncoder
 from .data.pixels.processing import ImageBatch, ImageSpec
 from .data.sources import build_source
+from .data.world.scenes import CATEGORIES
 from .evaluate.harness import EVAL_TASKS, evaluate
 from .generate import Request
 from .info import report
@@ -97,7 +98,8 @@ def run_one(name: str, run: Path, *, label: str, steps, minutes, shots, per_task
     source = build_source(saved.data)
     spec = ImageSpec.for_model(model, saved, root=source.root)
     cost = report(_config(name, overrides, steps), name=name)
-    tasks = [t for t in EVAL_TASKS if t in trained_tasks(saved, source)]
+    trained = trained_tasks(saved, source)
+    tasks = [t for t in EVAL_TASKS if t in trained] + (["draw"] if model.draws and "draw" in trained else [])
     result = RecipeResult(
         recipe=label, design=_design(saved), steps=len(metrics), train_seconds=round(train_seconds, 1),
         tokens_per_s=round(sum(m["tokens"] for m in metrics) / max(1e-9, train_seconds), 1),
@@ -111,7 +113,8 @@ def run_one(name: str, run: Path, *, label: str, steps, minutes, shots, per_task
                 and saved.stages[m["stage"]].objective == "lm"],
     )
     for k in shots:
-        scored = evaluate(model, tokenizer, source, spec, split="test", per_task=per_task, tasks=tasks, shots=k,
+        asked = [t for t in tasks if k == 0 or t != "draw"]  # pictures are drawn from the prompt alone
+        scored = evaluate(model, tokenizer, source, spec, split="test", per_task=per_task, tasks=asked, shots=k,
                           batch_size=saved.train.eval_batch_size)
         result.scores[f"{k}-shot"] = {r.task: round(r.score, 4) for r in scored}
     log(f"   {result.steps} steps in {result.train_seconds:.0f} s; 0-shot {result.scores.get('0-shot')}")
@@ -123,6 +126,8 @@ def _design(config: RecipeConfig) -> str:
     parts = [m.fusion.kind, m.connector.kind]
     if m.tiling.max_tiles:
         parts.append(f"{m.tiling.max_tiles} tiles")
+    if m.generation.kind != "none":
+        parts.append(f"draws: {m.generation.kind}")
     return ", ".join(parts)
 
 
@@ -208,8 +213,8 @@ def write_report(results: list[RecipeResult], out: Path, *, steps, minutes, per_
     plots = _plots(results, out)
     budget = f"{steps} optimizer steps" if steps else f"{minutes} minutes of training" if minutes else "as shipped"
     shot_keys = sorted({k for r in results for k in r.scores}, key=lambda k: int(k.split("-")[0]))
-    tasks = sorted({t for r in results for s in r.scores.values() for t in s}, key=lambda t: EVAL_TASKS.index(t)
-                   if t in EVAL_TASKS else 99)
+    found = {t for r in results for s in r.scores.values() for t in s}
+    tasks = [t for t in EVAL_TASKS if t in found] + (["draw"] if "draw" in found else [])
     lines = ["# Design comparison", "",
              f"Each recipe trained on the synthetic world with the same budget ({budget} each), then scored on "
              f"its test split ({per_task} questions per task) by the same harness." +
@@ -233,14 +238,31 @@ def write_report(results: list[RecipeResult], out: Path, *, steps, minutes, per_
             lines.append(f"| `{r.recipe}` | " + " | ".join(f"{s[t]:.2f}" if t in s else "—" for t in tasks)
                          + f" | {mean_score(s):.3f} |")
     lines += ["", "Caption scores are CIDEr-D (0–10); every other task is a fraction correct. The mean leaves "
-              "captions out.", ""]
+              "captions out, and drawing (`draw`: GenEval overall).", ""]
+    lines += geneval_table(results)
     lines += [f"![{title}]({path.name})" for title, path in plots]
     (out / "report.md").write_text("\n".join(lines) + "\n")
 
 
 def mean_score(scores: dict[str, float]) -> float:
-    values = [v for t, v in scores.items() if t != "caption"]
+    """The mean of the understanding tasks' scores, captions (CIDEr-D) left out."""
+    values = [v for t, v in scores.items() if t in EVAL_TASKS and t != "caption"]
     return sum(values) / len(values) if values else float("nan")
+
+
+def geneval_table(results: list[RecipeResult]) -> list[str]:
+    """GenEval per category of the recipes that draw (0-shot), beside their tokenizer's ceiling and FD."""
+    drawing = [r for r in results if "draw" in r.scores.get("0-shot", {})]
+    if not drawing:
+        return []
+    lines = ["## Drawing (GenEval on held-out prompts)", "",
+             "| recipe | " + " | ".join(CATEGORIES) + " | overall | tokenizer ceiling | FD |",
+             "| --- | " + " | ".join("---:" for _ in CATEGORIES) + " | ---: | ---: | ---: |"]
+    for r in drawing:
+        s = r.scores["0-shot"]
+        lines.append(f"| `{r.recipe}` | " + " | ".join(f"{s[f'draw/{c}']:.2f}" for c in CATEGORIES)
+                     + f" | {s['draw']:.3f} | {s['draw/ceiling']:.2f} | {s['draw/fd']:.3f} |")
+    return lines + ["", "FD: Fréchet distance in the features of `fusionlm.evaluate.fd.WorldFeatures` (not FID).", ""]
 
 
 def _plots(results: list[RecipeResult], out: Path) -> list[tuple[str, Path]]:

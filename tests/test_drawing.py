@@ -20,6 +20,7 @@ from fusionlm.data.drawing import drawn_items, null_prompt
 from fusionlm.data.prompt import PromptEncoder
 from fusionlm.data.sources import build_source
 from fusionlm.data.world import World
+from fusionlm.data.world.scenes import CATEGORIES
 from fusionlm.draw import DrawRequest, Sampling, _rows, draw, draw_codes
 from fusionlm.errors import ConfigError
 from fusionlm.recipe import make_tokenizer
@@ -255,10 +256,11 @@ def test_eval_scores_the_draw_task_by_geneval(run, tmp_path, capsys):
     assert rc == 0, capsys.readouterr().err
     data = json.loads(out.read_text())
     assert data["metrics"]["draw"] == "geneval" and data["metrics"]["color"] == "exact_match"
-    categories = [k for k in data["scores"] if k.startswith("draw/")]
-    assert len(categories) == 6 and all(data["n"][k] == 2 for k in categories) and data["n"]["draw"] == 12
+    categories = [f"draw/{c}" for c in CATEGORIES]
+    assert all(data["n"][k] == 2 for k in categories) and data["n"]["draw"] == 12
     overall = sum(data["scores"][k] for k in categories) / 6
     assert data["scores"]["draw"] == pytest.approx(overall)
+    assert 0 <= data["scores"]["draw/ceiling"] <= 1 and data["scores"]["draw/fd"] > 0  # 3 steps: far from the world
     assert all(set(e) >= {"question", "category", "failed"} for e in data["examples"]["draw"])
 
 
@@ -331,3 +333,18 @@ def test_the_janus_recipe_resumes_as_if_never_stopped(tmp_path, monkeypatch):
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_compare_reports_geneval_beside_the_understanding_scores(tmp_path, capsys):
+    from helpers_train import write_recipe
+
+    recipe = write_recipe(tmp_path / "painter.yaml", drawing_dict("decoupled"))
+    assert main(["compare", str(recipe), "--steps", "6", "--out", str(tmp_path / "cmp"), "--per-task", "2",
+                 "--shots", "0", "1"]) == 0
+    (result,) = json.loads((tmp_path / "cmp" / "results.json").read_text())
+    zero, one = result["scores"]["0-shot"], result["scores"]["1-shot"]
+    assert {"color", "draw", "draw/ceiling", "draw/fd", *(f"draw/{c}" for c in CATEGORIES)} <= set(zero)
+    assert "color" in one and "draw" not in one  # pictures are drawn from the prompt alone: once
+    report = (tmp_path / "cmp" / "report.md").read_text()
+    assert "draws: decoupled" in report and "## Drawing (GenEval on held-out prompts)" in report
+    assert f"| {zero['draw']:.3f} | {zero['draw/ceiling']:.2f} | {zero['draw/fd']:.3f} |" in report

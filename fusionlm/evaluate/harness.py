@@ -25,9 +25,6 @@ from ..data.sample import Sample
 from ..data.sources import build_source
 from ..errors import ConfigError
 from ..generate import MAX_NEW_TOKENS, Request, generate
-from ..data.world.scenes import CATEGORIES, geneval_scenes
-from ..draw import DrawRequest, Sampling, draw
-from .geneval import check, geneval
 from .metrics import GENEVAL, METRICS, metric_for
 from .tasks import WORLD_EVAL_TASKS, EvalTask
 
@@ -124,6 +121,8 @@ def evaluate_tasks(model, tokenizer, tasks: list[EvalTask], spec: ImageSpec, *, 
     results = []
     for task in tasks:
         if task.metric == GENEVAL:
+            from .drawing import draw_task
+
             results += draw_task(model, tokenizer, task, spec, per_task=per_task, batch_size=batch_size, seed=seed,
                                  progress=progress)
             continue
@@ -151,37 +150,6 @@ def evaluate_tasks(model, tokenizer, tasks: list[EvalTask], spec: ImageSpec, *, 
         if progress:
             note = f", skipped {len(skipped)} over the context" if skipped else ""
             progress(f"{task.name:<10} {task.metric:<18} {score:.3f}  (n={len(questions)}, {shots}-shot{note})")
-    return results
-
-
-def draw_task(model, tokenizer, task: EvalTask, spec: ImageSpec, *, per_task: int = 50, batch_size: int = 32,
-              seed: int = 0, progress=None) -> list[TaskResult]:
-    """GenEval on the synthetic world: ``per_task`` held-out prompts of each category
-    (``scenes.geneval_scenes``), one picture each, drawn the way the model's config says
-    (``model.generation``: guidance, temperature, top-k), prompt ``i`` with seed ``seed + i``.
-    Results: the task overall (GenEval's mean of the categories), then one per category."""
-    if not model.draws:
-        raise ConfigError(f"task {task.name}: a drawing task, and this model does not draw "
-                          "(model.generation.kind: none)")
-    gen = model.config.generation
-    sampling = Sampling(cfg=gen.cfg, temperature=gen.temperature, top_k=gen.top_k)
-    scenes = geneval_scenes(per_task, seed=seed)
-    pictures = []
-    for start in range(0, len(scenes), batch_size):
-        reqs = [DrawRequest(task.prompt.format(question=s.prompt), seed=seed + start + i, id=f"geneval/{start + i}")
-                for i, s in enumerate(scenes[start:start + batch_size])]
-        pictures.extend(draw(model, tokenizer, reqs, spec, sampling=sampling))
-    verdicts = [check(s, p) for s, p in zip(scenes, pictures)]
-    scores = geneval(scenes, pictures)
-    examples = [{"id": f"geneval/{i}", "question": s.prompt, "category": s.category, "score": float(v.ok),
-                 "failed": v.failed} for i, (s, v) in enumerate(zip(scenes, verdicts))]
-    results = [TaskResult(task.name, GENEVAL, scores["overall"], len(scenes), examples=examples)]
-    for category in CATEGORIES:
-        mine = [e for e in examples if e["category"] == category]
-        results.append(TaskResult(f"{task.name}/{category}", GENEVAL, scores[category], len(mine), examples=mine))
-    if progress:
-        progress(f"{task.name:<10} {GENEVAL:<18} {scores['overall']:.3f}  (n={len(scenes)}: "
-                 + ", ".join(f"{c} {scores[c]:.2f}" for c in CATEGORIES) + ")")
     return results
 
 
