@@ -180,7 +180,9 @@ def generate_ids(model: FusionLM, tokenizer, requests: list[Request], spec: Imag
     else:
         decoder = GeneralDecoder(model, use_cache)
     end = set(stop_ids(model))
-    never = torch.tensor(sorted({model.ids.image, model.ids.newline}), device=device)
+    # a drawing model's image tokens too: a text answer does not open a picture (``draw`` draws one)
+    drawing = {model.ids.begin_image, model.ids.end_image, model.ids.code} if model.draws else set()
+    never = torch.tensor(sorted({model.ids.image, model.ids.newline} | drawing), device=device)
     done = torch.zeros(len(ids), dtype=torch.bool, device=device)
     out: list[list[int]] = [[] for _ in range(len(ids))]
     logits = decoder.prefill(ids, mask, context)  # (B, V)

@@ -348,3 +348,32 @@ def test_compare_reports_geneval_beside_the_understanding_scores(tmp_path, capsy
     report = (tmp_path / "cmp" / "report.md").read_text()
     assert "draws: decoupled" in report and "## Drawing (GenEval on held-out prompts)" in report
     assert f"| {zero['draw']:.3f} | {zero['draw/ceiling']:.2f} | {zero['draw/fd']:.3f} |" in report
+
+
+def test_a_text_answer_never_opens_a_picture(loaded):
+    from fusionlm.generate import Request, generate_ids
+
+    model, tokenizer, config = loaded
+    model.llm.get_output_embeddings().weight.data[model.ids.begin_image] += 100.0  # the model wants to draw
+    try:
+        (ids,) = generate_ids(model, tokenizer, [Request("a red circle")], ImageSpec.for_model(model, config),
+                              max_new_tokens=4)
+    finally:
+        model.llm.get_output_embeddings().weight.data[model.ids.begin_image] -= 100.0
+    assert len(ids) == 4 and not {model.ids.begin_image, model.ids.end_image, model.ids.code} & set(ids)
+
+
+def test_the_reconstruction_ceiling_of_an_exact_code_is_one():
+    from fusionlm.config import ImageTokenizerConfig
+    from fusionlm.evaluate.drawing import reconstructed, reference_pictures
+    from fusionlm.evaluate.geneval import geneval
+    from fusionlm.data.world.scenes import geneval_scenes
+    from fusionlm.image_tokenizers import build_image_tokenizer
+
+    scenes = geneval_scenes(3)
+    exact = build_image_tokenizer(ImageTokenizerConfig(kind="palette", image_size=64, downsample=1, codebook_size=7))
+    coarse = build_image_tokenizer(ImageTokenizerConfig(kind="palette", image_size=64, downsample=8, codebook_size=7))
+    pictures = reference_pictures(scenes, 64)
+    assert geneval(scenes, pictures)["overall"] == 1.0
+    assert geneval(scenes, reconstructed(exact, pictures))["overall"] == 1.0
+    assert geneval(scenes, reconstructed(coarse, pictures))["overall"] < 0.5
