@@ -118,7 +118,8 @@ def report(config: RecipeConfig, name: str = "recipe") -> Report:
         inputs = spec.process_all(image)
         enc_tokens = sum(r * c for r, c in (i.grid for i in inputs))
         dec_tokens = len(model.layout.image_tokens(inputs))
-    out = Report(name=name, design=config.model.fusion.kind, params=params, encoder_tokens=enc_tokens,
+    design = config.model.fusion.kind + (f", draws: {config.model.generation.kind}" if model.draws else "")
+    out = Report(name=name, design=design, params=params, encoder_tokens=enc_tokens,
                  decoder_tokens=dec_tokens, sample_length=sum(b.num_tokens for b in batches) / n,
                  images_per_sample=sum(b.num_images for b in batches) / n, forward=forward)
     reconstruction = sum(reconstruction_flops(model, b) for b in batches) / n

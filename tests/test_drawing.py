@@ -377,3 +377,26 @@ def test_the_reconstruction_ceiling_of_an_exact_code_is_one():
     assert geneval(scenes, pictures)["overall"] == 1.0
     assert geneval(scenes, reconstructed(exact, pictures))["overall"] == 1.0
     assert geneval(scenes, reconstructed(coarse, pictures))["overall"] < 0.5
+
+
+def test_a_llava_json_with_the_picture_in_the_answer_trains_a_drawing_model(tmp_path):
+    world = World(32, 0)
+    records = []
+    for i in range(4):
+        sample = world.sample("draw", "train", i)
+        sample.images[0].save(tmp_path / f"{i}.png")
+        records.append({"id": f"t2i-{i}", "image": f"{i}.png", "conversations": [
+            {"from": "human", "value": sample.messages[0]["content"]}, {"from": "gpt", "value": "<image>"}]})
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    data = drawing_dict()
+    data["data"] = {"source": str(tmp_path / "data.json")}
+    data["model"]["tokenizer"]["path"] = None
+    for s in data["stages"]:
+        s["mixture"], s["steps"] = {"custom": 1}, 2
+    train(validate(from_dict(data)), tmp_path / "run", log=lambda *_: None)
+    rows = read_metrics(tmp_path / "run")
+    assert len(rows) == 4 and rows[0]["psnr"] > 0 and rows[-1]["samples_trained"] == 16 and not rows[-1]["skipped"]
+    model, tokenizer, config = load_model(tmp_path / "run")
+    prompts = PromptEncoder.of(model, tokenizer, ImageSpec.for_model(model, config, root=str(tmp_path)))
+    prompted = prompts.sample(build_source(config.data).get("custom", "train", 2))
+    assert torch.equal(prompted.drawn[0], prompts.draw.pixels(world.sample("draw", "train", 2).images[0]))
