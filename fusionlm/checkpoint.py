@@ -64,7 +64,9 @@ def needs_newline(model: ModelConfig) -> bool:
 def drawing_tokens(model: ModelConfig) -> list[str]:
     """The tokens a model that draws writes an image with (``model.generation``); none for one that reads."""
     gen = model.generation
-    return [gen.begin_token, gen.end_token, gen.code_token] if generator_of(gen.kind).draws else []
+    if not generator_of(gen.kind).draws:
+        return []
+    return [gen.begin_token, gen.end_token, gen.code_token] + ([gen.row_end_token] if gen.row_end_token else [])
 
 
 def special_ids(tokenizer, tcfg: TokenizerConfig, *, need_newline: bool,
@@ -77,7 +79,8 @@ def special_ids(tokenizer, tcfg: TokenizerConfig, *, need_newline: bool,
         wanted["model.tokenizer.newline_token"] = tcfg.newline_token
     draws = generation is not None and generator_of(generation.kind).draws
     if draws:
-        wanted.update({f"model.generation.{k}": getattr(generation, k) for k in ("begin_token", "end_token", "code_token")})
+        keys = ("begin_token", "end_token", "code_token") + (("row_end_token",) if generation.row_end_token else ())
+        wanted.update({f"model.generation.{k}": getattr(generation, k) for k in keys})
     for key, token in wanted.items():
         if token not in vocab:
             raise ConfigError(f"{key}: the tokenizer has no token {token!r}")
@@ -87,7 +90,7 @@ def special_ids(tokenizer, tcfg: TokenizerConfig, *, need_newline: bool,
     drawing = {}
     if draws:
         drawing = {"begin_image": vocab[generation.begin_token], "end_image": vocab[generation.end_token],
-                   "code": vocab[generation.code_token]}
+                   "code": vocab[generation.code_token], "row_end": vocab.get(generation.row_end_token, -1)}
     return SpecialIds(image=vocab[tcfg.image_token], newline=newline, pad=tokenizer.pad_token_id,
                       end=vocab[tcfg.end_token], tile_tags=tile_tags(tokenizer, tiling), **drawing)
 

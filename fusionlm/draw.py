@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from .data.chat import SkipSample
-from .data.drawing import null_prompt
+from .data.drawing import DrawLayout, null_prompt
 from .data.pixels.processing import ImageBatch, ImageSpec
 from .data.prompt import PromptEncoder
 from .data.sample import Sample
@@ -74,11 +74,11 @@ def _rows(model: FusionLM, tokenizer, spec: ImageSpec | None, requests: list[Dra
             raise SampleError(str(exc)) from None
         rows.append(prompted.encoded.input_ids + [model.ids.begin_image])
         inputs.extend(prompted.inputs)
-    codes = model.image_tokenizer.grid[0] * model.image_tokenizer.grid[1]
+    codes = len(DrawLayout.of(model).tokens()) - 2
     longest = max(len(r) for r in rows)
     if longest + codes > model.config.llm.max_length:
-        raise SampleError(f"a prompt of {longest} tokens and an image of {codes} codes do not fit the context of "
-                          f"{model.config.llm.max_length}")
+        raise SampleError(f"a prompt of {longest} tokens and an image of {codes} positions do not fit the context "
+                          f"of {model.config.llm.max_length}")
     return rows, ImageBatch.collate(inputs)
 
 
@@ -95,9 +95,10 @@ def draw_codes(model: FusionLM, tokenizer, requests: list[DrawRequest], spec: Im
     ids, mask = (t.to(device) for t in left_pad(rows, tokenizer.pad_token_id))  # (R, T)
     context = model.encode_images(pixels.to(device), ids) if pixels is not None else None
     grid = model.image_tokenizer.grid
-    n = grid[0] * grid[1]
-    if static and unsupported(model, ids.shape[1] + n) is None:
-        decoder = StaticDecoder(model, len(ids), ids.shape[1] + n)
+    n, row_end = grid[0] * grid[1], model.ids.row_end
+    length = ids.shape[1] + len(DrawLayout.of(model).tokens()) - 2
+    if static and unsupported(model, length) is None:
+        decoder = StaticDecoder(model, len(ids), length)
         decoder.head = model.generation.code_head(model)
     else:
         decoder = GeneralDecoder(model, True, scores="code_logits")
@@ -109,8 +110,9 @@ def draw_codes(model: FusionLM, tokenizer, requests: list[DrawRequest], spec: Im
         guided_scores = scores[b:] + sampling.cfg * (scores[:b] - scores[b:]) if guided else scores  # (B, K)
         codes[:, i] = pick(guided_scores, sampling, generators)
         if i + 1 < n:
-            step = (codes[:, i] + model.code_offset).repeat(2 if guided else 1)  # (R,)
-            scores = decoder.step(step)
+            scores = decoder.step((codes[:, i] + model.code_offset).repeat(2 if guided else 1))  # (R,) in
+            if row_end >= 0 and (i + 1) % grid[1] == 0:  # Emu3: the row's end token, written, not sampled
+                scores = decoder.step(torch.full((len(ids),), row_end, device=device))
     return codes.view(b, *grid)
 
 

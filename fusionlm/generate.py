@@ -181,7 +181,8 @@ def generate_ids(model: FusionLM, tokenizer, requests: list[Request], spec: Imag
         decoder = GeneralDecoder(model, use_cache)
     end = set(stop_ids(model))
     # a drawing model's image tokens too: a text answer does not open a picture (``draw`` draws one)
-    drawing = {model.ids.begin_image, model.ids.end_image, model.ids.code} if model.draws else set()
+    drawing = {model.ids.begin_image, model.ids.end_image, model.ids.code, model.ids.row_end} - {-1} \
+        if model.draws else set()
     never = torch.tensor(sorted({model.ids.image, model.ids.newline} | drawing), device=device)
     done = torch.zeros(len(ids), dtype=torch.bool, device=device)
     out: list[list[int]] = [[] for _ in range(len(ids))]

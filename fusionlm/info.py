@@ -22,6 +22,7 @@ from .config import RecipeConfig
 from .errors import ConfigError
 from .data.batching.batches import check_mixture, collate
 from .data.chat import SkipSample
+from .data.drawing import DrawLayout
 from .data.prompt import PromptEncoder
 from .data.pixels.processing import ImageSpec
 from .data.sources import build_source
@@ -68,7 +69,7 @@ class Report:
         if self.drawing:
             d = self.drawing
             lines += ["", f"drawing: {d['codes']:.0f} codes per picture ({d['positions']:.0f} decoder positions with "
-                      f"its begin and end tokens); {d['flops'] / 1e6:,.2f} MFLOPs per picture, "
+                      f"its begin, end and any end-of-row tokens); {d['flops'] / 1e6:,.2f} MFLOPs per picture, "
                       f"{d['flops_guided'] / 1e6:,.2f} with classifier-free guidance (a null row beside each prompt), "
                       f"decoding included"]
         return "\n".join(lines)
@@ -154,8 +155,8 @@ def drawing_cost(model, tokenizer, spec) -> dict[str, float]:
     from .draw import DrawRequest, Sampling, draw
 
     count_cpu_attention()
-    cost = {"codes": float(model.image_tokenizer.grid[0] * model.image_tokenizer.grid[1])}
-    cost["positions"] = cost["codes"] + 2
+    cost = {"codes": float(model.image_tokenizer.grid[0] * model.image_tokenizer.grid[1]),
+            "positions": float(len(DrawLayout.of(model).tokens()))}
     for key, cfg in (("flops", 1.0), ("flops_guided", 3.0)):
         with FlopCounterMode(display=False) as counter:
             draw(model, tokenizer, [DrawRequest(PROMPT)], spec, sampling=Sampling(cfg=cfg), static=False)

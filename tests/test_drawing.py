@@ -400,3 +400,34 @@ def test_a_llava_json_with_the_picture_in_the_answer_trains_a_drawing_model(tmp_
     prompts = PromptEncoder.of(model, tokenizer, ImageSpec.for_model(model, config, root=str(tmp_path)))
     prompted = prompts.sample(build_source(config.data).get("custom", "train", 2))
     assert torch.equal(prompted.drawn[0], prompts.draw.pixels(world.sample("draw", "train", 2).images[0]))
+
+
+def test_emu3_rows_of_codes_end_with_their_token(tmp_path):
+    data = drawing_dict("shared")
+    data["model"]["generation"]["row_end_token"] = "<end_of_row>"
+    for s in data["stages"]:
+        s["steps"] = 1
+    train(validate(from_dict(data)), tmp_path / "run", log=lambda *_: None)
+    model, tokenizer, config = load_model(tmp_path / "run")
+    end = tokenizer.convert_tokens_to_ids("<end_of_row>")
+    assert model.ids.row_end == end
+    prompted = PromptEncoder.of(model, tokenizer, ImageSpec.for_model(model, config)).sample(
+        World(32, 0).sample("draw", "train", 0))
+    ids, labels = prompted.encoded.input_ids, prompted.encoded.labels
+    begin = ids.index(model.ids.begin_image)
+    row = [model.ids.code] * 4 + [end]
+    assert ids[begin + 1: begin + 21] == row * 4 and ids[begin + 21] == model.ids.end_image
+    assert labels[begin: begin + 22] == ids[begin: begin + 22]  # the row ends are learned too
+    requests = [DrawRequest("a red circle", seed=1), DrawRequest("three squares", seed=2)]
+    guided = Sampling(cfg=2.0)
+    together = draw_codes(model, tokenizer, requests, sampling=guided)
+    assert together.shape == (2, 4, 4)
+    assert torch.equal(together, draw_codes(model, tokenizer, requests, sampling=guided, static=False))
+    assert torch.equal(together[1:], draw_codes(model, tokenizer, requests[1:], sampling=guided))
+    # the sampler writes the same sequence training reads: scores after the row ends match a forward pass
+    (codes,) = draw_codes(model, tokenizer, requests[:1], sampling=Sampling(temperature=0.0))
+    rows, _ = _rows(model, tokenizer, None, requests[:1], guided=False)
+    seq = rows[0] + [t for r in codes.tolist() for t in [c + model.code_offset for c in r] + [end]][:-1]
+    out = model(torch.tensor([seq]))
+    starts = [len(rows[0]) - 1 + k * 5 + j for k in range(4) for j in range(4)]  # positions that predict a code
+    assert out.code_logits[0, starts].argmax(-1).tolist() == codes.flatten().tolist()

@@ -80,6 +80,7 @@ class GenerationConfig:
     begin_token: str = "<begin_of_image>"  # opens a drawn image (added to the tokenizer)
     end_token: str = "<end_of_image>"  # closes it
     code_token: str = "<image_code>"  # a drawn image's positions before its codes are known (added too)
+    row_end_token: str | None = None  # Emu3: this token ends each row of codes (added too); None: no row ends
     head_hidden: int | None = None  # decoupled: the aligner's and the generation head's width; default: the LLM's
     # how the model draws unless told otherwise (``fusionlm generate --image-out``, GenEval in ``eval``)
     cfg: float = 3.0  # classifier-free guidance scale (1: none)

@@ -4,7 +4,8 @@ sequence, and the null prompt that condition dropout trains and guidance samples
 A picture whose ``<image>`` placeholder sits in an assistant turn is one the assistant draws (a
 text-to-image answer, or an image in the middle of an any-to-any reply); one in any other turn is
 read. A drawn picture becomes ``<begin_of_image>``, one ``<image_code>`` per code of the image
-tokenizer's grid, ``<end_of_image>``, all of it trained; the model puts the picture's codes in
+tokenizer's grid (each row closed by an end-of-row token where ``model.generation.row_end_token``
+is set, as in Emu3), ``<end_of_image>``, all of it trained; the model puts the picture's codes in
 place of the ``<image_code>`` positions (``FusionLM.with_codes``).
 """
 
@@ -54,13 +55,16 @@ class DrawLayout:
     code: int
     grid: tuple[int, int]  # codes per image (rows, columns)
     image_size: int
+    row_end: int = -1  # Emu3: the token after each row of codes; -1: none
 
     @property
     def codes(self) -> int:
         return self.grid[0] * self.grid[1]
 
     def tokens(self) -> list[int]:
-        return [self.begin] + [self.code] * self.codes + [self.end]
+        rows, cols = self.grid
+        row = [self.code] * cols + ([self.row_end] if self.row_end >= 0 else [])
+        return [self.begin] + row * rows + [self.end]
 
     def pixels(self, source, *, root=None, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
         """A drawn picture (a PIL image or a path) as the tokenizer reads it: (3, S, S) in [-1, 1],
@@ -75,4 +79,5 @@ class DrawLayout:
         if not model.draws:
             return None
         tok = model.image_tokenizer
-        return cls(model.ids.begin_image, model.ids.end_image, model.ids.code, tok.grid, tok.config.image_size)
+        return cls(model.ids.begin_image, model.ids.end_image, model.ids.code, tok.grid, tok.config.image_size,
+                   model.ids.row_end)

@@ -73,6 +73,7 @@ class SpecialIds:
     begin_image: int = -1
     end_image: int = -1
     code: int = -1
+    row_end: int = -1  # ends each row of a drawn image's codes (Emu3); -1: none
 
 
 @dataclass(frozen=True)
