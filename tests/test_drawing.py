@@ -152,7 +152,7 @@ def test_shared_vocabulary_masks_code_and_text_logits_apart():
     n = int((targets != IGNORE).sum())
     torch.testing.assert_close(out.loss, (text + codes) / n)
     unmasked = F.cross_entropy(raw[:, :-1].reshape(-1, offset + k), targets.reshape(-1), ignore_index=IGNORE)
-    assert abs(float(unmasked) - float(out.loss.detach())) > 1e-3  # masked apart, not merely ignored
+    assert abs(float(unmasked.detach()) - float(out.loss.detach())) > 1e-3  # masked apart, not merely ignored
     weighted = model(batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixels,
                      labels=batch.labels, drawn=batch.drawn, loss_weights=(1.0, 0.0))
     torch.testing.assert_close(weighted.loss, text / n)
