@@ -31,6 +31,8 @@ class Output:
     loss: torch.Tensor | None = None
     past_key_values: object | None = None
     code_logits: torch.Tensor | None = None  # (B, T, K) a model that draws: the next code's scores
+    # a model that draws, with labels: each kind's summed loss and target count, unweighted (detached)
+    loss_parts: dict[str, torch.Tensor] | None = None
 
 
 class FusionLM(nn.Module):
@@ -218,25 +220,29 @@ class FusionLM(nn.Module):
         if self.draws:
             codes = self.generation.code_logits(self, logits, out.hidden_states[-1] if hidden else None)  # (B, T, K)
             logits = self.generation.text_logits(self, logits)
-        loss = None
+        loss = parts = None
         if labels is not None:
-            loss = self.loss(logits, codes, labels, loss_reduction, loss_weights)
+            loss, parts = self.loss(logits, codes, labels, loss_reduction, loss_weights)
         return Output(logits=logits, loss=loss, past_key_values=out.past_key_values if use_cache else None,
-                      code_logits=codes)
+                      code_logits=codes, loss_parts=parts)
 
     def loss(self, logits: torch.Tensor, codes: torch.Tensor | None, labels: torch.Tensor, reduction: str,
-             weights: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
+             weights: tuple[float, float] = (1.0, 1.0)) -> tuple[torch.Tensor, dict | None]:
         """Next-token cross-entropy: text targets over the text logits (B, T, V), and, for a model that
-        draws, code targets over the code logits (B, T, K) alone; ``weights``: (text, codes)."""
+        draws, code targets over the code logits (B, T, K) alone; ``weights``: (text, codes). Also,
+        for a model that draws, each kind's unweighted sum and count."""
         targets = labels[:, 1:]  # (B, T-1)
         if codes is None:
             return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                                   ignore_index=-100, reduction=reduction)
+                                   ignore_index=-100, reduction=reduction), None
         is_code = targets >= self.code_offset  # (B, T-1)
-        text = F.cross_entropy(logits[:, :-1][~is_code].float(), targets[~is_code], ignore_index=-100, reduction="sum")
+        is_text = ~is_code & (targets != -100)
+        text = F.cross_entropy(logits[:, :-1][is_text].float(), targets[is_text], reduction="sum")
         image = F.cross_entropy(codes[:, :-1][is_code].float(), targets[is_code] - self.code_offset, reduction="sum")
         total = weights[0] * text + weights[1] * image
-        return total if reduction == "sum" else total / (targets != -100).sum().clamp(min=1)
+        parts = {"text_loss": text.detach(), "text_targets": is_text.sum(), "image_loss": image.detach(),
+                 "image_targets": is_code.sum()}
+        return (total if reduction == "sum" else total / (targets != -100).sum().clamp(min=1)), parts
 
     def embed(self, input_ids: torch.Tensor, context: ImageContext | None, query_start: int = 0, *,
               cached: bool = False) -> tuple[torch.Tensor, dict]:

@@ -232,6 +232,8 @@ def test_the_tokenizer_stage_logs_reconstruction_and_codebook_use(run):
         assert row["stage_name"] == "tokenizer" and row["psnr"] > 0
         assert 1 <= row["perplexity"] <= 32 and 0 < row["used"] <= 1 and row["dead"] == round(32 * (1 - row["used"]))
     assert all("psnr" not in r for r in t2i_rows) and all(r["loss"] > 0 for r in t2i_rows)
+    for r in t2i_rows:  # each kind of target on its own; the loss is their mean over all targets
+        assert min(r["loss_text"], r["loss_image"]) <= r["loss"] <= max(r["loss_text"], r["loss_image"])
 
 
 # ----------------------------------------------------------------------------- commands

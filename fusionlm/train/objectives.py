@@ -98,12 +98,18 @@ class LanguageModel(Objective):
         out = model(batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixels,
                     labels=batch.labels, segment_ids=batch.segments, drawn=batch.drawn, loss_reduction="sum",
                     loss_weights=weights)
-        return Loss(out.loss, out.loss.detach())
+        return Loss(out.loss, out.loss.detach(), out.loss_parts or {})
 
     def idle(self, model: FusionLM, group=None) -> Loss:
         ids = torch.full((1, 1), model.ids.pad, device=model.llm.get_input_embeddings().weight.device)
         zero = model(ids).logits.sum() * 0.0  # runs the (sharded) decoder layers as the others do
-        return Loss(zero, zero.detach())
+        parts = dict.fromkeys(("text_loss", "text_targets", "image_loss", "image_targets"), zero.detach())
+        return Loss(zero, zero.detach(), parts if model.draws else {})
+
+    def report(self, stats):
+        """A model that draws: the mean loss of each kind of target (text tokens, image codes)."""
+        return {f"loss_{kind}": stats[f"{kind}_loss"][0] / stats[f"{kind}_targets"][0]
+                for kind in LOSS_KINDS if stats[f"{kind}_targets"][0]}
 
 
 @objective
