@@ -219,8 +219,14 @@ def cmd_info(args) -> None:
     from .config import load_recipe
     from .info import report
 
+    from .info import training_summary
+
     for recipe in args.recipe:
-        print(report(load_recipe(recipe, args.set), name=str(recipe)).markdown())
+        run = Path(recipe)
+        trained = run.is_dir() and (run / "config.yaml").is_file()  # a run directory: its recipe as it ran
+        print(report(load_recipe(run / "config.yaml" if trained else recipe, args.set), name=str(recipe)).markdown())
+        if trained:
+            print("\n".join(training_summary(run)))
         print()
 
 
@@ -366,7 +372,8 @@ def parser() -> argparse.ArgumentParser:
                         "wrote shards)")
 
     n = _command(sub, "info", "parameters, image tokens and FLOPs per part of one or more recipes", cmd_info)
-    n.add_argument("recipe", nargs="+", help="recipe YAML paths or shipped recipe names")
+    n.add_argument("recipe", nargs="+", help="recipe YAML paths, shipped recipe names or run directories (a run "
+                   "also gets what its stages ended at: loss, and the image tokenizer's PSNR and codebook use)")
     _add_set(n, "override a dotted key")
 
     c = _command(sub, "compare", "train recipes on the same budget, evaluate them alike, report and plot",

@@ -260,3 +260,27 @@ def _by_part(counter: FlopCounterMode, model) -> dict[str, float]:
     return {"llm": total("FusionLM.llm"),
             "cross_attention": sum(total(f"FusionLM.cross_blocks.{name}") for name in model.cross_blocks),
             "generation": sum(total(f"FusionLM.{name}") for name in ("gen_embed", "gen_aligner", "gen_head"))}
+
+
+def training_summary(run) -> list[str]:
+    """What each stage of a training run ended at, from its ``metrics.jsonl``: the loss, each kind's
+    loss for a model that draws, and for a reconstruction stage the tokenizer's PSNR and codebook use."""
+    import json
+    from pathlib import Path
+
+    path = Path(run) / "metrics.jsonl"
+    if not path.is_file():
+        return [f"{run}: no metrics.jsonl (not trained yet)"]
+    last: dict[int, dict] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            last[row["stage"]] = row
+    lines = ["", "| stage | steps | loss | text loss | image loss | PSNR (dB) | code perplexity | codes used | dead codes |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    cell = lambda row, key, fmt: "—" if row.get(key) is None else format(row[key], fmt)  # noqa: E731
+    for stage, row in sorted(last.items()):
+        lines.append(f"| {row['stage_name']} | {row['stage_step']} | {cell(row, 'loss', '.4f')} | "
+                     f"{cell(row, 'loss_text', '.4f')} | {cell(row, 'loss_image', '.4f')} | {cell(row, 'psnr', '.2f')} | "
+                     f"{cell(row, 'perplexity', '.1f')} | {cell(row, 'used', '.1%')} | {cell(row, 'dead', 'd')} |")
+    return lines + ["", "(each stage's last step: one batch, as metrics.jsonl logged it)"]

@@ -433,3 +433,13 @@ def test_emu3_rows_of_codes_end_with_their_token(tmp_path):
     out = model(torch.tensor([seq]))
     starts = [len(rows[0]) - 1 + k * 5 + j for k in range(4) for j in range(4)]  # positions that predict a code
     assert out.code_logits[0, starts].argmax(-1).tolist() == codes.flatten().tolist()
+
+
+def test_info_of_a_run_reports_what_its_stages_ended_at(run, capsys):
+    assert main(["info", str(run)]) == 0
+    out = capsys.readouterr().out
+    rows = read_metrics(run)
+    tok, t2i = rows[2], rows[-1]  # the last step of each stage
+    assert f"| tokenizer | 3 | {tok['loss']:.4f} | — | — | {tok['psnr']:.2f} | {tok['perplexity']:.1f} | " in out
+    assert f"| t2i | 3 | {t2i['loss']:.4f} | {t2i['loss_text']:.4f} | {t2i['loss_image']:.4f} | — |" in out
+    assert "codes per picture" in out
