@@ -27,8 +27,7 @@ def main() -> None:
     ap.add_argument("--cfg", type=float, help="guidance scale (default: the checkpoint's model.generation.cfg)")
     args = ap.parse_args()
     model, tokenizer, config = load_model(args.checkpoint)
-    gen = config.model.generation
-    sampling = Sampling(cfg=gen.cfg if args.cfg is None else args.cfg, temperature=gen.temperature, top_k=gen.top_k)
+    sampling = Sampling.of(config.model.generation, cfg=args.cfg)
     scenes = geneval_scenes(args.per_category, seed=1)
     side = model.image_tokenizer.config.image_size * args.scale
     label = 230

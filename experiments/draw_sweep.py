@@ -10,10 +10,10 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-from dataclasses import replace
 
 from fusionlm.checkpoint import load_model
 from fusionlm.data.batching.batches import ImageSpec
+from fusionlm.draw import Sampling
 from fusionlm.evaluate.drawing import draw_task
 from fusionlm.evaluate.tasks import EvalTask
 
@@ -31,10 +31,8 @@ def main() -> None:
     task = EvalTask(name="draw", metric="geneval")
     rows = []
     for cfg, temperature, top_k in itertools.product(args.cfg, args.temperature, args.top_k):
-        # this script's own copy of the model's sampling defaults, changed per setting
-        model.config = replace(model.config, generation=replace(config.model.generation, cfg=cfg,
-                                                                temperature=temperature, top_k=top_k))
-        results = {r.task: round(r.score, 3) for r in draw_task(model, tokenizer, task, spec,
+        sampling = Sampling(cfg=cfg, temperature=temperature, top_k=top_k)
+        results = {r.task: round(r.score, 3) for r in draw_task(model, tokenizer, task, spec, sampling=sampling,
                                                                per_task=args.per_category, batch_size=60)}
         rows.append({"cfg": cfg, "temperature": temperature, "top_k": top_k, **results})
         print(json.dumps(rows[-1]), flush=True)

@@ -61,12 +61,22 @@ def needs_newline(model: ModelConfig) -> bool:
     return design_of(model.fusion.kind).sequence.newline or (model.tiling.max_tiles > 0 and model.tiling.marker == "newline")
 
 
+# SpecialIds field -> the model.generation key naming its token
+DRAWING_TOKENS = {"begin_image": "begin_token", "end_image": "end_token", "code": "code_token",
+                  "row_end": "row_end_token"}
+
+
+def _drawing(generation: GenerationConfig | None) -> dict[str, str]:
+    """{SpecialIds field: token} of the tokens a model that draws writes an image with; none for one
+    that reads (or an unset ``row_end_token``)."""
+    if generation is None or not generator_of(generation.kind).draws:
+        return {}
+    return {f: getattr(generation, k) for f, k in DRAWING_TOKENS.items() if getattr(generation, k)}
+
+
 def drawing_tokens(model: ModelConfig) -> list[str]:
     """The tokens a model that draws writes an image with (``model.generation``); none for one that reads."""
-    gen = model.generation
-    if not generator_of(gen.kind).draws:
-        return []
-    return [gen.begin_token, gen.end_token, gen.code_token] + ([gen.row_end_token] if gen.row_end_token else [])
+    return list(_drawing(model.generation).values())
 
 
 def special_ids(tokenizer, tcfg: TokenizerConfig, *, need_newline: bool,
@@ -77,22 +87,17 @@ def special_ids(tokenizer, tcfg: TokenizerConfig, *, need_newline: bool,
     wanted = {"model.tokenizer.image_token": tcfg.image_token, "model.tokenizer.end_token": tcfg.end_token}
     if need_newline:
         wanted["model.tokenizer.newline_token"] = tcfg.newline_token
-    draws = generation is not None and generator_of(generation.kind).draws
-    if draws:
-        keys = ("begin_token", "end_token", "code_token") + (("row_end_token",) if generation.row_end_token else ())
-        wanted.update({f"model.generation.{k}": getattr(generation, k) for k in keys})
+    drawing = _drawing(generation)
+    wanted.update({f"model.generation.{DRAWING_TOKENS[f]}": token for f, token in drawing.items()})
     for key, token in wanted.items():
         if token not in vocab:
             raise ConfigError(f"{key}: the tokenizer has no token {token!r}")
     newline = vocab.get(tcfg.newline_token, vocab[tcfg.image_token])
     if tokenizer.pad_token_id is None:
         raise ConfigError("model.tokenizer: the tokenizer has no padding token")
-    drawing = {}
-    if draws:
-        drawing = {"begin_image": vocab[generation.begin_token], "end_image": vocab[generation.end_token],
-                   "code": vocab[generation.code_token], "row_end": vocab.get(generation.row_end_token, -1)}
     return SpecialIds(image=vocab[tcfg.image_token], newline=newline, pad=tokenizer.pad_token_id,
-                      end=vocab[tcfg.end_token], tile_tags=tile_tags(tokenizer, tiling), **drawing)
+                      end=vocab[tcfg.end_token], tile_tags=tile_tags(tokenizer, tiling),
+                      **{f: vocab[token] for f, token in drawing.items()})
 
 
 def build_model(config: RecipeConfig, tokenizer, *, pretrained: bool = True) -> FusionLM:

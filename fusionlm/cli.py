@@ -136,10 +136,8 @@ def _draw(args, model, tokenizer, spec, items) -> None:
     sampled as the model's ``generation`` config says unless a flag overrides it."""
     from .draw import DrawRequest, Sampling, draw
 
-    gen = model.config.generation
-    sampling = Sampling(cfg=gen.cfg if args.cfg is None else args.cfg,
-                        temperature=gen.temperature if args.temperature is None else args.temperature,
-                        top_k=gen.top_k if args.top_k is None else args.top_k, top_p=args.top_p)
+    sampling = Sampling.of(model.config.generation, cfg=args.cfg, temperature=args.temperature, top_k=args.top_k,
+                           top_p=args.top_p)
     out = Path(args.image_out)
     if args.n < 1:
         args.parser.error(f"argument --n: must be >= 1, got {args.n}")

@@ -33,6 +33,7 @@ from .generate import Request
 from .info import report
 from .recipe import trained_tasks
 from .train.loop import train
+from .train.report import read_metrics
 
 TEXT_DOCS = 32  # text-only documents the LLM's text loss is measured on
 
@@ -93,7 +94,7 @@ def run_one(name: str, run: Path, *, label: str, steps, minutes, shots, per_task
     started = time.perf_counter()
     train(config, run, log=lambda *_: None, seconds=minutes * 60 if minutes else None)
     train_seconds = time.perf_counter() - started
-    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    metrics = read_metrics(run / "metrics.jsonl")
     model, tokenizer, saved = load_model(run, device="auto")
     source = build_source(saved.data)
     spec = ImageSpec.for_model(model, saved, root=source.root)

@@ -13,6 +13,7 @@ from .data.sources import build_source
 from .evaluate.harness import EVAL_TASKS, evaluate, markdown_table, write_results
 from .recipe import trained_tasks
 from .train.loop import train
+from .train.report import read_metrics
 
 
 def run_demo(out: str | Path, overrides: list[str] | None = None, *, recipe: str = "demo") -> dict:
@@ -36,7 +37,7 @@ def run_demo(out: str | Path, overrides: list[str] | None = None, *, recipe: str
     sample = source.get("shape", "test", 0)
     image_path = out / "example.png"
     sample.images[0].save(image_path)
-    metrics = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_metrics(out / "run" / "metrics.jsonl")
     tok_s = sum(m["tokens"] for m in metrics) / max(1e-9, sum(m["tokens"] / m["tokens_per_s"] for m in metrics if m["tokens_per_s"]))
     extra = {"wall_seconds": round(wall, 1), "train_seconds": round(trained, 1),
              "train_tokens_per_s": round(tok_s, 1), "steps": len(metrics),

@@ -56,6 +56,13 @@ class Sampling:
     top_k: int = 0
     top_p: float = 1.0
 
+    @classmethod
+    def of(cls, generation, **given) -> "Sampling":
+        """The way a model draws unless told otherwise (its ``model.generation``: cfg, temperature,
+        top_k), with each of ``given`` that is not None in place of its default."""
+        defaults = {"cfg": generation.cfg, "temperature": generation.temperature, "top_k": generation.top_k}
+        return cls(**{**defaults, **{k: v for k, v in given.items() if v is not None}})
+
     def check(self) -> None:
         if self.cfg < 0 or self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
             raise ConfigError(f"sampling: cfg, temperature and top_k must be >= 0 and top_p in (0, 1], got {self}")
@@ -74,10 +81,9 @@ def _rows(model: FusionLM, tokenizer, spec: ImageSpec | None, requests: list[Dra
             raise SampleError(str(exc)) from None
         rows.append(prompted.encoded.input_ids + [model.ids.begin_image])
         inputs.extend(prompted.inputs)
-    codes = len(DrawLayout.of(model).tokens()) - 2
-    longest = max(len(r) for r in rows)
-    if longest + codes > model.config.llm.max_length:
-        raise SampleError(f"a prompt of {longest} tokens and an image of {codes} positions do not fit the context "
+    longest, written = max(len(r) for r in rows), DrawLayout.of(model).written
+    if longest + written > model.config.llm.max_length:
+        raise SampleError(f"a prompt of {longest} tokens and an image of {written} positions do not fit the context "
                           f"of {model.config.llm.max_length}")
     return rows, ImageBatch.collate(inputs)
 
@@ -90,13 +96,13 @@ def draw_codes(model: FusionLM, tokenizer, requests: list[DrawRequest], spec: Im
         raise ConfigError("this model does not draw (model.generation.kind: none)")
     sampling.check()
     guided = sampling.cfg != 1.0
+    layout = DrawLayout.of(model)
     rows, pixels = _rows(model, tokenizer, spec, requests, guided)
     device = model_device(model)
     ids, mask = (t.to(device) for t in left_pad(rows, tokenizer.pad_token_id))  # (R, T)
     context = model.encode_images(pixels.to(device), ids) if pixels is not None else None
-    grid = model.image_tokenizer.grid
-    n, row_end = grid[0] * grid[1], model.ids.row_end
-    length = ids.shape[1] + len(DrawLayout.of(model).tokens()) - 2
+    grid, n, row_end = layout.grid, layout.codes, layout.row_end
+    length = ids.shape[1] + layout.written
     if static and unsupported(model, length) is None:
         decoder = StaticDecoder(model, len(ids), length)
         decoder.head = model.generation.code_head(model)

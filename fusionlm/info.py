@@ -29,6 +29,7 @@ from .data.sources import build_source
 from .encoders import ENCODERS
 from .hub import arch_of, check_custom_code
 from .recipe import make_tokenizer
+from .train.report import read_metrics
 from .train.stages import select_trainable
 
 PARTS = ("encoder", "connector", "cross_attention", "llm", "image_tokenizer", "generation")  # in the order data flows
@@ -155,8 +156,8 @@ def drawing_cost(model, tokenizer, spec) -> dict[str, float]:
     from .draw import DrawRequest, Sampling, draw
 
     count_cpu_attention()
-    cost = {"codes": float(model.image_tokenizer.grid[0] * model.image_tokenizer.grid[1]),
-            "positions": float(len(DrawLayout.of(model).tokens()))}
+    layout = DrawLayout.of(model)
+    cost = {"codes": float(layout.codes), "positions": float(len(layout.tokens()))}
     for key, cfg in (("flops", 1.0), ("flops_guided", 3.0)):
         with FlopCounterMode(display=False) as counter:
             draw(model, tokenizer, [DrawRequest(PROMPT)], spec, sampling=Sampling(cfg=cfg), static=False)
@@ -265,17 +266,12 @@ def _by_part(counter: FlopCounterMode, model) -> dict[str, float]:
 def training_summary(run) -> list[str]:
     """What each stage of a training run ended at, from its ``metrics.jsonl``: the loss, each kind's
     loss for a model that draws, and for a reconstruction stage the tokenizer's PSNR and codebook use."""
-    import json
     from pathlib import Path
 
     path = Path(run) / "metrics.jsonl"
     if not path.is_file():
         return [f"{run}: no metrics.jsonl (not trained yet)"]
-    last: dict[int, dict] = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            last[row["stage"]] = row
+    last = {row["stage"]: row for row in read_metrics(path)}  # each stage's last step
     lines = ["", "| stage | steps | loss | text loss | image loss | PSNR (dB) | code perplexity | codes used | dead codes |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     cell = lambda row, key, fmt: "—" if row.get(key) is None else format(row[key], fmt)  # noqa: E731

@@ -61,6 +61,11 @@ class DrawLayout:
     def codes(self) -> int:
         return self.grid[0] * self.grid[1]
 
+    @property
+    def written(self) -> int:
+        """Positions a sampler writes after ``<begin_of_image>``: the codes and any row ends."""
+        return len(self.tokens()) - 2
+
     def tokens(self) -> list[int]:
         rows, cols = self.grid
         row = [self.code] * cols + ([self.row_end] if self.row_end >= 0 else [])

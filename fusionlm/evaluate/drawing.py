@@ -16,22 +16,21 @@ from ..errors import ConfigError
 from ..image_tokenizers import images_of, pixels_of
 from .fd import frechet_distance
 from .geneval import check, geneval
-from .harness import TaskResult
 from .metrics import GENEVAL
+from .results import TaskResult
 from .tasks import EvalTask
 
 
 def draw_task(model, tokenizer, task: EvalTask, spec: ImageSpec, *, per_task: int = 50, batch_size: int = 32,
-              seed: int = 0, progress=None) -> list[TaskResult]:
+              seed: int = 0, progress=None, sampling: Sampling | None = None) -> list[TaskResult]:
     """GenEval on the synthetic world: ``per_task`` held-out prompts of each category
     (``scenes.geneval_scenes``), one picture each, drawn the way the model's config says
-    (``model.generation``: guidance, temperature, top-k), prompt ``i`` with seed ``seed + i``.
+    (``model.generation``: guidance, temperature, top-k; or ``sampling``), prompt ``i`` with seed ``seed + i``.
     Results: the task overall (GenEval's mean of the categories), then one per category."""
     if not model.draws:
         raise ConfigError(f"task {task.name}: a drawing task, and this model does not draw "
                           "(model.generation.kind: none)")
-    gen = model.config.generation
-    sampling = Sampling(cfg=gen.cfg, temperature=gen.temperature, top_k=gen.top_k)
+    sampling = sampling or Sampling.of(model.config.generation)
     scenes = geneval_scenes(per_task, seed=seed)
     pictures = []
     for start in range(0, len(scenes), batch_size):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 from ..config import DataConfig
@@ -25,26 +25,12 @@ from ..data.sample import Sample
 from ..data.sources import build_source
 from ..errors import ConfigError
 from ..generate import MAX_NEW_TOKENS, Request, generate
+from .drawing import draw_task
 from .metrics import GENEVAL, METRICS, metric_for
+from .results import TaskResult
 from .tasks import WORLD_EVAL_TASKS, EvalTask
 
 EVAL_TASKS = WORLD_EVAL_TASKS  # the world's tasks that are answered from images (motion: from a clip)
-
-
-@dataclass
-class TaskResult:
-    task: str
-    metric: str
-    score: float
-    n: int
-    shots: int = 0
-    examples: list[dict] = field(default_factory=list)
-    fewer_shots: int = 0  # questions asked with fewer examples, the full prompt being over the context
-    skipped: list[str] = field(default_factory=list)  # ids of the questions not asked: over the context
-    context: int = 0  # the model's context (tokens), which the skipped questions' prompts do not fit in
-
-    def skip_reason(self) -> str:
-        return f"the prompt does not fit the context of {self.context} tokens"
 
 
 def question_of(sample) -> str:
@@ -121,8 +107,6 @@ def evaluate_tasks(model, tokenizer, tasks: list[EvalTask], spec: ImageSpec, *, 
     results = []
     for task in tasks:
         if task.metric == GENEVAL:
-            from .drawing import draw_task
-
             results += draw_task(model, tokenizer, task, spec, per_task=per_task, batch_size=batch_size, seed=seed,
                                  progress=progress)
             continue

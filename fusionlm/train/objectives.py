@@ -103,7 +103,8 @@ class LanguageModel(Objective):
     def idle(self, model: FusionLM, group=None) -> Loss:
         ids = torch.full((1, 1), model.ids.pad, device=model.llm.get_input_embeddings().weight.device)
         zero = model(ids).logits.sum() * 0.0  # runs the (sharded) decoder layers as the others do
-        parts = dict.fromkeys(("text_loss", "text_targets", "image_loss", "image_targets"), zero.detach())
+        # the sums FusionLM.loss gives a model that draws, each zero
+        parts = {f"{kind}_{sum_}": zero.detach() for kind in LOSS_KINDS for sum_ in ("loss", "targets")}
         return Loss(zero, zero.detach(), parts if model.draws else {})
 
     def report(self, stats):

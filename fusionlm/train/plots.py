@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from .report import read_metrics
 
 
 def plot_losses(metrics: Path, out: Path) -> None:
@@ -13,7 +14,7 @@ def plot_losses(metrics: Path, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    rows = read_metrics(metrics)
     fig, ax = plt.subplots(figsize=(8, 4))
     for stage in sorted({r["stage"] for r in rows}):
         points = [(r["step"], r["loss"]) for r in rows if r["stage"] == stage and r["loss"] is not None]

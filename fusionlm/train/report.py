@@ -95,6 +95,11 @@ class Reporters:
             self.modules["wandb"].finish(exit_code=1 if failed else 0)
 
 
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a ``metrics.jsonl``, one per logged step, in order."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
 def trim_metrics(path: Path, step: int) -> None:
     """Keep the lines of ``metrics.jsonl`` up to ``step`` (a resumed run's), so the file reads as
     one run. A last line without its newline was torn by a kill mid-write: it is dropped. The file
