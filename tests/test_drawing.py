@@ -443,3 +443,45 @@ def test_info_of_a_run_reports_what_its_stages_ended_at(run, capsys):
     assert f"| tokenizer | 3 | {tok['loss']:.4f} | — | — | {tok['psnr']:.2f} | {tok['perplexity']:.1f} | " in out
     assert f"| t2i | 3 | {t2i['loss']:.4f} | {t2i['loss_text']:.4f} | {t2i['loss_image']:.4f} | — |" in out
     assert "codes per picture" in out
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_bad_drawing_input_is_refused_with_a_clear_message(tmp_path, capsys):
+    from fusionlm.data.pixels.video import Video
+    from fusionlm.data.sample import Sample
+    from fusionlm.errors import SampleError
+
+    model, tokenizer, config = built(drawing_dict())
+    clip = World(32, 0).sample("motion", "train", 0).images[0]
+    assert isinstance(clip, Video)
+    sample = Sample(id="t2v-0", task="x", messages=[{"role": "user", "content": "a red circle moving left"},
+                                                    {"role": "assistant", "content": "<video>"}], images=[clip])
+    with pytest.raises(SampleError, match="a model draws pictures, not clips"):
+        PromptEncoder.of(model, tokenizer, ImageSpec.for_model(model, config)).sample(sample)
+    # a tokenizer stage on a mixture that draws nothing
+    data = drawing_dict()
+    data["stages"] = [stage("tokenizer", objective="reconstruction", train=["image_tokenizer"], mixture={"color": 1},
+                            steps=1, batch_size=2)]
+    from helpers_train import write_recipe
+
+    assert main(["train", str(write_recipe(tmp_path / "r.yaml", data)), "--out", str(tmp_path / "run")]) == 2
+    assert "the reconstruction objective trains the image tokenizer on the pictures a model draws" in \
+        capsys.readouterr().err
+
+
+def test_generate_image_out_refuses_a_model_that_only_reads_and_a_bad_count(tmp_path, capsys):
+    from helpers_train import write_recipe
+
+    data = tiny_dict(stages=[stage("s", steps=1, batch_size=2)])
+    assert main(["train", str(write_recipe(tmp_path / "r.yaml", data)), "--out", str(tmp_path / "reader")]) == 0
+    capsys.readouterr()
+    out = tmp_path / "x.png"
+    assert main(["generate", "--checkpoint", str(tmp_path / "reader"), "--prompt", "a red circle",
+                 "--image-out", str(out)]) == 2
+    assert "this model does not draw (model.generation.kind: none)" in capsys.readouterr().err and not out.exists()
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--checkpoint", str(tmp_path / "reader"), "--prompt", "a red circle",
+              "--image-out", str(out), "--n", "0"])
+    assert exc.value.code == 2 and "argument --n: must be >= 1, got 0" in capsys.readouterr().err
