@@ -74,9 +74,17 @@ def _drawing(generation: GenerationConfig | None) -> dict[str, str]:
     return {f: getattr(generation, k) for f, k in DRAWING_TOKENS.items() if getattr(generation, k)}
 
 
-def drawing_tokens(model: ModelConfig) -> list[str]:
-    """The tokens a model that draws writes an image with (``model.generation``); none for one that reads."""
-    return list(_drawing(model.generation).values())
+def _bracket(tcfg: TokenizerConfig) -> dict[str, str]:
+    """{SpecialIds field: token} of the tokens around each image a prompt shows; none if unset."""
+    if (tcfg.image_begin is None) != (tcfg.image_end is None):
+        raise ConfigError("model.tokenizer.image_begin / image_end: set both or neither")
+    return {"image_begin": tcfg.image_begin, "image_end": tcfg.image_end} if tcfg.image_begin else {}
+
+
+def added_tokens(model: ModelConfig) -> list[str]:
+    """The tokens a recipe adds to any tokenizer that lacks them, beyond the image and newline tokens:
+    those around a shown image (``model.tokenizer.image_begin`` / ``image_end``) and a drawn one's."""
+    return list(dict.fromkeys([*_bracket(model.tokenizer).values(), *_drawing(model.generation).values()]))
 
 
 def special_ids(tokenizer, tcfg: TokenizerConfig, *, need_newline: bool,
@@ -89,6 +97,8 @@ def special_ids(tokenizer, tcfg: TokenizerConfig, *, need_newline: bool,
         wanted["model.tokenizer.newline_token"] = tcfg.newline_token
     drawing = _drawing(generation)
     wanted.update({f"model.generation.{DRAWING_TOKENS[f]}": token for f, token in drawing.items()})
+    bracket = _bracket(tcfg)
+    wanted.update({f"model.tokenizer.{f}": token for f, token in bracket.items()})
     for key, token in wanted.items():
         if token not in vocab:
             raise ConfigError(f"{key}: the tokenizer has no token {token!r}")
@@ -97,7 +107,7 @@ def special_ids(tokenizer, tcfg: TokenizerConfig, *, need_newline: bool,
         raise ConfigError("model.tokenizer: the tokenizer has no padding token")
     return SpecialIds(image=vocab[tcfg.image_token], newline=newline, pad=tokenizer.pad_token_id,
                       end=vocab[tcfg.end_token], tile_tags=tile_tags(tokenizer, tiling),
-                      **{f: vocab[token] for f, token in drawing.items()})
+                      **{f: vocab[token] for f, token in {**drawing, **bracket}.items()})
 
 
 def build_model(config: RecipeConfig, tokenizer, *, pretrained: bool = True) -> FusionLM:
@@ -310,7 +320,7 @@ def required_tokens(config: RecipeConfig) -> list[str] | None:
     tcfg = config.model.tokenizer
     if config.model.llm.hf is None and config.model.llm.arch is None:
         return None
-    return [tcfg.image_token] + ([tcfg.newline_token] if needs_newline(config.model) else []) + drawing_tokens(config.model)
+    return [tcfg.image_token] + ([tcfg.newline_token] if needs_newline(config.model) else []) + added_tokens(config.model)
 
 
 def load_model(path: str | Path, *, device: str = "cpu") -> tuple[FusionLM, object, RecipeConfig]:

@@ -11,9 +11,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import (
-    CLIPVisionConfig, CLIPVisionModel, MllamaVisionConfig, MllamaVisionModel, Qwen2VLVisionConfig, SiglipVisionConfig,
-    SiglipVisionModel,
+    CLIPVisionConfig, CLIPVisionModel, JanusVisionConfig, MllamaVisionConfig, MllamaVisionModel, Qwen2VLVisionConfig,
+    SiglipVisionConfig, SiglipVisionModel,
 )
+from transformers.models.janus.modeling_janus import JanusVisionModel
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 
 from .config import EncoderConfig
@@ -137,6 +138,28 @@ class ClipEncoder(_HFVisionTower):
         super().__init__(config, pretrained=pretrained)
         if not config.drop_cls:
             self.grid = (1, self.grid[0] * self.grid[1] + 1)  # CLS + patches as one row
+
+
+@ENCODERS.register("janus")
+class JanusEncoder(_HFVisionTower):
+    """Janus's SigLIP-style tower (``JanusVisionModel``, what Janus reads pictures with). Its last
+    layer (``feature_layer: -1``) is read after the tower's post-layernorm, as Janus reads it; an
+    earlier layer, from the hidden states as for the other towers."""
+
+    config_cls, model_cls = JanusVisionConfig, JanusVisionModel
+    model_types = ("janus_vision_model",)
+
+    def _tiny_config(self, c: EncoderConfig):
+        return JanusVisionConfig(
+            image_size=c.image_size, patch_size=c.patch_size, hidden_size=c.hidden_size,
+            num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
+            mlp_ratio=c.intermediate_size / c.hidden_size,
+        )
+
+    def forward(self, pixels: ImageBatch) -> torch.Tensor:
+        if self.config.feature_layer != -1:
+            return super().forward(pixels)
+        return self.tower(pixel_values=pixels.pixel_values.to(self.tower.dtype)).last_hidden_state  # (I, N, D)
 
 
 @ENCODERS.register("mllama")

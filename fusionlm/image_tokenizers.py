@@ -221,7 +221,7 @@ class PretrainedTokenizer(ImageTokenizer):
         else:
             raise ConfigError(f"{key}: kind {config.kind!r} needs hf (a pretrained VQ model) or a recorded arch")
         down, codes, grid = self.shape_of(vq)
-        super().__init__(replace(config, downsample=down, codebook_size=codes,
+        super().__init__(replace(config, downsample=down, codebook_size=codes, code_dim=vq.config.embed_dim,
                                  image_size=grid * down if grid else config.image_size, arch=arch_of(vq.config)))
         self.vq = vq.eval()
 

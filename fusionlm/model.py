@@ -135,7 +135,9 @@ class FusionLM(nn.Module):
     def layout(self) -> ImageLayout:
         rule = type(self.connector).grid_rule(self.config.connector)
         marker = self.config.tiling.marker if self.config.tiling.max_tiles else "none"
-        return ImageLayout(self.design.sequence, self.ids.image, self.ids.newline, rule, marker, self.ids.tile_tags)
+        bracket = (self.ids.image_begin, self.ids.image_end) if self.ids.image_begin >= 0 else None
+        return ImageLayout(self.design.sequence, self.ids.image, self.ids.newline, rule, marker, self.ids.tile_tags,
+                           bracket)
 
     @property
     def tokens_per_image(self) -> int:

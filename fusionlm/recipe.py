@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .checkpoint import drawing_tokens, needs_newline
+from .checkpoint import added_tokens, needs_newline
 from .config import RecipeConfig
 from .data.batching.batches import check_mixture
 from .data.tokenizer import add_tokens, load_any_tokenizer, load_tokenizer, prepare_tokenizer, train_tokenizer
@@ -19,7 +19,7 @@ def make_tokenizer(config: RecipeConfig, source):
                                 need_newline=needs_newline(config.model))
     else:
         tok = train_tokenizer(source.corpus(tcfg.corpus_per_task, trained_tasks(config, source)), tcfg.vocab_size)
-    return add_tokens(tok, drawing_tokens(config.model))
+    return add_tokens(tok, added_tokens(config.model))
 
 
 def trained_tasks(config: RecipeConfig, source) -> list[str]:

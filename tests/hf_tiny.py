@@ -27,7 +27,10 @@ def tiny_tokenizer(specials: list[str], *, vocab_size: int = 300, **named) -> Pr
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(CORPUS, trainer=trainer)
-    rest = [s for s in specials if s not in named.values()]
+    extra = named.pop("extra_special_tokens", {})  # named tokens a processor reads (Janus's image_token…)
+    rest = [s for s in specials if s not in named.values() and s not in extra.values()]
+    if extra:
+        return PreTrainedTokenizerFast(tokenizer_object=tok, extra_special_tokens=extra, **named)
     return PreTrainedTokenizerFast(tokenizer_object=tok, additional_special_tokens=rest, **named)
 
 
@@ -141,3 +144,46 @@ def import_pair(tmp: Path, source: Path, hf_class, processor_class) -> tuple:
     model, tokenizer, config = load_model(ours)
     return (hf_class.from_pretrained(source).eval(), processor_class.from_pretrained(source, backend="pil"),
             model, tokenizer, config, source, ours)
+
+
+JANUS_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}<|User|>: {{ m['content'] }}\n\n{% else %}<|Assistant|>: "
+    "{{ m['content'] }}<｜end▁of▁sentence｜>{% endif %}{% endfor %}{% if add_generation_prompt %}<|Assistant|>:"
+    "{% endif %}"
+)
+
+
+def janus_checkpoint(path: Path, *, image_size: int = 32, kv_heads: int = 2, seed: int = 0) -> Path:
+    """A tiny ``JanusForConditionalGeneration``: a 4x4-patch vision tower, a VQ model whose 4x4 code
+    grid draws 16-pixel pictures, a Llama, and Janus's named tokens (image, begin and end of image)."""
+    from transformers import (
+        JanusConfig, JanusForConditionalGeneration, JanusImageProcessorPil, JanusProcessor, JanusVisionConfig,
+        JanusVQVAEConfig, LlamaConfig,
+    )
+
+    specials = ["<unk>", "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<pad>", "<image_placeholder>",
+                "<begin_of_image>", "<end_of_image>", "<|User|>", "<|Assistant|>"]
+    tokenizer = tiny_tokenizer(specials, unk_token="<unk>", bos_token=specials[1], eos_token=specials[2],
+                               pad_token="<pad>", extra_special_tokens={
+                                   "image_token": "<image_placeholder>", "boi_token": "<begin_of_image>",
+                                   "eoi_token": "<end_of_image>"})
+    tokenizer.chat_template = JANUS_TEMPLATE
+    width = 64
+    vision = JanusVisionConfig(image_size=image_size, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                               num_attention_heads=4, mlp_ratio=2.0, projection_dim=width, depth=2,
+                               num_image_tokens=(image_size // 8) ** 2)
+    vq = JanusVQVAEConfig(embed_dim=8, num_embeddings=64, latent_channels=32, base_channels=32,
+                          channel_multiplier=[1, 1, 2], num_res_blocks=1, projection_dim=width,
+                          image_token_embed_dim=width, num_hidden_layers=2)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=256,
+                       pad_token_id=tokenizer.pad_token_id, bos_token_id=1, eos_token_id=2)
+    config = JanusConfig(vision_config=vision, vq_config=vq, text_config=text,
+                         image_token_id=tokenizer.convert_tokens_to_ids("<image_placeholder>"))
+    torch.manual_seed(seed)
+    JanusForConditionalGeneration(config).eval().save_pretrained(path)
+    images = JanusImageProcessorPil(size={"height": image_size, "width": image_size}, image_mean=[0.5] * 3,
+                                    image_std=[0.5] * 3)
+    JanusProcessor(image_processor=images, tokenizer=tokenizer, chat_template=JANUS_TEMPLATE,
+                   num_image_tokens=vision.num_image_tokens).save_pretrained(path)
+    return Path(path)

@@ -58,7 +58,7 @@ class ImageTokenizerConfig:
     image_size: int = 32
     downsample: int = 4  # pixels per code along each side: a 32-pixel image is an 8x8 grid of codes
     codebook_size: int = 512
-    code_dim: int = 32  # vq: the width of a code vector
+    code_dim: int = 32  # the width of a code vector (janus / emu3: settled from the VQ model)
     channels: int = 64  # vq: the convolutional encoder's and decoder's width
     decay: float = 0.9  # vq: EMA decay of the codebook
     kmeans_init: bool = True  # vq: the codebook starts as k-means centres of the first batch
@@ -132,6 +132,10 @@ class TokenizerConfig:
     corpus_per_task: int = 300
     image_token: str = "<image>"  # the token an image's positions hold (added if the tokenizer lacks it)
     newline_token: str = "<image_newline>"  # fuyu: ends each row of patches
+    # tokens around each image a prompt shows (Janus: <begin_of_image> ... <end_of_image>), added if
+    # missing; None: the image's positions stand alone
+    image_begin: str | None = None
+    image_end: str | None = None
     end_token: str | None = None  # end of a turn; default: read off the chat template
 
 

@@ -74,6 +74,9 @@ class SpecialIds:
     end_image: int = -1
     code: int = -1
     row_end: int = -1  # ends each row of a drawn image's codes (Emu3); -1: none
+    # around each image a prompt shows (model.tokenizer.image_begin / image_end); -1: none
+    image_begin: int = -1
+    image_end: int = -1
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,7 @@ class ImageLayout:
     rule: GridRule = GridRule()
     marker: str = "none"  # tiles: tags | newline | none (see TilingConfig)
     tags: tuple[tuple[int, ...], ...] = ()
+    bracket: tuple[int, int] | None = None  # (begin, end) ids around each image's tokens; None: none
 
     def grid(self, encoder_grid: tuple[int, int]) -> tuple[int, int]:
         """The connector's output grid for an image whose encoder grid is ``encoder_grid``."""
@@ -104,7 +108,7 @@ class ImageLayout:
 
         Method A: every input's tokens, each tile marked (tag before or newline after). Method B:
         one marker per input. Hybrid (``only``): only the thumbnail's tokens (tiles go through
-        cross-attention).
+        cross-attention). A ``bracket`` encloses the whole image (every input).
         A video's frames (role ``frame``): one image's tokens per group of ``pool`` frames (the
         model averages each group into one image slot), unmarked.
         """
@@ -126,4 +130,4 @@ class ImageLayout:
             if marked and self.marker == "newline":
                 out.append(self.newline_id)
             tiles += inp.role == "tile"
-        return out
+        return [self.bracket[0], *out, self.bracket[1]] if self.bracket else out

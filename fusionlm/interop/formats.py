@@ -10,10 +10,10 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, PretrainedConfig, PreTrainedModel
 
-from ..checkpoint import build_model, load_model, load_state, needs_newline, save_model
+from ..checkpoint import added_tokens, build_model, load_model, load_state, needs_newline, save_model
 from ..config import ModelConfig, RecipeConfig
 from ..data.pixels.processing import pretrained_processor
-from ..data.tokenizer import load_any_tokenizer, prepare_tokenizer
+from ..data.tokenizer import add_tokens, load_any_tokenizer, prepare_tokenizer
 from ..errors import CheckpointError, ConfigError, ExportError
 from ..hub import check_custom_code, torch_dtype
 from ..model import FusionLM
@@ -109,6 +109,7 @@ def import_checkpoint(source: str, out: str | Path, *, dtype: str = "float32", a
     tcfg = config.model.tokenizer
     tokenizer = prepare_tokenizer(fmt.adapt_tokenizer(tokenizer, config.model), image_token=tcfg.image_token,
                                   newline_token=tcfg.newline_token, need_newline=needs_newline(config.model))
+    tokenizer = add_tokens(tokenizer, added_tokens(config.model))
     model = build_model(config, tokenizer, pretrained=False)  # grown by any tokens added above
     load_state(model, with_added_rows(fmt.to_ours(hf.state_dict()), model), source)
     path = save_model(model.eval(), tokenizer, config, out)
