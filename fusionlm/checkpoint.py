@@ -105,7 +105,9 @@ def special_ids(tokenizer, tcfg: TokenizerConfig, *, need_newline: bool,
     newline = vocab.get(tcfg.newline_token, vocab[tcfg.image_token])
     if tokenizer.pad_token_id is None:
         raise ConfigError("model.tokenizer: the tokenizer has no padding token")
+    bos = tokenizer.bos_token_id
     return SpecialIds(image=vocab[tcfg.image_token], newline=newline, pad=tokenizer.pad_token_id,
+                      bos=-1 if bos is None else bos,
                       end=vocab[tcfg.end_token], tile_tags=tile_tags(tokenizer, tiling),
                       **{f: vocab[token] for f, token in {**drawing, **bracket}.items()})
 

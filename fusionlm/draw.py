@@ -74,7 +74,8 @@ def _rows(model: FusionLM, tokenizer, spec: ImageSpec | None, requests: list[Dra
     prompts = PromptEncoder.of(model, tokenizer, spec)
     samples = [r.sample() for r in requests]
     rows, inputs = [], []
-    for sample in samples + ([null_prompt(s) for s in samples] if guided else []):
+    style = model.config.generation.null_prompt
+    for sample in samples + ([null_prompt(s, style) for s in samples] if guided else []):
         try:
             prompted = prompts.sample(sample, generation_prompt=True)
         except SkipSample as exc:  # over the context: a request is refused, never dropped

@@ -153,9 +153,11 @@ JANUS_TEMPLATE = (
 )
 
 
-def janus_checkpoint(path: Path, *, image_size: int = 32, kv_heads: int = 2, seed: int = 0) -> Path:
-    """A tiny ``JanusForConditionalGeneration``: a 4x4-patch vision tower, a VQ model whose 4x4 code
-    grid draws 16-pixel pictures, a Llama, and Janus's named tokens (image, begin and end of image)."""
+def janus_checkpoint(path: Path, *, image_size: int = 32, width: int = 64, layers: int = 2, kv_heads: int = 2,
+                     seed: int = 0) -> Path:
+    """A tiny ``JanusForConditionalGeneration``: a vision tower of 8-pixel patches (4x4 at 32 px), a
+    VQ model whose code grid is the same (drawing 16-pixel pictures at 4x4), a Llama ``width`` wide,
+    and Janus's named tokens (image, begin and end of image)."""
     from transformers import (
         JanusConfig, JanusForConditionalGeneration, JanusImageProcessorPil, JanusProcessor, JanusVisionConfig,
         JanusVQVAEConfig, LlamaConfig,
@@ -168,16 +170,16 @@ def janus_checkpoint(path: Path, *, image_size: int = 32, kv_heads: int = 2, see
                                    "image_token": "<image_placeholder>", "boi_token": "<begin_of_image>",
                                    "eoi_token": "<end_of_image>"})
     tokenizer.chat_template = JANUS_TEMPLATE
-    width = 64
     vision = JanusVisionConfig(image_size=image_size, patch_size=8, hidden_size=32, num_hidden_layers=2,
                                num_attention_heads=4, mlp_ratio=2.0, projection_dim=width, depth=2,
                                num_image_tokens=(image_size // 8) ** 2)
     vq = JanusVQVAEConfig(embed_dim=8, num_embeddings=64, latent_channels=32, base_channels=32,
                           channel_multiplier=[1, 1, 2], num_res_blocks=1, projection_dim=width,
                           image_token_embed_dim=width, num_hidden_layers=2)
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=256,
-                       pad_token_id=tokenizer.pad_token_id, bos_token_id=1, eos_token_id=2)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width,
+                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=kv_heads,
+                       max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id, bos_token_id=1,
+                       eos_token_id=2)
     config = JanusConfig(vision_config=vision, vq_config=vq, text_config=text,
                          image_token_id=tokenizer.convert_tokens_to_ids("<image_placeholder>"))
     torch.manual_seed(seed)

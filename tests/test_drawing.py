@@ -130,6 +130,33 @@ def test_condition_dropout_trains_on_the_null_prompt_that_guidance_samples_again
     assert rows[0] == prompts.sample(sample).encoded.input_ids[: len(rows[0])]
 
 
+def test_a_padded_null_prompt_is_the_same_in_training_and_guidance():
+    """Janus's null prompt (``model.generation.null_prompt: padded``): the prompt's tokens before the
+    picture padded, BOS and <begin_of_image> kept, as long as the conditional prompt."""
+    data = drawing_dict("decoupled")
+    data["model"]["generation"]["null_prompt"] = "padded"
+    model, tokenizer, config = built(data)
+    spec = ImageSpec.for_model(model, config)
+    prompts = PromptEncoder.of(model, tokenizer, spec)
+    sample = World(32, 0).sample("draw", "train", 5)
+    given, null = prompts.sample(sample).encoded, prompts.sample(null_prompt(sample, "padded")).encoded
+    begin = given.input_ids.index(model.ids.begin_image)
+    keep = {model.ids.begin_image, model.ids.bos}
+    assert len(null.input_ids) == len(given.input_ids) and null.labels == given.labels
+    assert null.input_ids[begin:] == given.input_ids[begin:]  # the picture and what follows it stay
+    assert null.input_ids[:begin] == [t if t in keep else model.ids.pad for t in given.input_ids[:begin]]
+    assert set(null.input_ids[:begin]) <= keep | {model.ids.pad} and null.input_ids != given.input_ids
+    rows, _ = _rows(model, tokenizer, spec, [DrawRequest(sample.messages[0]["content"])], guided=True)
+    assert rows[1] == null.input_ids[: begin + 1] and len(rows[1]) == len(rows[0])
+    dataset = MixtureBatches(build_source(config.data), {"draw": 1}, seed=0, stage=1, batch_size=8, prompts=prompts,
+                             condition_dropout=0.5)
+    dropped = [s for s in (dataset.sample_at(n) for n in range(16)) if s.null]
+    assert dropped and all(s.messages[0]["content"] for s in dropped)  # text kept: the encoder pads it
+    with pytest.raises(ConfigError, match="model.generation.null_prompt: 'blank' is not one of text_removed, padded"):
+        data["model"]["generation"]["null_prompt"] = "blank"
+        validate(from_dict(data))
+
+
 # ----------------------------------------------------------------------------- the designs
 
 

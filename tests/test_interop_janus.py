@@ -207,3 +207,22 @@ def test_any_recipe_can_enclose_shown_pictures_and_half_a_pair_is_refused(tokeni
     config.model.tokenizer.image_end = None
     with pytest.raises(ConfigError, match="model.tokenizer.image_begin / image_end: set both or neither"):
         build_model(config, tok)
+
+
+@pytest.mark.parametrize("cfg", [5.0, 2.0])
+def test_exported_janus_draws_the_codes_fusionlm_draws(pair, tmp_path, cfg):
+    """Greedy codes under guidance, a left-padded batch, through the export's own
+    ``generate(generation_mode="image")``: the same null rows (padded), the same scores."""
+    from fusionlm.draw import DrawRequest, Sampling, draw_codes
+
+    hf, processor, model, tokenizer, config, src, ours_dir = pair
+    out = export_checkpoint(ours_dir, tmp_path / "janus", "janus", log=quiet)
+    back = JanusForConditionalGeneration.from_pretrained(out).eval()
+    back_processor = JanusProcessor.from_pretrained(out, backend="pil")
+    prompts = [DRAW, "Two red squares."]
+    inputs = back_processor(text=[chat(back_processor, p) for p in prompts], generation_mode="image", padding=True,
+                            return_tensors="pt")
+    theirs = back.generate(**inputs, generation_mode="image", do_sample=False, guidance_scale=cfg)  # (B, K)
+    ours = draw_codes(model, tokenizer, [DrawRequest(p) for p in prompts], sampling=Sampling(cfg=cfg, temperature=0))
+    assert torch.equal(ours.flatten(1), theirs)
+    assert len(set(theirs.flatten().tolist())) > 1

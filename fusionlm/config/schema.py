@@ -86,6 +86,11 @@ class GenerationConfig:
     cfg: float = 3.0  # classifier-free guidance scale (1: none)
     temperature: float = 1.0
     top_k: int = 0  # 0: every code
+    # the null prompt that condition dropout trains on and guidance samples against:
+    # ``text_removed``: the prompt's turns without their text (the pictures they show stay);
+    # ``padded`` (Janus): the prompt's tokens before the picture, each but BOS and <begin_of_image>
+    # replaced by the padding token, still attended (pictures it shows are padded away too)
+    null_prompt: str = "text_removed"
     code_offset: int | None = None  # recorded: the id of code 0 (the text vocabulary's size when first built)
 
 
@@ -291,6 +296,7 @@ class RecipeConfig:
 # ----------------------------------------------------------------------------- allowed values
 
 DTYPES = ("float32", "bfloat16", "float16")
+NULL_PROMPTS = ("text_removed", "padded")  # model.generation.null_prompt
 CHOICES = {  # dotted key -> allowed values, checked by ``validate``
     "model.encoder.dtype": DTYPES,
     "model.llm.dtype": DTYPES,
@@ -300,6 +306,7 @@ CHOICES = {  # dotted key -> allowed values, checked by ``validate``
     "train.parallel": ("ddp", "fsdp"),
     "train.checkpoint_format": ("full", "sharded"),
     "train.backend": ("auto", "gloo", "nccl"),
+    "model.generation.null_prompt": NULL_PROMPTS,
 }
 PARTS = ("encoder", "connector", "llm", "cross_attention", "image_tokenizer", "generation")  # the groups of weights a stage trains
 TRAINABLE_GROUPS = PARTS + ("all",)  # stages.N.train: parts, "all", or globs over parameter names

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import SampleError
+from ..config.schema import NULL_PROMPTS
+from ..errors import ConfigError, SampleError
 from .chat import PLACEHOLDERS
 from .pixels.video import Video
 from .pixels.images import DEFAULT_MAX_PIXELS, image_to_pixels
@@ -36,13 +37,20 @@ def draws_pictures(sample: Sample) -> bool:
     return any(drawn_items(sample))
 
 
-def null_prompt(sample: Sample) -> Sample:
-    """``sample`` with the text of its non-assistant turns removed (the pictures they show stay): the
-    unconditional prompt. Condition dropout trains on it and classifier-free guidance samples its
-    null rows from it, so the two are the same sequence by construction."""
+def null_prompt(sample: Sample, style: str = "text_removed") -> Sample:
+    """``sample`` as its unconditional prompt. Condition dropout trains on it and classifier-free
+    guidance samples its null rows from it, so the two are the same sequence by construction.
+
+    ``text_removed``: the text of its non-assistant turns removed (the pictures they show stay).
+    ``padded``: the sample as it is, marked ``null``; ``PromptEncoder`` pads its tokens
+    (``DrawLayout.padded``)."""
     out = copy.copy(sample)
-    out.messages = [m if m["role"] == "assistant" else {**m, "content": "".join(PLACEHOLDERS.findall(m["content"]))}
-                    for m in sample.messages]
+    out.null = True
+    if style == "text_removed":
+        out.messages = [m if m["role"] == "assistant" else
+                        {**m, "content": "".join(PLACEHOLDERS.findall(m["content"]))} for m in sample.messages]
+    elif style != "padded":
+        raise ConfigError(f"model.generation.null_prompt: unknown {style!r} (known: {', '.join(NULL_PROMPTS)})")
     return out
 
 
@@ -56,6 +64,9 @@ class DrawLayout:
     grid: tuple[int, int]  # codes per image (rows, columns)
     image_size: int
     row_end: int = -1  # Emu3: the token after each row of codes; -1: none
+    null: str = "text_removed"  # model.generation.null_prompt
+    keep: tuple[int, ...] = ()  # padded null prompts: the ids left as they are (BOS, <begin_of_image>)
+    pad: int = 0
 
     @property
     def codes(self) -> int:
@@ -71,6 +82,12 @@ class DrawLayout:
         row = [self.code] * cols + ([self.row_end] if self.row_end >= 0 else [])
         return [self.begin] + row * rows + [self.end]
 
+    def padded(self, ids: list[int]) -> list[int]:
+        """A ``padded`` null prompt's ids (Janus): every token before the first drawn code that is
+        not BOS or ``<begin_of_image>`` becomes the padding token; the rest stays."""
+        end = ids.index(self.code) if self.code in ids else len(ids)
+        return [t if t in self.keep else self.pad for t in ids[:end]] + ids[end:]
+
     def pixels(self, source, *, root=None, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
         """A drawn picture (a PIL image or a path) as the tokenizer reads it: (3, S, S) in [-1, 1],
         through the one image loader (letterboxed when not square)."""
@@ -84,5 +101,7 @@ class DrawLayout:
         if not model.draws:
             return None
         tok = model.image_tokenizer
-        return cls(model.ids.begin_image, model.ids.end_image, model.ids.code, tok.grid, tok.config.image_size,
-                   model.ids.row_end)
+        ids = model.ids
+        keep = tuple(i for i in (ids.bos, ids.begin_image) if i >= 0)
+        return cls(ids.begin_image, ids.end_image, ids.code, tok.grid, tok.config.image_size, ids.row_end,
+                   model.config.generation.null_prompt, keep, ids.pad)

@@ -77,6 +77,7 @@ class SpecialIds:
     # around each image a prompt shows (model.tokenizer.image_begin / image_end); -1: none
     image_begin: int = -1
     image_end: int = -1
+    bos: int = -1  # the tokenizer's beginning of sequence; -1: it has none
 
 
 @dataclass(frozen=True)

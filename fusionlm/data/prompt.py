@@ -9,7 +9,7 @@ video's frames), the model's ``ImageLayout`` turns those inputs into image token
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -64,7 +64,10 @@ class PromptEncoder:
         encoded = encode(sample, self.tokenizer, layouts, max_length=self.max_length, image_token=self.image_token,
                          end_token=self.end_token, add_generation_prompt=generation_prompt, targets=drawn)
         pictures = [self.draw.pixels(item, **self._loading()) for item, d in zip(sample.images, drawn) if d]
-        return Prompted(encoded, [inp for inputs in per_item for inp in inputs], pictures)
+        inputs = [inp for inputs in per_item for inp in inputs]
+        if sample.null and self.draw is not None and self.draw.null == "padded":  # the pictures shown are padded away
+            encoded, inputs = replace(encoded, input_ids=self.draw.padded(encoded.input_ids)), []
+        return Prompted(encoded, inputs, pictures)
 
     def _loading(self) -> dict:
         return {} if self.spec is None else {"root": self.spec.root, "max_pixels": self.spec.max_pixels}

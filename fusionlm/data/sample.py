@@ -30,6 +30,8 @@ class Sample:
             (placeholders and items are matched in order).
         answers: reference answers for evaluation (several for captions); the first is the
             one used as the training target.
+        null: a drawing sample as its null prompt (``data.drawing.null_prompt``), which the
+            model's ``model.generation.null_prompt`` says how to write.
     """
 
     id: str
@@ -39,6 +41,7 @@ class Sample:
     text: str = ""
     images: list[Any] = field(default_factory=list)
     answers: list[str] = field(default_factory=list)
+    null: bool = False
 
     def all_text(self) -> str:
         """Every piece of text in the sample (for tokenizer training and placeholder checks)."""

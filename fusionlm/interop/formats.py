@@ -55,6 +55,11 @@ class Format:
         """The transformers processor to save next to the exported weights."""
         raise NotImplementedError
 
+    def generation_settings(self, model: FusionLM, tokenizer) -> dict[str, Any]:
+        """What this format's ``generate`` reads from the saved generation config, beyond the end
+        and padding tokens."""
+        return {}
+
     # --- weights
     def to_ours(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {rename(k, [(theirs, ours) for ours, theirs in self.renames]): v for k, v in state.items()}
@@ -171,7 +176,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, format_name: str,
         raise ExportError(str(exc)) from None
     hf.tie_weights()
     ids = model.ids
-    hf.generation_config = GenerationConfig(eos_token_id=ids.end, pad_token_id=ids.pad)
+    hf.generation_config = GenerationConfig(eos_token_id=ids.end, pad_token_id=ids.pad,
+                                            **fmt.generation_settings(model, tokenizer))
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -9,7 +9,8 @@ Weight names: ``model.vision_model`` â†” ``encoder.tower``, ``model.aligner`` â†
 
 Janus's aligners are Linear, then (activation, Linear) ``depth - 1`` times; fusionlm's MLP
 connector and generation heads are the ``depth: 2`` case, so only that one is taken. Janus ties
-the two grids: the VQ model draws as many codes per side as the tower reads patches per side.
+the two grids: the VQ model draws as many codes per side as the tower reads patches per side, and
+guides against ``padded`` null prompts (``model.generation.null_prompt``).
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ class Janus(Format):
                                       image_begin=begin, image_end=end),
             image_tokenizer=ImageTokenizerConfig(kind="janus", arch=arch_of(vq)),
             generation=GenerationConfig(kind="decoupled", head_hidden=vq.projection_dim, begin_token=begin,
-                                        end_token=end),
+                                        end_token=end, null_prompt="padded"),
         )
 
     def check(self, model: FusionLM) -> None:
@@ -121,6 +122,8 @@ class Janus(Format):
             problems.append(f"a shown image is not enclosed in {c.generation.begin_token} ... "
                             f"{c.generation.end_token} as a drawn one is (Janus encloses both; set "
                             f"model.tokenizer.image_begin / image_end)")
+        if c.generation.kind == "decoupled" and c.generation.null_prompt != "padded":
+            problems.append(f"the null prompt is {c.generation.null_prompt!r} (Janus guides against 'padded' ones)")
         if c.generation.row_end_token:
             problems.append("drawn rows end with a token (Janus writes codes only)")
         if problems:
@@ -149,6 +152,11 @@ class Janus(Format):
             tokenizer._set_model_specific_special_tokens(special_tokens=named)  # what JanusProcessor reads
         return JanusProcessor(image_processor=images, tokenizer=tokenizer, chat_template=tokenizer.chat_template,
                               num_image_tokens=model.encoder.num_tokens)
+
+    def generation_settings(self, model: FusionLM, tokenizer) -> dict:
+        # generate(generation_mode="image") keeps BOS and <begin_of_image> in its null rows
+        return {"bos_token_id": tokenizer.bos_token_id, "guidance_scale": model.config.generation.cfg,
+                "generation_kwargs": {"boi_token_id": model.ids.begin_image}}
 
 
 register(Janus())

@@ -176,7 +176,7 @@ class MixtureBatches(torch.utils.data.Dataset):
         sample = self.source.get(self.task_names[t], self.split, index)
         if self.condition_dropout and draws_pictures(sample):
             if generator(self.seed, self.stage, number, "null prompt").random() < self.condition_dropout:
-                return null_prompt(sample)
+                return null_prompt(sample, self.prompts.draw.null)
         return sample
 
     # ---------------------------------------------------------------- which record each sample reads
