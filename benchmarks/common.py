@@ -77,6 +77,26 @@ def mllama_pair(hidden: int = 256, layers: int = 5, cross_layers: tuple[int, ...
     return hf, MllamaProcessor.from_pretrained(src, backend="pil"), model, tokenizer, cfg, src
 
 
+def janus_pair(width: int = 256, layers: int = 4, image_size: int = 128):
+    """(transformers Janus loaded from fusionlm's export, its processor, fusionlm's model, tokenizer,
+    config): the tests' tiny Janus widened, imported, then exported again, so both sides run the
+    same weights and the transformers side reads what ``fusionlm export`` writes. At 128 px the
+    tower reads, and the VQ model draws, 16 x 16 = 256 codes."""
+    from transformers import JanusForConditionalGeneration, JanusProcessor
+
+    from fusionlm.checkpoint import load_model
+    from fusionlm.interop import export_checkpoint, import_checkpoint
+    from hf_tiny import janus_checkpoint
+
+    root = Path(tempfile.mkdtemp())
+    src = janus_checkpoint(root / "src", image_size=image_size, width=width, layers=layers)
+    ours = import_checkpoint(str(src), root / "ours", log=lambda *_: None)
+    exported = export_checkpoint(ours, root / "exported", "janus", log=lambda *_: None)
+    model, tokenizer, cfg = load_model(ours)
+    hf = JanusForConditionalGeneration.from_pretrained(exported).eval()
+    return hf, JanusProcessor.from_pretrained(exported, backend="pil"), model, tokenizer, cfg
+
+
 def timed(fn, repeats: int = 5, warmup: int = 2) -> float:
     """Median seconds of ``fn()`` after ``warmup`` calls."""
     for _ in range(warmup):

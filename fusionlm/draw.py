@@ -91,8 +91,9 @@ def _rows(model: FusionLM, tokenizer, spec: ImageSpec | None, requests: list[Dra
 
 @torch.no_grad()
 def draw_codes(model: FusionLM, tokenizer, requests: list[DrawRequest], spec: ImageSpec | None = None, *,
-               sampling: Sampling = Sampling(), static: bool = True) -> torch.Tensor:
-    """The codes (B, h, w) of one picture per request."""
+               sampling: Sampling = Sampling(), static: bool = True, compile: bool = False) -> torch.Tensor:
+    """The codes (B, h, w) of one picture per request. ``compile``: the decoding step through
+    ``torch.compile`` (``runtime.StaticDecoder``; the first request of a batch size compiles)."""
     if not model.draws:
         raise ConfigError("this model does not draw (model.generation.kind: none)")
     sampling.check()
@@ -105,7 +106,7 @@ def draw_codes(model: FusionLM, tokenizer, requests: list[DrawRequest], spec: Im
     grid, n, row_end = layout.grid, layout.codes, layout.row_end
     length = ids.shape[1] + layout.written
     if static and unsupported(model, length) is None:
-        decoder = StaticDecoder(model, len(ids), length)
+        decoder = StaticDecoder(model, len(ids), length, compile=compile)
         decoder.head = model.generation.code_head(model)
     else:
         decoder = GeneralDecoder(model, True, scores="code_logits")

@@ -488,3 +488,12 @@ def test_the_cli_mutes_only_the_known_noisy_warnings():
         warnings.warn("`past_key_values` is deprecated and will be removed in version 5.40.0", FutureWarning)
         warnings.warn("a warning nobody has seen before", UserWarning)
     assert [str(w.message) for w in caught] == ["a warning nobody has seen before"]
+
+
+def test_export_offers_every_registered_format():
+    from fusionlm.cli import parser
+    from fusionlm.interop import FORMATS
+
+    sub = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction))
+    formats = next(a for a in sub.choices["export"]._actions if a.dest == "format")
+    assert set(formats.choices) == set(FORMATS.names()) | {"fusionlm"}

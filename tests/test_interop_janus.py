@@ -226,3 +226,22 @@ def test_exported_janus_draws_the_codes_fusionlm_draws(pair, tmp_path, cfg):
     ours = draw_codes(model, tokenizer, [DrawRequest(p) for p in prompts], sampling=Sampling(cfg=cfg, temperature=0))
     assert torch.equal(ours.flatten(1), theirs)
     assert len(set(theirs.flatten().tolist())) > 1
+
+
+def test_cli_imports_a_janus_that_draws_from_the_command_line(tmp_path, capsys):
+    from PIL import Image
+
+    from fusionlm.cli import main
+
+    src = janus_checkpoint(tmp_path / "src")
+    assert main(["import", str(src), str(tmp_path / "ours")]) == 0
+    out = tmp_path / "pictures" / "blue.png"
+    assert main(["generate", "--checkpoint", str(tmp_path / "ours"), "--prompt", "two blue squares", "--image-out",
+                 str(out), "--n", "2", "--cfg", "5", "--temperature", "0"]) in (0, None)
+    written = [tmp_path / "pictures" / f"blue-{k}.png" for k in range(2)]
+    assert [str(p) for p in written] == capsys.readouterr().out.split()[-2:]
+    pictures = [Image.open(p) for p in written]
+    assert all(p.size == (16, 16) for p in pictures)  # the VQ model's 4 x 4 codes of 4 pixels
+    assert pictures[0].tobytes() == pictures[1].tobytes()  # greedy: the seed does not matter
+    assert main(["export", str(tmp_path / "ours"), str(tmp_path / "back"), "--format", "janus"]) == 0
+    assert (tmp_path / "back" / "processor_config.json").is_file()
