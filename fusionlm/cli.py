@@ -123,8 +123,12 @@ def cmd_generate(args) -> None:
         if not Path(path).exists():
             raise FusionError(f"{path}: file not found")
     items = list(args.image) + [Video(path) for path in args.video]  # in this order when the prompt has no placeholders
+    if args.image_out and args.pictures_out:
+        args.parser.error("argument --pictures-out: not with --image-out (which draws instead of answering)")
     if args.image_out:
         return _draw(args, model, tokenizer, spec, items)
+    if args.pictures_out:
+        return _answer(args, model, tokenizer, spec, items)
     (answer,) = generate(model, tokenizer, [Request(args.prompt, items)], spec,
                          max_new_tokens=MAX_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens,
                          temperature=args.temperature or 0.0, top_p=args.top_p, seed=args.seed)
@@ -148,6 +152,33 @@ def _draw(args, model, tokenizer, spec, items) -> None:
     for picture, path in zip(pictures, paths):
         picture.save(path, format="PNG")
         print(path)
+
+
+def _answer(args, model, tokenizer, spec, items) -> None:
+    """``generate --pictures-out DIR``: an answer in text and pictures; each picture it draws is
+    written to DIR and printed as its path where it sits in the answer."""
+    from .converse import AnswerRequest, answer
+    from .draw import Sampling
+    from .generate import MAX_NEW_TOKENS
+
+    if not model.draws:
+        raise ConfigError("--pictures-out: this model does not draw (model.generation.kind: none)")
+    sampling = Sampling.of(model.config.generation, cfg=args.cfg, top_k=args.top_k)
+    request = AnswerRequest(args.prompt, items, seed=args.seed)
+    (said,) = answer(model, tokenizer, [request], spec, sampling=sampling, temperature=args.temperature or 0.0,
+                     top_p=args.top_p, seed=args.seed,
+                     max_new_tokens=MAX_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens)
+    out = Path(args.pictures_out)
+    out.mkdir(parents=True, exist_ok=True)
+    shown = []
+    for part in said.parts:
+        if isinstance(part, str):
+            shown.append(part)
+        else:
+            path = out / f"answer-{len(shown)}.png"
+            part.save(path, format="PNG")
+            shown.append(f" {path} ")
+    print("".join(shown).strip())
 
 
 def cmd_eval(args) -> None:
@@ -315,7 +346,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--init", metavar="CHECKPOINT", help="start from this checkpoint's model and weights "
                    "(e.g. an imported LLaVA); the same as --set train.init_from=CHECKPOINT")
 
-    g = _command(sub, "generate", "answer a prompt about images, or draw it (--image-out)", cmd_generate)
+    g = _command(sub, "generate", "answer a prompt about images (in text, or text and pictures: --pictures-out), "
+                 "or draw it (--image-out)", cmd_generate)
     g.add_argument("--checkpoint", required=True, help="a run directory (its latest checkpoint) or a checkpoint")
     g.add_argument("--image", action="append", default=[], help="an image file (repeat for several)")
     g.add_argument("--video", action="append", default=[], help="a folder of frames or an animated GIF")
@@ -329,6 +361,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--image-out", metavar="PNG", help="draw the prompt instead of answering it (a model that draws): "
                    "the picture's path; with --n K, PNG's stem gets -0 … -(K-1)")
     g.add_argument("--n", type=int, default=1, help="pictures to draw (--image-out), each with its own seed")
+    g.add_argument("--pictures-out", metavar="DIR", help="answer in text and pictures (a model that draws): each "
+                   "picture the answer draws is written to DIR and printed as its path")
     g.add_argument("--cfg", type=float, help="classifier-free guidance scale for pictures (1: none; default: the "
                    "model's model.generation.cfg)")
     g.add_argument("--top-k", type=int, help="pictures: sample among the k most likely codes (0: all; default: "

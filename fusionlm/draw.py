@@ -68,9 +68,9 @@ class Sampling:
             raise ConfigError(f"sampling: cfg, temperature and top_k must be >= 0 and top_p in (0, 1], got {self}")
 
 
-def _rows(model: FusionLM, tokenizer, spec: ImageSpec | None, requests: list[DrawRequest], guided: bool):
-    """The prompts' ids (each ending in ``<begin_of_image>``), conditional rows then (guided) null rows,
-    and the pictures they show, in row order."""
+def _rows(model: FusionLM, tokenizer, spec: ImageSpec | None, requests: list, guided: bool, *, opened: bool = True):
+    """The prompts' ids (each ending in ``<begin_of_image>`` where ``opened``), conditional rows then
+    (guided) null rows, and the pictures they show, in row order."""
     prompts = PromptEncoder.of(model, tokenizer, spec)
     samples = [r.sample() for r in requests]
     rows, inputs = [], []
@@ -80,9 +80,10 @@ def _rows(model: FusionLM, tokenizer, spec: ImageSpec | None, requests: list[Dra
             prompted = prompts.sample(sample, generation_prompt=True)
         except SkipSample as exc:  # over the context: a request is refused, never dropped
             raise SampleError(str(exc)) from None
-        rows.append(prompted.encoded.input_ids + [model.ids.begin_image])
+        rows.append(prompted.encoded.input_ids + ([model.ids.begin_image] if opened else []))
         inputs.extend(prompted.inputs)
-    longest, written = max(len(r) for r in rows), DrawLayout.of(model).written
+    longest, layout = max(len(r) for r in rows), DrawLayout.of(model)
+    written = layout.written if layout is not None and opened else 0
     if longest + written > model.config.llm.max_length:
         raise SampleError(f"a prompt of {longest} tokens and an image of {written} positions do not fit the context "
                           f"of {model.config.llm.max_length}")

@@ -87,7 +87,8 @@ class GeneralDecoder:
     ``StaticDecoder`` is tested against."""
 
     def __init__(self, model: FusionLM, use_cache: bool, *, scores: str = "logits"):
-        """``scores``: the output read at each step, ``logits`` (text) or ``code_logits`` (a drawing's codes)."""
+        """``scores``: the output read at each step, ``logits`` (text), ``code_logits`` (a drawing's
+        codes) or ``both`` (the two, a pair)."""
         self.model, self.use_cache, self.past, self.scores = model, use_cache, None, scores
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, context) -> torch.Tensor:
@@ -105,12 +106,18 @@ class GeneralDecoder:
         position_ids = (self.mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): left padding shifts positions
         if not self.use_cache:
             out = self.model(self.seq, attention_mask=self.mask, position_ids=position_ids, context=self.context)
-            return getattr(out, self.scores)[:, -1]
+            return self._read(out)
         start = self.seq.shape[1] - new_ids.shape[1]
         result = self.model(new_ids, attention_mask=self.mask, position_ids=position_ids[:, start:], context=self.context,
                             past_key_values=self.past, use_cache=True, query_start=start)
         self.past = result.past_key_values
-        return getattr(result, self.scores)[:, -1]  # (B, V)
+        return self._read(result)
+
+    def _read(self, out):
+        """The last position's scores: (B, V) text logits, (B, K) code scores, or both."""
+        if self.scores == "both":
+            return out.logits[:, -1], None if out.code_logits is None else out.code_logits[:, -1]
+        return getattr(out, self.scores)[:, -1]
 
 
 def generate(model: FusionLM, tokenizer, requests: list[Request], spec: ImageSpec, **kwargs) -> list[str]:

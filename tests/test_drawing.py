@@ -21,7 +21,9 @@ from fusionlm.data.prompt import PromptEncoder
 from fusionlm.data.sources import build_source
 from fusionlm.data.world import World
 from fusionlm.data.world.scenes import CATEGORIES
+from fusionlm.converse import AnswerRequest, answer
 from fusionlm.draw import DrawRequest, Sampling, _rows, draw, draw_codes
+from fusionlm.generate import Request, generate
 from fusionlm.errors import ConfigError
 from fusionlm.recipe import make_tokenizer
 from fusionlm.train.loop import train
@@ -243,6 +245,66 @@ def test_a_picture_does_not_depend_on_the_batch_it_is_drawn_in(loaded):
     assert isinstance(pictures[0], Image.Image) and pictures[0].size == (16, 16)
 
 
+class Opening:
+    """A hook on the LM head that makes rows ``rows`` of a batch open a picture when they may."""
+
+    def __init__(self, model, rows):
+        self.rows, self.begin = list(rows), model.ids.begin_image
+        self.handle = model.llm.get_output_embeddings().register_forward_hook(self)
+
+    def __call__(self, module, args, out):
+        out = out.clone()
+        out[self.rows, ..., self.begin] += 1e4
+        return out
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def test_an_answer_can_hold_text_and_a_picture(loaded):
+    model, tokenizer, _ = loaded
+    sampling = Sampling(cfg=3.0, top_k=20)
+    asked = [AnswerRequest("draw a red circle", seed=4), AnswerRequest("what is two plus two?", seed=5)]
+    with Opening(model, [0, 2]):  # the first request's row and its null row open a picture at once
+        together = answer(model, tokenizer, asked, sampling=sampling, max_new_tokens=6)
+        general = answer(model, tokenizer, asked, sampling=sampling, max_new_tokens=6, static=False)
+    with Opening(model, [0, 1]):  # alone: its row and its null row
+        first = answer(model, tokenizer, asked[:1], sampling=sampling, max_new_tokens=6)
+    with Opening(model, []):
+        second = answer(model, tokenizer, asked[1:], sampling=sampling, max_new_tokens=6)
+    drawn = together[0]
+    assert len(drawn.pictures) == 1 and isinstance(drawn.parts[0], Image.Image) and drawn.text.startswith("<image>")
+    assert drawn.pictures[0].size == (16, 16)
+    # the picture opened first is the one draw() draws for the same prompt and seed
+    (reference,) = draw(model, tokenizer, [DrawRequest("draw a red circle", seed=4)], sampling=sampling)
+    assert drawn.pictures[0].tobytes() == reference.tobytes()
+    # rows in different modes do not disturb each other, on either decoding path
+    assert drawn.pictures[0].tobytes() == first[0].pictures[0].tobytes() == general[0].pictures[0].tobytes()
+    assert together[1].parts == second[0].parts == general[1].parts and not together[1].pictures
+    assert drawn.text == first[0].text == general[0].text
+    # a text answer is the text generate() writes
+    (text,) = generate(model, tokenizer, [Request("what is two plus two?")], ImageSpec.for_model(model, loaded[2]),
+                       max_new_tokens=6)
+    assert second[0].text == text
+
+
+def test_a_decoupled_answer_draws_its_picture_with_the_generation_head():
+    model, tokenizer, _ = built(drawing_dict("decoupled"))
+    sampling = Sampling(cfg=2.0)
+    with Opening(model, [0, 1]):
+        (said,) = answer(model, tokenizer, [AnswerRequest("a blue square", seed=7)], sampling=sampling,
+                         max_new_tokens=3)
+    (reference,) = draw(model, tokenizer, [DrawRequest("a blue square", seed=7)], sampling=sampling)
+    assert len(said.pictures) == 1 and said.pictures[0].tobytes() == reference.tobytes()
+    with Opening(model, [0]):  # no picture allowed (so no null row): the answer stays text
+        (plain,) = answer(model, tokenizer, [AnswerRequest("a blue square", seed=7)], sampling=sampling,
+                          max_new_tokens=3, max_pictures=0)
+    assert not plain.pictures
+
+
 def test_a_model_that_only_reads_refuses_to_draw(tmp_path, capsys):
     reader, tokenizer, _ = built(tiny_dict())
     with pytest.raises(ConfigError, match="does not draw"):
@@ -277,6 +339,21 @@ def test_generate_draws_pictures_to_files(run, tmp_path, capsys):
     model, tokenizer, _ = load_model(run)
     (expected,) = draw(model, tokenizer, [DrawRequest("a red circle", seed=5)], sampling=Sampling(cfg=2.0))
     assert list(second.convert("RGB").getdata()) == list(expected.getdata())
+
+
+def test_generate_answers_in_text_and_pictures(run, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "answer"
+    model, tokenizer, config = load_model(run)
+    monkeypatch.setattr("fusionlm.cli._load", lambda *_: (model, tokenizer, config, ImageSpec.for_model(model, config)))
+    with Opening(model, [0, 1]):  # the answer opens a picture first (3 steps have not taught it to)
+        rc = main(["generate", "--checkpoint", str(run), "--prompt", "a red circle", "--pictures-out", str(out),
+                   "--cfg", "2", "--seed", "3", "--max-new-tokens", "4"])
+        (said,) = answer(model, tokenizer, [AnswerRequest("a red circle", seed=3)], sampling=Sampling(cfg=2.0),
+                         max_new_tokens=4)
+    printed = capsys.readouterr().out
+    assert rc in (0, None) and printed.split()[0] == str(out / "answer-0.png")
+    assert Image.open(out / "answer-0.png").convert("RGB").tobytes() == said.pictures[0].tobytes()
+    assert printed.strip() == said.text.replace("<image>", f" {out / 'answer-0.png'} ").strip()
 
 
 def test_eval_scores_the_draw_task_by_geneval(run, tmp_path, capsys):
@@ -512,3 +589,7 @@ def test_generate_image_out_refuses_a_model_that_only_reads_and_a_bad_count(tmp_
         main(["generate", "--checkpoint", str(tmp_path / "reader"), "--prompt", "a red circle",
               "--image-out", str(out), "--n", "0"])
     assert exc.value.code == 2 and "argument --n: must be >= 1, got 0" in capsys.readouterr().err
+    assert main(["generate", "--checkpoint", str(tmp_path / "reader"), "--prompt", "a red circle",
+                 "--pictures-out", str(tmp_path / "answer")]) == 2
+    assert "--pictures-out: this model does not draw" in capsys.readouterr().err
+    assert not (tmp_path / "answer").exists()
