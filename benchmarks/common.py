@@ -97,6 +97,13 @@ def janus_pair(width: int = 256, layers: int = 4, image_size: int = 128):
     return hf, JanusProcessor.from_pretrained(exported, backend="pil"), model, tokenizer, cfg
 
 
+def print_table(header: list[str], aligns: str, rows: list[str]) -> None:
+    """A markdown table: ``aligns`` one letter per column, ``r`` right-aligned (numbers), ``l`` left."""
+    print("| " + " | ".join(header) + " |")
+    print("| " + " | ".join("---:" if a == "r" else "---" for a in aligns) + " |")
+    print("\n".join(rows))
+
+
 def timed(fn, repeats: int = 5, warmup: int = 2) -> float:
     """Median seconds of ``fn()`` after ``warmup`` calls."""
     for _ in range(warmup):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from common import janus_pair, machine, timed_alternately
+from common import janus_pair, machine, print_table, timed_alternately
 from fusionlm.draw import DrawRequest, Sampling, draw_codes
 
 PROMPTS = ["a large red circle in the top left", "two blue squares", "a green triangle left of a red circle",
@@ -48,10 +48,8 @@ def main() -> None:
         t_ours, t_theirs = timed_alternately(ours, theirs, repeats=5, warmup=1)
         rows.append(f"| {batch} | {t_ours:.2f} | {t_theirs:.2f} | {batch * codes / t_ours:.0f} | "
                     f"{batch * codes / t_theirs:.0f} | **{t_theirs / t_ours:.2f}x** | {agree} |")
-    print("| pictures per batch | fusionlm s | transformers s | fusionlm codes/s | transformers codes/s | ratio | "
-          "codes agree |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | --- |")
-    print("\n".join(rows))
+    print_table(["pictures per batch", "fusionlm s", "transformers s", "fusionlm codes/s", "transformers codes/s",
+                 "ratio", "codes agree"], "rrrrrrl", rows)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import torch
 
-from common import machine, matmul_flops, timed
+from common import machine, matmul_flops, print_table, timed
 from fusionlm.checkpoint import build_model
 from fusionlm.config import RecipeConfig, validate
 from fusionlm.data.pixels.processing import ImageBatch, ImageInput
@@ -96,10 +96,8 @@ def main() -> None:
     print(f"machine: {machine()}; LLM 256 wide, 4 layers; 64 tokens per image; {len(TEXT)} text tokens; "
           f"encoder and connector excluded")
     print(f"matmul peak (1024^3, fp32): {peak / 1e9:.1f} GFLOP/s")
-    print("| image tokens | design | sequence | prefill ms | forward GFLOPs | GFLOP/s (% of matmul peak) | time vs A "
-          "| measured / predicted growth |")
-    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    print("\n".join(rows))
+    print_table(["image tokens", "design", "sequence", "prefill ms", "forward GFLOPs", "GFLOP/s (% of matmul peak)",
+                 "time vs A", "measured / predicted growth"], "rlrrrrrr", rows)
 
 
 if __name__ == "__main__":

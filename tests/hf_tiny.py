@@ -134,6 +134,16 @@ def noise_images(sizes: list[tuple[int, int]], seed: int = 0):
     return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
 
 
+def assert_pixels_are_the_processors(processor, model, config, images) -> None:
+    """fusionlm's preprocessing of each image gives bitwise the processor's ``pixel_values``."""
+    from fusionlm.data.pixels.processing import ImageSpec
+
+    spec = ImageSpec.for_model(model, config)
+    for img in images:
+        theirs = processor.image_processor(images=[img], return_tensors="pt")["pixel_values"][0]
+        assert torch.equal(spec.process(img).pixels, theirs)
+
+
 def import_pair(tmp: Path, source: Path, hf_class, processor_class) -> tuple:
     """Import ``source`` into ``tmp/ours``: (transformers model, its processor on the Pillow backend,
     our model, tokenizer, config, source dir, our dir)."""

@@ -17,7 +17,7 @@ from transformers import JanusForConditionalGeneration, JanusProcessor
 from fusionlm.data.pixels.processing import ImageBatch, ImageSpec
 from fusionlm.errors import ExportError
 from fusionlm.interop import export_checkpoint
-from hf_tiny import import_pair, janus_checkpoint, noise_images
+from hf_tiny import assert_pixels_are_the_processors, import_pair, janus_checkpoint, noise_images
 
 PROMPTS = [("<image>\nWhat color is the square?", 1), ("Describe the image in one sentence.", 0),
            ("Compare <image> with <image>.", 2)]  # fusionlm's placeholder; the processor's is Janus's own
@@ -95,10 +95,7 @@ def assert_same_numbers(hf, processor, model):
 
 def test_our_pixels_are_the_processors(pair):
     hf, processor, model, tokenizer, config, *_ = pair
-    spec = ImageSpec.for_model(model, config)
-    for img in pictures():
-        theirs = processor.image_processor(images=[img], return_tensors="pt")["pixel_values"][0]
-        assert torch.equal(spec.process(img).pixels, theirs)
+    assert_pixels_are_the_processors(processor, model, config, pictures())
 
 
 def test_imported_numbers_match_transformers(pair):

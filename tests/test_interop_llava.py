@@ -20,7 +20,7 @@ from fusionlm.data.pixels.processing import ImageBatch, ImageSpec
 from fusionlm.errors import ExportError
 from fusionlm.generate import Request, generate_ids
 from fusionlm.interop import export_checkpoint
-from hf_tiny import import_pair, llava_checkpoint, noise_images
+from hf_tiny import assert_pixels_are_the_processors, import_pair, llava_checkpoint, noise_images
 
 VARIANTS = {
     "clip-layer-2-default-gqa": dict(tower="clip", feature_layer=-2, strategy="default", kv_heads=2),
@@ -83,10 +83,7 @@ def hf_generate(hf, inputs, model, n=8):
 
 def test_our_pixels_are_the_processors(pair):
     hf, processor, model, tokenizer, config, *_ = pair
-    spec = ImageSpec.for_model(model, config)
-    for img in pictures():
-        theirs = processor.image_processor(images=[img], return_tensors="pt")["pixel_values"][0]
-        assert torch.equal(spec.process(img).pixels, theirs)
+    assert_pixels_are_the_processors(processor, model, config, pictures())
 
 
 def test_our_token_ids_are_the_processors(pair):
