@@ -36,7 +36,7 @@ from .config import ImageTokenizerConfig
 from .data.pixels.images import to_pixels
 from .data.world.render import COLORS, WHITE
 from .errors import ConfigError
-from .hub import arch_of, config_from_arch, load_pretrained
+from .hub import arch_of, check_custom_code, config_from_arch, load_part_of, load_pretrained
 from .registry import Registry
 
 IMAGE_TOKENIZERS: Registry[type["ImageTokenizer"]] = Registry("image tokenizer", "model.image_tokenizer.kind")
@@ -209,13 +209,21 @@ class PretrainedTokenizer(ImageTokenizer):
     architecture, grid and codebook the model settled; the caller's config is left as given."""
 
     model_types: tuple[str, ...] = ()
+    # whole models that hold this VQ model ({model type: where its weights are}): a hub id such as
+    # deepseek-community/Janus-Pro-1B names the whole model, whose vq_config and VQ weights are read
+    whole: dict[str, tuple[str, ...]] = {}
 
     def __init__(self, config: ImageTokenizerConfig):
         key = "model.image_tokenizer"
         cls = self.model_class()
         if config.hf:
-            vq = load_pretrained(cls, config.hf, dtype="float32", allow_custom_code=config.allow_custom_code,
-                                 key=f"{key}.hf", model_types=self.model_types)
+            found = check_custom_code(config.hf, allow=config.allow_custom_code, key=f"{key}.hf").get("model_type")
+            if found in self.whole:
+                vq = load_part_of(cls, config.hf, sub_config="vq_config", prefixes=self.whole[found],
+                                  key=f"{key}.hf", allow_custom_code=config.allow_custom_code)
+            else:
+                vq = load_pretrained(cls, config.hf, dtype="float32", allow_custom_code=config.allow_custom_code,
+                                     key=f"{key}.hf", model_types=self.model_types)
         elif config.arch:
             vq = cls(config_from_arch(config.arch, key=f"{key}.arch"))
         else:
@@ -239,6 +247,7 @@ class JanusTokenizer(PretrainedTokenizer):
     """Janus's VQ model (``JanusVQVAE``): a fixed ``num_patches`` x ``num_patches`` grid."""
 
     model_types = ("janus_vqgan",)
+    whole = {"janus": ("model.vqmodel.",)}
 
     @staticmethod
     def model_class():
@@ -263,6 +272,7 @@ class Emu3Tokenizer(PretrainedTokenizer):
     """Emu3's VQ model (``Emu3VQVAE``): any image size divisible by its spatial factor."""
 
     model_types = ("emu3_vqgan",)
+    whole = {"emu3": ("vqmodel.", "model.vqmodel.")}  # transformers writes Emu3's at the top, names it the second way
 
     @staticmethod
     def model_class():

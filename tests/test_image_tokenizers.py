@@ -214,3 +214,45 @@ def test_the_vq_codebook_stays_one_codebook_across_processes(tmp_path, sync):
         torch.set_num_threads(1)
         both = lambda step: torch.cat([_pictures(2, 16, seed=10 * step + r)[1] for r in range(2)])  # noqa: E731
         torch.testing.assert_close(_grow_codebook(both, scale=2.0), a, rtol=1e-4, atol=1e-5)
+
+
+def _whole_emu3(path):
+    """A tiny ``Emu3ForConditionalGeneration`` (its VQ model is ``_tiny_emu3``'s), written to ``path``."""
+    from transformers import Emu3Config, Emu3ForConditionalGeneration
+
+    vq = _tiny_emu3().config.to_dict()
+    text = dict(vocab_size=200, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    codes = {f"<|visual token {i:06d}|>": 100 + i for i in range(vq["codebook_size"])}
+    config = Emu3Config(vq_config=vq, text_config=text, vocabulary_map={"<image>": 99, **codes})
+    torch.manual_seed(0)
+    model = Emu3ForConditionalGeneration(config).eval()
+    model.save_pretrained(path, max_shard_size="100KB")  # several shards: only the VQ model's are read
+    return model.model.vqmodel
+
+
+@pytest.mark.parametrize("kind", ["janus", "emu3"])
+def test_a_pretrained_kind_takes_the_vq_model_of_a_whole_checkpoint(kind, tmp_path):
+    """``hf:`` may name the whole model a hub id holds (Janus-Pro, Emu3): the VQ model is built from its
+    vq_config and given its weights, not freshly initialised ones."""
+    if kind == "janus":
+        from transformers import JanusForConditionalGeneration
+
+        from hf_tiny import janus_checkpoint
+
+        source = janus_checkpoint(tmp_path / "janus")
+        theirs = JanusForConditionalGeneration.from_pretrained(source).eval().model.vqmodel
+    else:
+        source, theirs = tmp_path / "emu3", _whole_emu3(tmp_path / "emu3")
+    ours = build_image_tokenizer(ImageTokenizerConfig(kind=kind, hf=str(source)))
+    expected = theirs.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in ours.vq.state_dict().items())
+    side = ours.config.image_size
+    _, pixels = _pictures(2, side)
+    with torch.no_grad():
+        assert torch.equal(ours.decode(ours.encode(pixels)), ours.vq.decode(
+            ours.encode(pixels).flatten(1) if kind == "janus" else ours.encode(pixels)))
+    # the wrong kind is still refused by name
+    other = "emu3" if kind == "janus" else "janus"
+    with pytest.raises(ConfigError, match=rf"is a '{kind}' checkpoint"):
+        build_image_tokenizer(ImageTokenizerConfig(kind=other, hf=str(source)))
