@@ -49,6 +49,14 @@ class Connector(nn.Module):
         return [r * c for r, c in map(rule.apply, grids)]
 
 
+@CONNECTORS.register("none")
+class NoConnector(Connector):
+    """No connector (the ``early`` fusion: pictures are codes the LLM embeds itself)."""
+
+    def forward(self, feats: torch.Tensor, grids: list[tuple[int, int]] | None = None) -> torch.Tensor:
+        raise ConfigError("model.connector.kind: 'none' maps no features (the early fusion writes pictures as codes)")
+
+
 @CONNECTORS.register("linear")
 class LinearConnector(Connector):
     """One projection (LLaVA-1, Fuyu's patch projection)."""

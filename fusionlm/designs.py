@@ -5,7 +5,10 @@
 * ``fuyu``: the same with no encoder (raw patches), each row of patches closed by a newline token;
 * ``cross_attention`` (Method B: Flamingo, Llama 3.2 Vision, NVLM-X): one marker token per image,
   the image reached through gated cross-attention before every Nth decoder layer;
-* ``hybrid`` (NVLM-H): the thumbnail in the sequence, the tiles through cross-attention.
+* ``hybrid`` (NVLM-H): the thumbnail in the sequence, the tiles through cross-attention;
+* ``early`` (Chameleon, Emu3): no encoder; a picture is written as the image tokenizer's codes, as
+  a drawn one is (``<begin_of_image>``, codes, ``<end_of_image>``), embedded by the generation
+  design and never a target where it is read.
 
 A design says how an image is written into the sequence (``sequence``, plain data that batches
 built in worker processes read), checks its own config (``check``) and turns the connector's
@@ -40,6 +43,7 @@ class Design:
     cross: ClassVar[bool] = False  # gated cross-attention blocks run before decoder layers
     native_layers: ClassVar[bool] = False  # fits an LLM with cross-attention layers of its own (Mllama)
     raw_patches: ClassVar[bool] = False  # takes the ``patches`` encoder (no vision tower), and only it does
+    reads_codes: ClassVar[bool] = False  # reads pictures as codes (no encoder, no connector), and only it does
 
     def check(self, config: "RecipeConfig") -> None:
         """This design's rules for ``config``; a ``ConfigError`` names the key at fault."""
@@ -49,6 +53,12 @@ class Design:
                 "model.encoder.kind: the fuyu fusion takes raw patches and only it does: "
                 f"use encoder kind 'patches' with fusion 'fuyu' (got {enc.kind!r} with {self.name!r})"
             )
+        if self.reads_codes != (enc.kind == "none"):
+            raise ConfigError(f"model.encoder.kind: the early fusion reads pictures as codes and only it has no "
+                              f"encoder: use encoder kind 'none' with fusion 'early' (got {enc.kind!r} with {self.name!r})")
+        if self.reads_codes != (config.model.connector.kind == "none"):
+            raise ConfigError(f"model.connector.kind: the early fusion has no connector and only it: use connector "
+                              f"kind 'none' with fusion 'early' (got {config.model.connector.kind!r} with {self.name!r})")
         if config.data.pack:
             self.check_packing()
 
@@ -81,6 +91,22 @@ class Fuyu(Unified):
     name = "fuyu"
     sequence = SequenceRule("fuyu", per_image="rows")
     raw_patches = True
+
+
+@DESIGNS.register("early")
+class Early(Design):
+    name = "early"
+    sequence = SequenceRule("early", per_image="codes")
+    reads_codes = True
+
+    def check(self, config) -> None:
+        super().check(config)
+        if config.model.generation.kind == "none":
+            raise ConfigError("model.generation.kind: the early fusion reads pictures as the codes a model draws in; "
+                              "set a generation that draws (shared, as Chameleon and Emu3, or decoupled)")
+
+    def context(self, model, pixels, features, counts, input_ids) -> ImageContext:
+        raise SampleError("the early fusion reads pictures as codes, not as encoder features")
 
 
 @DESIGNS.register("cross_attention")

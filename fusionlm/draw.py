@@ -80,7 +80,7 @@ def _rows(model: FusionLM, tokenizer, spec: ImageSpec | None, requests: list, gu
             prompted = prompts.sample(sample, generation_prompt=True)
         except SkipSample as exc:  # over the context: a request is refused, never dropped
             raise SampleError(str(exc)) from None
-        rows.append(prompted.encoded.input_ids + ([model.ids.begin_image] if opened else []))
+        rows.append(model.coded(prompted.encoded.input_ids, prompted.drawn) + ([model.ids.begin_image] if opened else []))
         inputs.extend(prompted.inputs)
     longest, layout = max(len(r) for r in rows), DrawLayout.of(model)
     written = layout.written if layout is not None and opened else 0

@@ -346,6 +346,18 @@ class Qwen2VLEncoder(_HFVisionTower):
         return pixels.pad_tokens(merged)  # (I, N'_max, D), zero-padded
 
 
+@ENCODERS.register("none")
+class NoEncoder(ImageEncoder):
+    """No encoder at all: the ``early`` fusion reads pictures as the image tokenizer's codes."""
+
+    def __init__(self, config: EncoderConfig, *, pretrained: bool = True):
+        super().__init__(config)
+        self.out_dim, self.grid, self.image_size = 0, (0, 0), config.image_size
+
+    def forward(self, pixels: ImageBatch) -> torch.Tensor:
+        raise ConfigError("model.encoder.kind: 'none' reads no features (the early fusion writes pictures as codes)")
+
+
 @ENCODERS.register("patches")
 class PatchEncoder(ImageEncoder):
     """No encoder at all (Fuyu): each raw patch, flattened, is a token's feature vector.

@@ -139,7 +139,7 @@ def encode_requests(model: FusionLM, tokenizer, requests: list[Request], spec: I
     rows, inputs = [], []
     for req in requests:
         prompted = prompts.request(req)
-        rows.append(prompted.encoded.input_ids)
+        rows.append(model.coded(prompted.encoded.input_ids, prompted.drawn))
         inputs.extend(prompted.inputs)
     ids, mask = left_pad(rows, tokenizer.pad_token_id)  # (B, T)
     return ids, mask, ImageBatch.collate(inputs)

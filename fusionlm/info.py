@@ -116,7 +116,9 @@ def report(config: RecipeConfig, name: str = "recipe") -> Report:
             forward[part] += flops / n
     image = next((img for s in _typical_samples(config, source) for img in s.images), None)
     enc_tokens = dec_tokens = 0
-    if image is not None:
+    if image is not None and model.design.reads_codes:  # early fusion: a picture is its codes
+        dec_tokens = len(DrawLayout.of(model).tokens())
+    elif image is not None:
         inputs = spec.process_all(image)
         enc_tokens = sum(r * c for r, c in (i.grid for i in inputs))
         dec_tokens = len(model.layout.image_tokens(inputs))

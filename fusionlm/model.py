@@ -103,6 +103,15 @@ class FusionLM(nn.Module):
         out[slots] = codes.flatten().to(ids.device) + self.code_offset
         return out
 
+    @torch.no_grad()
+    def coded(self, ids: list[int], pictures: list[torch.Tensor]) -> list[int]:
+        """One prompt's ids with the ``<image_code>`` positions of its ``pictures`` (each (3, S, S))
+        holding their codes: how a prompt reads pictures as codes (the early fusion) before decoding."""
+        if not pictures:
+            return ids
+        device = self.llm.get_input_embeddings().weight.device
+        return self.with_codes(torch.tensor([ids], device=device), torch.stack(pictures).to(device))[0].tolist()
+
     # ------------------------------------------------------------------ Method B wiring
 
     def _add_cross_attention(self) -> None:

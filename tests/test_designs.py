@@ -15,11 +15,11 @@ from fusionlm.fusion import ImageContext
 from fusionlm.llm import decoder_layers
 
 
-def test_the_four_designs_are_registered_with_their_own_rules(tiny_config):
-    assert DESIGNS.names() == ["cross_attention", "fuyu", "hybrid", "unified"]
+def test_the_five_designs_are_registered_with_their_own_rules(tiny_config):
+    assert DESIGNS.names() == ["cross_attention", "early", "fuyu", "hybrid", "unified"]
     rules = {name: DESIGNS.get(name).sequence for name in DESIGNS.names()}
     assert {n: r.per_image for n, r in rules.items()} == {
-        "cross_attention": "marker", "fuyu": "rows", "hybrid": "grid", "unified": "grid"}
+        "cross_attention": "marker", "early": "codes", "fuyu": "rows", "hybrid": "grid", "unified": "grid"}
     assert [n for n in DESIGNS.names() if DESIGNS.get(n).cross] == ["cross_attention", "hybrid"]
     config = tiny_config("unified")
     config.model.fusion.kind = "hybrid"  # no tiles: the hybrid's own rule

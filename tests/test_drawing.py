@@ -5,6 +5,7 @@ Emu3) and decoupled (Janus) generation designs, condition dropout, guided sampli
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -195,6 +196,76 @@ def _prompted_batch(model, tokenizer, config, n: int = 3):
     done = [prompts.sample(s) for s in [world.sample("draw", "train", i) for i in range(n)] + [world.sample("color", "train", 0)]]
     return collate([p.encoded for p in done], [i for p in done for i in p.inputs], ["x"] * len(done), [],
                    tokenizer.pad_token_id, drawn=[d for p in done for d in p.drawn])
+
+
+def early_dict(kind: str = "shared") -> dict:
+    """Chameleon's early fusion: no encoder, no connector; pictures read as codes."""
+    data = drawing_dict(kind)
+    data["model"]["fusion"] = {"kind": "early"}
+    data["model"]["encoder"]["kind"] = data["model"]["connector"]["kind"] = "none"
+    data["stages"][1]["train"] = ["llm", "generation"] if kind == "decoupled" else ["llm"]
+    return data
+
+
+@pytest.mark.parametrize("kind", ["shared", "decoupled"])
+def test_the_early_fusion_reads_pictures_as_codes(kind, tmp_path):
+    model, tokenizer, config = built(early_dict(kind))
+    assert sum(p.numel() for p in [*model.encoder.parameters(), *model.connector.parameters()]) == 0
+    prompts = PromptEncoder.of(model, tokenizer, ImageSpec.for_model(model, config))
+    read = prompts.sample(World(32, 0).sample("color", "train", 0))
+    ids, labels = read.encoded.input_ids, read.encoded.labels
+    begin, n = ids.index(model.ids.begin_image), 16
+    assert ids[begin: begin + n + 2] == [model.ids.begin_image] + [model.ids.code] * n + [model.ids.end_image]
+    assert all(label == IGNORE for label in labels[begin: begin + n + 2])  # read, not learned
+    assert not read.inputs and len(read.drawn) == 1 and model.ids.image not in ids
+    # a batch of drawn and shown pictures trains (the codes of both come from the tokenizer)
+    batch = _prompted_batch(model, tokenizer, config)
+    out = model(batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels, drawn=batch.drawn)
+    assert torch.isfinite(out.loss) and int(out.loss_parts["image_targets"]) == 3 * n  # the drawn pictures only
+    # an answer about a picture reads its codes; another picture, other logits; both decoding paths agree
+    world = World(32, 0)
+    pictures = [world.sample("color", "test", i).images[0] for i in range(2)]
+    spec = ImageSpec.for_model(model, config)
+    asked = [Request("<image>\nWhat color is the shape?", [p]) for p in pictures]
+    from fusionlm.generate import encode_requests, generate_ids
+
+    coded, mask, pixels = encode_requests(model, tokenizer, asked, spec, 256)
+    assert pixels is None and bool(((coded >= model.code_offset) & (coded < model.code_offset + 32)).any())
+    with torch.no_grad():
+        logits = model(coded, attention_mask=mask).logits[:, -1, : model.code_offset]  # (2, text vocabulary)
+    assert (logits[0] - logits[1]).abs().max() > 1e-4
+    assert generate_ids(model, tokenizer, asked, spec, max_new_tokens=4) == \
+        generate_ids(model, tokenizer, asked, spec, max_new_tokens=4, static=False)
+    # and a model that reads through a tower cannot pass itself off as early
+    data = early_dict(kind)
+    data["model"]["encoder"]["kind"] = "siglip"
+    with pytest.raises(ConfigError, match="model.encoder.kind: the early fusion reads pictures as codes"):
+        validate(from_dict(data))
+    data = early_dict(kind)
+    data["model"]["generation"] = {"kind": "none"}
+    data["stages"] = data["stages"][1:]
+    with pytest.raises(ConfigError, match="model.generation.kind: the early fusion reads pictures as the codes"):
+        validate(from_dict(data))
+
+
+def test_an_early_fusion_recipe_trains_draws_and_reports_its_picture_positions(tmp_path, capsys):
+    from helpers_train import write_recipe
+
+    recipe = write_recipe(tmp_path / "early.yaml", early_dict("shared"))
+    assert main(["train", str(recipe), "--out", str(tmp_path / "run")]) in (0, None)
+    rows = read_metrics(tmp_path / "run")
+    assert len(rows) == 6 and all(math.isfinite(r["loss"]) for r in rows)
+    capsys.readouterr()
+    assert main(["info", str(recipe)]) in (0, None)
+    assert "0 from the encoder, 18 positions in the decoder sequence" in capsys.readouterr().out
+    assert main(["generate", "--checkpoint", str(tmp_path / "run"), "--prompt", "<image>\nWhat color is it?",
+                 "--image", str(_world_png(tmp_path))]) in (0, None)
+
+
+def _world_png(tmp_path):
+    path = tmp_path / "shape.png"
+    World(32, 0).sample("color", "test", 0).images[0].save(path)
+    return path
 
 
 def test_decoupled_generation_keeps_the_text_vocabulary_and_trains_its_own_head():

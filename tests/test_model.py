@@ -221,7 +221,7 @@ def test_unknown_component_lists_known_names(part, registry, known, tokenizer):
 
 def test_unknown_fusion_lists_known_designs():
     config = tiny_config("unified")
-    config.model.fusion.kind = "early"
+    config.model.fusion.kind = "late"
     with pytest.raises(ConfigError) as err:
         validate(config)
     assert all(k in str(err.value) for k in DESIGNS.names())

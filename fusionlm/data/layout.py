@@ -47,7 +47,9 @@ class SequenceRule:
 
     ``per_image``: ``grid``, one image token per connector output token (Method A); ``rows``, a
     row of image tokens then a newline token for each row of patches (Fuyu); ``marker``, a single
-    marker token (Method B: the image itself is reached through cross-attention). ``only``: the
+    marker token (Method B: the image itself is reached through cross-attention); ``codes``, the
+    image tokenizer's codes as a drawn picture is written (early fusion: ``PromptEncoder`` writes
+    them with the model's ``DrawLayout``, not with this layout). ``only``: the
     role of the encoder inputs that the sequence holds (the hybrid's ``thumbnail``: its tiles go
     through cross-attention); None: all of them. ``design``: the design's name, for messages.
     """

@@ -28,7 +28,9 @@ class Prompted:
 
     encoded: Encoded
     inputs: list[ImageInput]
-    drawn: list[torch.Tensor] = field(default_factory=list)  # each (3, S, S): the pictures the sample draws
+    # each (3, S, S): the pictures written as codes, in order: those the sample draws, and with the
+    # early fusion those it shows too
+    drawn: list[torch.Tensor] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -59,11 +61,12 @@ class PromptEncoder:
             SkipSample: too long for ``max_length``, or nothing to learn (without a generation prompt).
         """
         drawn = drawn_items(sample) if self.draw is not None else [False] * len(sample.images)
-        per_item = [[] if d else self.spec.process_all(item) for item, d in zip(sample.images, drawn)]
-        layouts = [self.draw.tokens() if d else self.layout.image_tokens(inputs) for inputs, d in zip(per_item, drawn)]
+        coded = [True] * len(drawn) if self.layout.sequence.per_image == "codes" else drawn  # early fusion: all
+        per_item = [[] if c else self.spec.process_all(item) for item, c in zip(sample.images, coded)]
+        layouts = [self.draw.tokens() if c else self.layout.image_tokens(inputs) for inputs, c in zip(per_item, coded)]
         encoded = encode(sample, self.tokenizer, layouts, max_length=self.max_length, image_token=self.image_token,
                          end_token=self.end_token, add_generation_prompt=generation_prompt, targets=drawn)
-        pictures = [self.draw.pixels(item, **self._loading()) for item, d in zip(sample.images, drawn) if d]
+        pictures = [self.draw.pixels(item, **self._loading()) for item, c in zip(sample.images, coded) if c]
         inputs = [inp for inputs in per_item for inp in inputs]
         if sample.null and self.draw is not None and self.draw.null == "padded":  # the pictures shown are padded away
             encoded, inputs = replace(encoded, input_ids=self.draw.padded(encoded.input_ids)), []
