@@ -154,7 +154,7 @@ def latency(model, tokenizer, spec: ImageSpec, source, tasks: list[str], new_tok
     request = Request(next(m["content"] for m in sample.messages if m["role"] == "user"), sample.images)
     prompted = PromptEncoder.of(model, tokenizer, spec).request(request)
     device = next(model.parameters()).device
-    ids = torch.tensor([prompted.encoded.input_ids], device=device)  # (1, T)
+    ids = torch.tensor([model.coded(prompted.encoded.input_ids, prompted.drawn)], device=device)  # (1, T)
     pixels = ImageBatch.collate(prompted.inputs)
     times = []
     for _ in range(repeats + 1):

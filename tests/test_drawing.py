@@ -260,6 +260,10 @@ def test_an_early_fusion_recipe_trains_draws_and_reports_its_picture_positions(t
     assert "0 from the encoder, 18 positions in the decoder sequence" in capsys.readouterr().out
     assert main(["generate", "--checkpoint", str(tmp_path / "run"), "--prompt", "<image>\nWhat color is it?",
                  "--image", str(_world_png(tmp_path))]) in (0, None)
+    assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--tasks", "color", "draw", "--per-task", "3",
+                 "--out", str(tmp_path / "scores.json")]) in (0, None)
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    assert "color" in json.dumps(scores) and "geneval" in json.dumps(scores)
 
 
 def _world_png(tmp_path):

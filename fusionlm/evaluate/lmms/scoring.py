@@ -17,7 +17,7 @@ def encode_prompt(model, tokenizer, spec: ImageSpec, request: Request) -> tuple[
     """The prompt's token ids (image layouts expanded, generation prompt added) and its encoder
     inputs: exactly what ``generate`` feeds the model for ``request``."""
     prompted = PromptEncoder.of(model, tokenizer, spec).request(request)
-    return prompted.encoded.input_ids, prompted.inputs
+    return model.coded(prompted.encoded.input_ids, prompted.drawn), prompted.inputs  # early fusion: its codes
 
 
 def continuation_score(logits: torch.Tensor, targets: torch.Tensor,
