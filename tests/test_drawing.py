@@ -460,10 +460,18 @@ def test_info_reports_what_a_picture_costs():
 # ----------------------------------------------------------------------------- the shipped recipe
 
 JANUS_STEPS = (4, 2, 2, 4, 2)  # pretrain_tokenizer, pretrain_encoder, adaptors, unified, finetune
-TINY_JANUS = TINY_OVERRIDES + [
-    "model.image_tokenizer.image_size=16", "model.image_tokenizer.codebook_size=32", "model.image_tokenizer.code_dim=8",
-    "model.image_tokenizer.channels=8", "train.checkpoint_every=2", "data.loader_workers=0",
-] + [f"stages.{i}.steps={n}" for i, n in enumerate(JANUS_STEPS)] + [f"stages.{i}.batch_size=4" for i in range(5)]
+CHAMELEON_STEPS = (3, 3, 2)  # pretrain_tokenizer, pretrain, finetune (early fusion: no tower stage)
+
+
+def tiny_overrides(steps: tuple[int, ...]) -> list[str]:
+    return TINY_OVERRIDES + [
+        "model.image_tokenizer.image_size=16", "model.image_tokenizer.codebook_size=32",
+        "model.image_tokenizer.code_dim=8", "model.image_tokenizer.channels=8", "train.checkpoint_every=2",
+        "data.loader_workers=0",
+    ] + [f"stages.{i}.steps={n}" for i, n in enumerate(steps)] + [f"stages.{i}.batch_size=4" for i in range(len(steps))]
+
+
+TINY_JANUS = tiny_overrides(JANUS_STEPS)
 
 
 def test_the_janus_recipe_runs_every_stage_objective():
@@ -472,14 +480,17 @@ def test_the_janus_recipe_runs_every_stage_objective():
     assert config.model.generation.kind == "decoupled" and all(s.condition_dropout for s in config.stages[2:])
 
 
-def test_the_janus_recipe_trains_alike_on_one_and_two_processes(tmp_path):
+@pytest.mark.parametrize("recipe, steps", [("janus", JANUS_STEPS), ("chameleon", CHAMELEON_STEPS)])
+def test_a_drawing_recipe_trains_alike_on_one_and_two_processes(tmp_path, recipe, steps):
+    """janus (a tower, decoupled drawing) and chameleon (early fusion: pictures read as codes, shared)."""
     from test_distributed import run_parallel
 
-    config = load_recipe("janus", TINY_JANUS)
+    config = load_recipe(recipe, tiny_overrides(steps))
+    assert (config.model.fusion.kind == "early") == (recipe == "chameleon")
     train(config, tmp_path / "one", log=lambda *_: None)
     run_parallel(to_dict(config), tmp_path / "two")
     one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
-    assert [r["stage_name"] for r in one] == [r["stage_name"] for r in two] and len(one) == sum(JANUS_STEPS)
+    assert [r["stage_name"] for r in one] == [r["stage_name"] for r in two] and len(one) == sum(steps)
     for a, b in zip(one, two):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-6), (a["step"], a["loss"], b["loss"])
         if a["stage"] == 0:  # the tokenizer stage: the same reconstruction, the same codebook use
@@ -493,19 +504,21 @@ def test_the_janus_recipe_trains_alike_on_one_and_two_processes(tmp_path):
     torch.testing.assert_close(wb[book], wa[book], rtol=1e-4, atol=1e-5)
 
 
-def test_the_janus_recipe_resumes_as_if_never_stopped(tmp_path, monkeypatch):
+@pytest.mark.parametrize("recipe, steps, stops", [("janus", JANUS_STEPS, (3, 11)), ("chameleon", CHAMELEON_STEPS, (2, 5))])
+def test_a_drawing_recipe_resumes_as_if_never_stopped(tmp_path, monkeypatch, recipe, steps, stops):
+    """Stopped inside the tokenizer stage, then inside a drawing stage (its condition dropout)."""
     from helpers_train import interrupt_after
 
-    config = load_recipe("janus", TINY_JANUS)
+    config = load_recipe(recipe, tiny_overrides(steps))
     train(config, tmp_path / "a", log=lambda *_: None)
-    for stop in (3, 11):  # inside the tokenizer stage, then inside the unified stage (its condition dropout)
+    for stop in stops:
         with monkeypatch.context() as m:
             interrupt_after(m, stop)
             with pytest.raises(KeyboardInterrupt):
-                train(config, tmp_path / "b", resume=stop > 3, log=lambda *_: None)
+                train(config, tmp_path / "b", resume=stop > stops[0], log=lambda *_: None)
     train(config, tmp_path / "b", resume=True, log=lambda *_: None)
     a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
-    assert [r["step"] for r in b] == list(range(1, sum(JANUS_STEPS) + 1))
+    assert [r["step"] for r in b] == list(range(1, sum(steps) + 1))
     for ra, rb in zip(a, b):
         assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-6), (ra["step"], ra["loss"], rb["loss"])
         if ra["stage"] == 0:
