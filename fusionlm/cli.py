@@ -246,9 +246,7 @@ def cmd_export(args) -> None:
 
 def cmd_info(args) -> None:
     from .config import load_recipe
-    from .info import report
-
-    from .info import training_summary
+    from .info import report, training_summary
 
     for recipe in args.recipe:
         run = Path(recipe)

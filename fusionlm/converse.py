@@ -26,7 +26,7 @@ from .data.pixels.processing import ImageSpec
 from .device import model_device
 from .draw import Sampling, _rows, pick
 from .errors import ConfigError, SampleError
-from .generate import MAX_NEW_TOKENS, GeneralDecoder, Request, left_pad, next_tokens, stop_ids
+from .generate import MAX_NEW_TOKENS, GeneralDecoder, Request, left_pad, never_written, next_tokens, stop_ids
 from .image_tokenizers import images_of
 from .model import FusionLM
 from .runtime import StaticDecoder, unsupported
@@ -116,28 +116,27 @@ def answer(model: FusionLM, tokenizer, requests: list[AnswerRequest], spec: Imag
     guided = max_pictures > 0 and sampling.cfg != 1.0
     rows, pixels = _rows(model, tokenizer, spec, requests, guided, opened=False)
     written = 0 if layout is None else layout.written + 2  # <begin_of_image>, the codes (+ row ends), <end_of_image>
-    length = max(len(r) for r in rows) + max_new_tokens + max_pictures * written
-    if length > model.config.llm.max_length:
-        raise SampleError(f"a prompt of {max(len(r) for r in rows)} tokens, {max_new_tokens} new tokens and "
-                          f"{max_pictures} picture(s) of {written} positions do not fit the context of "
-                          f"{model.config.llm.max_length}")
+    budget = max_new_tokens + max_pictures * written  # new positions at most
+    longest = max(len(r) for r in rows)
+    if longest + budget > model.config.llm.max_length:
+        raise SampleError(f"a prompt of {longest} tokens, {max_new_tokens} new tokens and {max_pictures} picture(s) "
+                          f"of {written} positions do not fit the context of {model.config.llm.max_length}")
     device = model_device(model)
     ids, mask = (t.to(device) for t in left_pad(rows, tokenizer.pad_token_id))  # (R, T)
     context = model.encode_images(pixels.to(device), ids) if pixels is not None else None
-    steps = _Steps(model, len(ids), ids.shape[1] + max_new_tokens + max_pictures * written, static)
+    steps = _Steps(model, len(ids), longest + budget, static)
     b = len(requests)
     text_generator = torch.Generator(device).manual_seed(seed) if temperature > 0 else None
     code_generators = [torch.Generator(device).manual_seed(r.seed) for r in requests]
     end, pad = set(stop_ids(model)), tokenizer.pad_token_id
-    ids_ = model.ids
-    never = sorted({ids_.image, ids_.newline, ids_.end_image, ids_.code, ids_.row_end} - {-1})
     state = [_Row() for _ in requests]
     text, codes = steps.prefill(ids, mask, context)  # (R, V), (R, K) or None
-    for _ in range(max_new_tokens + max_pictures * written):
-        banned = torch.zeros_like(text[:b], dtype=torch.bool)  # (B, V)
-        banned[:, [i for i in never if i < text.shape[-1]]] = True
-        if layout is not None:
-            banned[[i for i, r in enumerate(state) if r.pictures >= max_pictures], ids_.begin_image] = True
+    never = torch.zeros(text.shape[-1], dtype=torch.bool, device=device)  # (V,) what text never writes
+    never[[i for i in never_written(model, opening=True) if i < text.shape[-1]]] = True
+    for _ in range(budget):
+        banned = never.expand(b, -1).clone()  # (B, V)
+        if layout is not None:  # a row that has drawn its pictures opens no more
+            banned[[i for i, r in enumerate(state) if r.pictures >= max_pictures], model.ids.begin_image] = True
         chosen_text = next_tokens(text[:b].masked_fill(banned, float("-inf")), temperature, top_p, text_generator)
         drawing = [i for i, r in enumerate(state) if r.wants_code(layout)]  # only they use their generators
         chosen_code = {}
@@ -179,11 +178,14 @@ class _Steps:
             self.decoder = GeneralDecoder(model, True, scores="both")
 
     def _heads(self, out):
+        """The static decoder's last (normed) hidden state (R, D) -> both scores, from one LM head
+        pass (a shared vocabulary's code scores are its code columns), as ``FusionLM.forward``."""
         model = self.model
         if isinstance(self.decoder, GeneralDecoder):
             return out
-        text = model.generation.text_logits(model, model.llm.get_output_embeddings()(out))  # (R, V)
-        return text, (model.generation.code_head(model)(out) if model.draws else None)
+        logits = model.llm.get_output_embeddings()(out)  # (R, V)
+        codes = model.generation.code_logits(model, logits, out) if model.draws else None  # (R, K)
+        return model.generation.text_logits(model, logits), codes
 
     def prefill(self, ids, mask, context):
         return self._heads(self.decoder.prefill(ids, mask, context))

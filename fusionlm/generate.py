@@ -145,6 +145,16 @@ def encode_requests(model: FusionLM, tokenizer, requests: list[Request], spec: I
     return ids, mask, ImageBatch.collate(inputs)
 
 
+def never_written(model: FusionLM, *, opening: bool = False) -> list[int]:
+    """The ids a text answer never writes: the image and image-newline tokens (nothing stands behind
+    them) and a drawing model's picture tokens. ``opening``: the answer may open a picture
+    (``converse``), so ``<begin_of_image>`` is left out (a text answer of ``generate`` never opens
+    one: ``draw`` draws)."""
+    ids = model.ids
+    drawing = {ids.end_image, ids.code, ids.row_end} | ({ids.begin_image} if not opening else set())
+    return sorted(({ids.image, ids.newline} | (drawing if model.draws else set())) - {-1})
+
+
 def stop_ids(model: FusionLM) -> list[int]:
     """The ids that end an answer: the model's end of turn, and every end id (an int or a list)
     of its LLM's ``generation_config`` (an instruct model may have several, e.g. Llama 3's
@@ -187,10 +197,7 @@ def generate_ids(model: FusionLM, tokenizer, requests: list[Request], spec: Imag
     else:
         decoder = GeneralDecoder(model, use_cache)
     end = set(stop_ids(model))
-    # a drawing model's image tokens too: a text answer does not open a picture (``draw`` draws one)
-    drawing = {model.ids.begin_image, model.ids.end_image, model.ids.code, model.ids.row_end} - {-1} \
-        if model.draws else set()
-    never = torch.tensor(sorted({model.ids.image, model.ids.newline} | drawing), device=device)
+    never = torch.tensor(never_written(model), device=device)
     done = torch.zeros(len(ids), dtype=torch.bool, device=device)
     out: list[list[int]] = [[] for _ in range(len(ids))]
     logits = decoder.prefill(ids, mask, context)  # (B, V)

@@ -8,6 +8,7 @@ Checkpoints that ship their own Python code (``auto_map``) are refused unless th
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -53,30 +54,28 @@ def load_pretrained(model_cls: Any, source: str, *, dtype: str, allow_custom_cod
         raise ConfigError(f"{key}: cannot load {source!r} ({_first_line(exc)})") from None
 
 
-def load_part_of(model_cls: Any, source: str, *, sub_config: str, prefixes: tuple[str, ...], key: str,
-                 allow_custom_code: bool = False):
+def load_part_of(model_cls: Any, source: str, raw: dict[str, Any], *, sub_config: str, prefixes: tuple[str, ...],
+                 key: str):
     """A part that a whole checkpoint holds (Janus's or Emu3's VQ model inside the full model):
-    built from the checkpoint's ``sub_config``, with the weights under the first of ``prefixes``
-    the checkpoint has. Only the files that hold them are read (or downloaded)."""
+    built from the ``sub_config`` of the checkpoint's config ``raw`` (``check_custom_code``'s),
+    with the weights under the first of ``prefixes`` the checkpoint has. Only the files that hold
+    them are read (or downloaded)."""
     import json
 
     from safetensors import safe_open
     from transformers.utils import cached_file
 
-    raw = check_custom_code(source, allow=allow_custom_code, key=key)
     settings = raw.get(sub_config)
     if not isinstance(settings, dict):
         raise ConfigError(f"{key}: {source!r} has no {sub_config} to build the part from")
     part = model_cls(config_from_arch({"model_type": model_cls.config_class.model_type, **settings}, key=key))
     try:
         index = cached_file(source, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False)
-        names = json.loads(open(index).read())["weight_map"] if index else None
-        files = sorted(set(names.values())) if names else ["model.safetensors"]
+        names = json.loads(Path(index).read_text())["weight_map"] if index else None  # weight -> its shard
         state: dict[str, torch.Tensor] = {}
         for prefix in prefixes:
+            files = sorted({f for k, f in names.items() if k.startswith(prefix)}) if names else ["model.safetensors"]
             for name in files:
-                if names is not None and not any(k.startswith(prefix) and f == name for k, f in names.items()):
-                    continue
                 with safe_open(cached_file(source, name), framework="pt") as f:
                     state.update({k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)})
             if state:

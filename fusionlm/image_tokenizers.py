@@ -217,10 +217,10 @@ class PretrainedTokenizer(ImageTokenizer):
         key = "model.image_tokenizer"
         cls = self.model_class()
         if config.hf:
-            found = check_custom_code(config.hf, allow=config.allow_custom_code, key=f"{key}.hf").get("model_type")
-            if found in self.whole:
-                vq = load_part_of(cls, config.hf, sub_config="vq_config", prefixes=self.whole[found],
-                                  key=f"{key}.hf", allow_custom_code=config.allow_custom_code)
+            raw = check_custom_code(config.hf, allow=config.allow_custom_code, key=f"{key}.hf")
+            if raw.get("model_type") in self.whole:
+                vq = load_part_of(cls, config.hf, raw, sub_config="vq_config", prefixes=self.whole[raw["model_type"]],
+                                  key=f"{key}.hf")
             else:
                 vq = load_pretrained(cls, config.hf, dtype="float32", allow_custom_code=config.allow_custom_code,
                                      key=f"{key}.hf", model_types=self.model_types)
