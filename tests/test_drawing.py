@@ -366,6 +366,13 @@ def test_an_answer_can_hold_text_and_a_picture(loaded):
     assert second[0].text == text
 
 
+def test_answer_refuses_a_negative_picture_count_or_no_text_budget(loaded):
+    model, tokenizer, _ = loaded
+    for bad in ({"max_pictures": -1}, {"max_new_tokens": 0}):
+        with pytest.raises(ConfigError, match="answer: max_pictures must be >= 0 and max_new_tokens >= 1"):
+            answer(model, tokenizer, [AnswerRequest("a red circle")], **bad)
+
+
 def test_a_decoupled_answer_draws_its_picture_with_the_generation_head():
     model, tokenizer, _ = built(drawing_dict("decoupled"))
     sampling = Sampling(cfg=2.0)
@@ -681,3 +688,8 @@ def test_generate_image_out_refuses_a_model_that_only_reads_and_a_bad_count(tmp_
                  "--pictures-out", str(tmp_path / "answer")]) == 2
     assert "--pictures-out: this model does not draw" in capsys.readouterr().err
     assert not (tmp_path / "answer").exists()
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--checkpoint", str(tmp_path / "reader"), "--prompt", "a red circle",
+              "--pictures-out", str(tmp_path / "answer"), "--image-out", str(out)])
+    assert exc.value.code == 2 and "argument --pictures-out: not with --image-out" in capsys.readouterr().err
+    assert not (tmp_path / "answer").exists() and not out.exists()

@@ -256,3 +256,22 @@ def test_a_pretrained_kind_takes_the_vq_model_of_a_whole_checkpoint(kind, tmp_pa
     other = "emu3" if kind == "janus" else "janus"
     with pytest.raises(ConfigError, match=rf"is a '{kind}' checkpoint"):
         build_image_tokenizer(ImageTokenizerConfig(kind=other, hf=str(source)))
+
+
+def test_a_whole_checkpoint_without_the_vq_model_is_refused_by_name(tmp_path, monkeypatch):
+    import json
+
+    from fusionlm.image_tokenizers import JanusTokenizer
+    from hf_tiny import janus_checkpoint
+
+    source = janus_checkpoint(tmp_path / "janus")
+    monkeypatch.setattr(JanusTokenizer, "whole", {"janus": ("model.nothing_here.",)})
+    with pytest.raises(ConfigError, match=r"model\.image_tokenizer\.hf: .* does not hold the weights of its "
+                                          r"vq_config under model\.nothing_here\. \(\d+ missing"):
+        build_image_tokenizer(ImageTokenizerConfig(kind="janus", hf=str(source)))
+    monkeypatch.undo()
+    config = json.loads((source / "config.json").read_text())
+    del config["vq_config"]
+    (source / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=r"model\.image_tokenizer\.hf: .* has no vq_config to build the part from"):
+        build_image_tokenizer(ImageTokenizerConfig(kind="janus", hf=str(source)))
