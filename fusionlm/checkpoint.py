@@ -63,12 +63,12 @@ def needs_newline(model: ModelConfig) -> bool:
 
 # SpecialIds field -> the model.generation key naming its token
 DRAWING_TOKENS = {"begin_image": "begin_token", "end_image": "end_token", "code": "code_token",
-                  "row_end": "row_end_token"}
+                  "row_end": "row_end_token", "header": "header_token", "frame_end": "frame_end_token"}
 
 
 def _drawing(generation: GenerationConfig | None) -> dict[str, str]:
     """{SpecialIds field: token} of the tokens a model that draws writes an image with; none for one
-    that reads (or an unset ``row_end_token``)."""
+    that reads (or an unset ``row_end_token``, ``header_token``, ``frame_end_token``)."""
     if generation is None or not generator_of(generation.kind).draws:
         return {}
     return {f: getattr(generation, k) for f, k in DRAWING_TOKENS.items() if getattr(generation, k)}
@@ -132,7 +132,11 @@ def build_model(config: RecipeConfig, tokenizer, *, pretrained: bool = True) -> 
                                         end_token=config.model.tokenizer.end_token or end_of_turn(tokenizer)))
     ids = special_ids(tokenizer, settled.tokenizer, need_newline=needs_newline(settled), tiling=settled.tiling,
                       generation=settled.generation)
-    return FusionLM(settled, ids, pretrained=pretrained, vocab_size=None if own else len(tokenizer))
+    model = FusionLM(settled, ids, pretrained=pretrained, vocab_size=None if own else len(tokenizer))
+    if model.draws and settled.generation.size_header:  # the grid is settled once the image tokenizer is built
+        rows, cols = model.image_tokenizer.grid
+        model.ids = replace(ids, size_text=tuple(tokenizer(f"{rows}*{cols}", add_special_tokens=False)["input_ids"]))
+    return model
 
 
 def _unique_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -386,7 +386,7 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--out", default="runs/demo", help="the directory for the run and the report")
     _add_set(m, "override a key of the demo recipe")
 
-    i = _command(sub, "import", "convert a transformers LLaVA / Mllama / Fuyu / Janus checkpoint to a fusionlm one",
+    i = _command(sub, "import", "convert a transformers LLaVA / Mllama / Fuyu / Janus / Emu3 checkpoint to a fusionlm one",
                  cmd_import)
     i.add_argument("source", metavar="SOURCE", help="a transformers checkpoint directory or a hub id")
     add_moved(i, "--out", "OUT", "the fusionlm checkpoint directory to write")
@@ -397,7 +397,7 @@ def parser() -> argparse.ArgumentParser:
     x = _command(sub, "export", "write a fusionlm checkpoint in a transformers format, or whole", cmd_export)
     add_moved(x, "--checkpoint", "CHECKPOINT", "a checkpoint or a run directory (its latest checkpoint)")
     add_moved(x, "--out", "OUT", "the directory to write")
-    x.add_argument("--format", required=True, choices=["llava", "mllama", "fuyu", "janus", "fusionlm"],
+    x.add_argument("--format", required=True, choices=["llava", "mllama", "fuyu", "janus", "emu3", "fusionlm"],
                    help="a transformers format, or fusionlm: one whole fusionlm checkpoint (e.g. of a run that "
                         "wrote shards)")
 

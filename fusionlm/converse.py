@@ -60,14 +60,16 @@ class _Row:
 
     def __init__(self):
         self.pieces: list[list[int] | torch.Tensor] = [[]]  # text ids, then each picture's codes (K,), …
-        self.at = -1  # -1: in text; else the next position of the open picture (codes and row ends)
+        self.at = -1  # -1: in text; else the next position of the open picture, an index of ``places``
+        self.places: list[int] = []  # the open picture's ids after <begin_of_image>, <image_code> for each code
         self.codes: list[int] = []
         self.pictures = 0
         self.done = False
 
     def wants_code(self, layout) -> bool:
-        """Whether this row's next position is a code (not text, an end of row or the picture's end)."""
-        return 0 <= self.at < layout.written and self.at % (layout.grid[1] + (layout.row_end >= 0)) < layout.grid[1]
+        """Whether this row's next position is a code (not text, a header, an end of row, the
+        picture's footer or its end)."""
+        return self.at >= 0 and self.places[self.at] == layout.code
 
     def next(self, text: int, code: int | None, layout, offset: int, end: set[int], pad: int) -> int:
         """The token this row writes next (``text``, the text choice; ``code``, the code choice when
@@ -79,20 +81,19 @@ class _Row:
                 self.done = True
                 return pad
             if layout is not None and text == layout.begin:
-                self.at, self.codes = 0, []
+                self.at, self.codes, self.places = 0, [], layout.tokens()[1:]
             else:
                 self.pieces[-1].append(text)
             return text
-        if self.at == layout.written:  # the picture is complete: close it
+        place = self.places[self.at]  # after <begin_of_image>: a code slot or a token written as it is
+        self.at += 1
+        if place == layout.code:
+            self.codes.append(code)
+            return code + offset
+        if place == layout.end:  # the picture is complete: close it
             self.pieces += [torch.tensor(self.codes), []]
             self.at, self.pictures = -1, self.pictures + 1
-            return layout.end
-        wanted = self.wants_code(layout)
-        self.at += 1
-        if not wanted:  # Emu3: the row's end, written
-            return layout.row_end
-        self.codes.append(code)
-        return code + offset
+        return place  # Emu3: a header, a row's end or the footer
 
 
 @torch.no_grad()
@@ -115,7 +116,7 @@ def answer(model: FusionLM, tokenizer, requests: list[AnswerRequest], spec: Imag
     max_pictures = max_pictures if layout is not None else 0
     guided = max_pictures > 0 and sampling.cfg != 1.0
     rows, pixels = _rows(model, tokenizer, spec, requests, guided, opened=False)
-    written = 0 if layout is None else layout.written + 2  # <begin_of_image>, the codes (+ row ends), <end_of_image>
+    written = 0 if layout is None else len(layout.tokens())  # a whole picture: its opening to its end
     budget = max_new_tokens + max_pictures * written  # new positions at most
     longest = max(len(r) for r in rows)
     if longest + budget > model.config.llm.max_length:

@@ -69,21 +69,23 @@ class Sampling:
 
 
 def _rows(model: FusionLM, tokenizer, spec: ImageSpec | None, requests: list, guided: bool, *, opened: bool = True):
-    """The prompts' ids (each ending in ``<begin_of_image>`` where ``opened``), conditional rows then
+    """The prompts' ids (each ending in a picture's opening where ``opened``), conditional rows then
     (guided) null rows, and the pictures they show, in row order."""
     prompts = PromptEncoder.of(model, tokenizer, spec)
     samples = [r.sample() for r in requests]
     rows, inputs = [], []
     style = model.config.generation.null_prompt
+    layout = DrawLayout.of(model)
+    opening = layout.opening if layout is not None and opened else []
     for sample in samples + ([null_prompt(s, style) for s in samples] if guided else []):
         try:
             prompted = prompts.sample(sample, generation_prompt=True)
         except SkipSample as exc:  # over the context: a request is refused, never dropped
             raise SampleError(str(exc)) from None
-        rows.append(model.coded(prompted.encoded.input_ids, prompted.drawn) + ([model.ids.begin_image] if opened else []))
+        rows.append(model.coded(prompted.encoded.input_ids, prompted.drawn) + opening)
         inputs.extend(prompted.inputs)
-    longest, layout = max(len(r) for r in rows), DrawLayout.of(model)
-    written = layout.written if layout is not None and opened else 0
+    longest = max(len(r) for r in rows)
+    written = layout.written if opening else 0
     if longest + written > model.config.llm.max_length:
         raise SampleError(f"a prompt of {longest} tokens and an image of {written} positions do not fit the context "
                           f"of {model.config.llm.max_length}")
@@ -104,7 +106,7 @@ def draw_codes(model: FusionLM, tokenizer, requests: list[DrawRequest], spec: Im
     device = model_device(model)
     ids, mask = (t.to(device) for t in left_pad(rows, tokenizer.pad_token_id))  # (R, T)
     context = model.encode_images(pixels.to(device), ids) if pixels is not None else None
-    grid, n, row_end = layout.grid, layout.codes, layout.row_end
+    n = layout.codes
     length = ids.shape[1] + layout.written
     if static and unsupported(model, length) is None:
         decoder = StaticDecoder(model, len(ids), length, compile=compile)
@@ -115,14 +117,21 @@ def draw_codes(model: FusionLM, tokenizer, requests: list[DrawRequest], spec: Im
     b = len(requests)
     codes = torch.zeros(b, n, dtype=torch.long, device=device)
     scores = decoder.prefill(ids, mask, context)  # (R, K)
-    for i in range(n):
-        guided_scores = scores[b:] + sampling.cfg * (scores[:b] - scores[b:]) if guided else scores  # (B, K)
-        codes[:, i] = pick(guided_scores, sampling, generators)
-        if i + 1 < n:
-            scores = decoder.step((codes[:, i] + model.code_offset).repeat(2 if guided else 1))  # (R,) in
-            if row_end >= 0 and (i + 1) % grid[1] == 0:  # Emu3: the row's end token, written, not sampled
-                scores = decoder.step(torch.full((len(ids),), row_end, device=device))
-    return codes.view(b, *grid)
+    # after the opening: the code slots, with any row ends between them (Emu3), written, not sampled
+    places = layout.tokens()[len(layout.opening):]
+    places = places[: max(j for j, t in enumerate(places) if t == layout.code) + 1]
+    i = 0
+    for j, place in enumerate(places):
+        if place == layout.code:
+            guided_scores = scores[b:] + sampling.cfg * (scores[:b] - scores[b:]) if guided else scores  # (B, K)
+            codes[:, i] = pick(guided_scores, sampling, generators)
+            token = (codes[:, i] + model.code_offset).repeat(2 if guided else 1)  # (R,)
+            i += 1
+        else:
+            token = torch.full((len(ids),), place, device=device)  # (R,)
+        if j + 1 < len(places):
+            scores = decoder.step(token)
+    return codes.view(b, *layout.grid)
 
 
 def pick(scores: torch.Tensor, sampling: Sampling, generators: list[torch.Generator]) -> torch.Tensor:

@@ -151,7 +151,7 @@ def never_written(model: FusionLM, *, opening: bool = False) -> list[int]:
     (``converse``), so ``<begin_of_image>`` is left out (a text answer of ``generate`` never opens
     one: ``draw`` draws)."""
     ids = model.ids
-    drawing = {ids.end_image, ids.code, ids.row_end} | ({ids.begin_image} if not opening else set())
+    drawing = {ids.end_image, ids.code, ids.row_end, ids.header, ids.frame_end} | ({ids.begin_image} if not opening else set())
     return sorted(({ids.image, ids.newline} | (drawing if model.draws else set())) - {-1})
 
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 from torch import nn
 from transformers import (
-    AutoModelForCausalLM, GPT2Config, LlamaConfig, MllamaForCausalLM, PretrainedConfig, PreTrainedModel,
-    Qwen2Config,
+    AutoModelForCausalLM, Emu3ForCausalLM, GPT2Config, LlamaConfig, MllamaForCausalLM, PretrainedConfig,
+    PreTrainedModel, Qwen2Config,
 )
 
 from .config import LLMConfig
@@ -28,7 +28,7 @@ LLMS.register("qwen2")(Qwen2Config)
 LLMS.register("gpt2")(GPT2Config)
 
 # Text models that transformers' auto classes do not map to a causal LM from their own config.
-CAUSAL_LM_FOR = {"mllama_text_model": MllamaForCausalLM}
+CAUSAL_LM_FOR = {"mllama_text_model": MllamaForCausalLM, "emu3_text_model": Emu3ForCausalLM}
 
 
 def _random_config(config: LLMConfig, pad_token_id: int) -> PretrainedConfig:

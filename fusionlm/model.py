@@ -246,7 +246,7 @@ class FusionLM(nn.Module):
         if codes is None:
             return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
                                    ignore_index=-100, reduction=reduction), None
-        is_code = targets >= self.code_offset  # (B, T-1)
+        is_code = (targets >= self.code_offset) & (targets < self.code_offset + codes.shape[-1])  # (B, T-1)
         is_text = ~is_code & (targets != -100)
         text = F.cross_entropy(logits[:, :-1][is_text].float(), targets[is_text], reduction="sum")
         image = F.cross_entropy(codes[:, :-1][is_code].float(), targets[is_code] - self.code_offset, reduction="sum")

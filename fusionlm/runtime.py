@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from .fusion import ImageContext, cross_layer
 from .model import FusionLM
 
-FAMILIES = ("llama", "mistral", "qwen2")
+FAMILIES = ("llama", "mistral", "qwen2", "emu3_text_model")  # Emu3's text model is a Llama (with dropout)
 
 
 def unsupported(model: FusionLM, length: int) -> str | None:

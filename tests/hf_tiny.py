@@ -199,3 +199,44 @@ def janus_checkpoint(path: Path, *, image_size: int = 32, width: int = 64, layer
     JanusProcessor(image_processor=images, tokenizer=tokenizer, chat_template=JANUS_TEMPLATE,
                    num_image_tokens=vision.num_image_tokens).save_pretrained(path)
     return Path(path)
+
+
+EMU3_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}USER: {{ m['content'] }} {% else %}ASSISTANT: "
+    "{{ m['content'] }}<|extra_204|>{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+def emu3_checkpoint(path: Path, *, image_size: int = 32, width: int = 64, layers: int = 2, kv_heads: int = 2,
+                    codebook: int = 64, seed: int = 0) -> Path:
+    """A tiny ``Emu3ForConditionalGeneration``: a VQ model of one code per 8 pixels (4x4 codes at
+    32 px, the size its processor reads), its ``codebook`` visual tokens at the end of the tokenizer
+    and the vocabulary (as Emu3's own are), Emu3's named tokens, and a Llama-shaped text model."""
+    from transformers import (
+        Emu3Config, Emu3ForConditionalGeneration, Emu3ImageProcessor, Emu3Processor, Emu3TextConfig,
+        Emu3VQVAEConfig,
+    )
+
+    specials = ["<|endoftext|>", "<|extra_203|>", "<|extra_204|>", "<image>", "<|image start|>", "<|image end|>",
+                "<|image token|>", "<|extra_200|>", "<|extra_201|>"]
+    tokenizer = tiny_tokenizer(specials, bos_token="<|extra_203|>", eos_token="<|extra_204|>",
+                               pad_token="<|endoftext|>", extra_special_tokens={
+                                   "image_token": "<image>", "boi_token": "<|image start|>",
+                                   "eoi_token": "<|image end|>", "image_wrapper_token": "<|image token|>",
+                                   "eof_token": "<|extra_201|>"})
+    tokenizer.add_tokens([f"<|visual token {i:06d}|>" for i in range(codebook)], special_tokens=True)
+    tokenizer.chat_template = EMU3_TEMPLATE
+    vq = Emu3VQVAEConfig(codebook_size=codebook, embed_dim=8, latent_channels=8, base_channels=32,
+                         channel_multiplier=[1, 1, 1, 1], num_res_blocks=1, attn_resolutions=[], hidden_size=32,
+                         temporal_downsample_factor=2)
+    text = Emu3TextConfig(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width,
+                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=kv_heads,
+                          max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id,
+                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = Emu3Config(vq_config=vq, text_config=text, vocabulary_map=tokenizer.get_vocab())
+    torch.manual_seed(seed)
+    Emu3ForConditionalGeneration(config).eval().save_pretrained(path)
+    images = Emu3ImageProcessor(min_pixels=image_size ** 2, max_pixels=image_size ** 2, image_mean=[0.5] * 3,
+                                   image_std=[0.5] * 3)
+    Emu3Processor(image_processor=images, tokenizer=tokenizer, chat_template=EMU3_TEMPLATE).save_pretrained(path)
+    return Path(path)

@@ -81,6 +81,10 @@ class GenerationConfig:
     end_token: str = "<end_of_image>"  # closes it
     code_token: str = "<image_code>"  # a drawn image's positions before its codes are known (added too)
     row_end_token: str | None = None  # Emu3: this token ends each row of codes (added too); None: no row ends
+    # Emu3 writes more around the codes: <|image start|> 4*4 <|image token|> codes <|extra_201|> <|image end|>
+    size_header: bool = False  # the grid written as text, "{rows}*{cols}", after the begin token
+    header_token: str | None = None  # a token before the first code (after the size; added too)
+    frame_end_token: str | None = None  # a token after the last row, before the end token (added too)
     head_hidden: int | None = None  # decoupled: the aligner's and the generation head's width; default: the LLM's
     # how the model draws unless told otherwise (``fusionlm generate --image-out``, GenEval in ``eval``)
     cfg: float = 3.0  # classifier-free guidance scale (1: none)

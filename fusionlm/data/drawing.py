@@ -6,7 +6,10 @@ text-to-image answer, or an image in the middle of an any-to-any reply); one in 
 read. A drawn picture becomes ``<begin_of_image>``, one ``<image_code>`` per code of the image
 tokenizer's grid (each row closed by an end-of-row token where ``model.generation.row_end_token``
 is set, as in Emu3), ``<end_of_image>``, all of it trained; the model puts the picture's codes in
-place of the ``<image_code>`` positions (``FusionLM.with_codes``).
+place of the ``<image_code>`` positions (``FusionLM.with_codes``). Emu3 writes more around the
+codes: a header (the grid as text, ``4*4``, and ``<|image token|>``) after the begin token and an
+end of frame before the end token (``model.generation.size_header`` / ``header_token`` /
+``frame_end_token``); a sampler writes those, as it writes the row ends, and chooses the codes.
 """
 
 from __future__ import annotations
@@ -67,25 +70,34 @@ class DrawLayout:
     null: str = "text_removed"  # model.generation.null_prompt
     keep: tuple[int, ...] = ()  # padded null prompts: the ids left as they are (BOS, <begin_of_image>)
     pad: int = 0
+    header: tuple[int, ...] = ()  # Emu3: the ids between the begin token and the first code
+    footer: tuple[int, ...] = ()  # Emu3: the ids between the last row and the end token
 
     @property
     def codes(self) -> int:
         return self.grid[0] * self.grid[1]
 
     @property
+    def opening(self) -> list[int]:
+        """What opens a picture, before its first code: ``<begin_of_image>`` and any header."""
+        return [self.begin, *self.header]
+
+    @property
     def written(self) -> int:
-        """Positions a sampler writes after ``<begin_of_image>``: the codes and any row ends."""
-        return len(self.tokens()) - 2
+        """Positions a sampler writes after the opening and before ``<end_of_image>``: the codes,
+        any row ends and any footer."""
+        return len(self.tokens()) - len(self.opening) - 1
 
     def tokens(self) -> list[int]:
+        """One picture's ids, ``<image_code>`` in place of each code."""
         rows, cols = self.grid
         row = [self.code] * cols + ([self.row_end] if self.row_end >= 0 else [])
-        return [self.begin] + row * rows + [self.end]
+        return [*self.opening, *row * rows, *self.footer, self.end]
 
     def padded(self, ids: list[int]) -> list[int]:
-        """A ``padded`` null prompt's ids (Janus): every token before the first drawn code that is
-        not BOS or ``<begin_of_image>`` becomes the padding token; the rest stays."""
-        end = ids.index(self.code) if self.code in ids else len(ids)
+        """A ``padded`` null prompt's ids (Janus): every token before the first drawn picture's
+        opening that is not BOS or ``<begin_of_image>`` becomes the padding token; the rest stays."""
+        end = ids.index(self.code) - len(self.header) if self.code in ids else len(ids)
         return [t if t in self.keep else self.pad for t in ids[:end]] + ids[end:]
 
     def pixels(self, source, *, root=None, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
@@ -103,5 +115,7 @@ class DrawLayout:
         tok = model.image_tokenizer
         ids = model.ids
         keep = tuple(i for i in (ids.bos, ids.begin_image) if i >= 0)
+        header = (*ids.size_text, *[ids.header] * (ids.header >= 0))
+        footer = (ids.frame_end,) if ids.frame_end >= 0 else ()
         return cls(ids.begin_image, ids.end_image, ids.code, tok.grid, tok.config.image_size, ids.row_end,
-                   model.config.generation.null_prompt, keep, ids.pad)
+                   model.config.generation.null_prompt, keep, ids.pad, header, footer)

@@ -76,6 +76,9 @@ class SpecialIds:
     end_image: int = -1
     code: int = -1
     row_end: int = -1  # ends each row of a drawn image's codes (Emu3); -1: none
+    header: int = -1  # before the first code (Emu3's <|image token|>); -1: none
+    frame_end: int = -1  # after the last row (Emu3's <|extra_201|>); -1: none
+    size_text: tuple[int, ...] = ()  # the grid as text after the begin token (Emu3's "4*4"); (): none
     # around each image a prompt shows (model.tokenizer.image_begin / image_end); -1: none
     image_begin: int = -1
     image_end: int = -1
