@@ -1,9 +1,10 @@
 """Answers in text and pictures (any-to-any output): a model that draws may open a picture in the
 middle of a text answer, draw it, and go on writing.
 
-Each row decodes text until it writes ``<begin_of_image>``; the next ``written`` positions are then
-a picture's codes, chosen from code scores only (with any end-of-row tokens written, not sampled),
-then ``<end_of_image>`` is written and the row is back in text. Text is chosen from text logits,
+Each row decodes text until it writes ``<begin_of_image>``; the rest of the picture follows as
+training writes it (``DrawLayout.tokens``): its codes, chosen from code scores only, and any tokens
+around them (Emu3's header, row ends and end of frame) written, not sampled, then
+``<end_of_image>``, and the row is back in text. Text is chosen from text logits,
 which cannot write a code (``generators``). Rows of one batch may be in different modes at the
 same step.
 

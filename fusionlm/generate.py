@@ -152,6 +152,8 @@ def never_written(model: FusionLM, *, opening: bool = False) -> list[int]:
     one: ``draw`` draws)."""
     ids = model.ids
     drawing = {ids.end_image, ids.code, ids.row_end, ids.header, ids.frame_end} | ({ids.begin_image} if not opening else set())
+    if model.draws:  # and the codes themselves (a shared vocabulary's LM head scores them; runtime's decoder does not mask them)
+        drawing |= set(model.code_ids().tolist())
     return sorted(({ids.image, ids.newline} | (drawing if model.draws else set())) - {-1})
 
 

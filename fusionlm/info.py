@@ -70,7 +70,7 @@ class Report:
         if self.drawing:
             d = self.drawing
             lines += ["", f"drawing: {d['codes']:.0f} codes per picture ({d['positions']:.0f} decoder positions with "
-                      f"its begin, end and any end-of-row tokens); {d['flops'] / 1e6:,.2f} MFLOPs per picture, "
+                      f"its begin and end and any tokens Emu3 writes around its rows); {d['flops'] / 1e6:,.2f} MFLOPs per picture, "
                       f"{d['flops_guided'] / 1e6:,.2f} with classifier-free guidance (a null row beside each prompt), "
                       f"decoding included"]
         return "\n".join(lines)

@@ -555,13 +555,21 @@ def test_a_text_answer_never_opens_a_picture(loaded):
     from fusionlm.generate import Request, generate_ids
 
     model, tokenizer, config = loaded
-    model.llm.get_output_embeddings().weight.data[model.ids.begin_image] += 100.0  # the model wants to draw
+    wanted = [model.ids.begin_image, model.code_offset + 3]  # the model wants to draw, or to write a code
+
+    def keen(module, args, out):
+        out = out.clone()
+        out[..., wanted] += 1e4
+        return out
+
+    handle = model.llm.get_output_embeddings().register_forward_hook(keen)
     try:
         (ids,) = generate_ids(model, tokenizer, [Request("a red circle")], ImageSpec.for_model(model, config),
                               max_new_tokens=4)
     finally:
-        model.llm.get_output_embeddings().weight.data[model.ids.begin_image] -= 100.0
+        handle.remove()
     assert len(ids) == 4 and not {model.ids.begin_image, model.ids.end_image, model.ids.code} & set(ids)
+    assert all(i < model.code_offset for i in ids)
 
 
 def test_the_reconstruction_ceiling_of_an_exact_code_is_one():
@@ -603,22 +611,34 @@ def test_a_llava_json_with_the_picture_in_the_answer_trains_a_drawing_model(tmp_
     assert torch.equal(prompted.drawn[0], prompts.draw.pixels(world.sample("draw", "train", 2).images[0]))
 
 
-def test_emu3_rows_of_codes_end_with_their_token(tmp_path):
+@pytest.mark.parametrize("header", [False, True], ids=["row_ends", "emu3_header"])
+def test_emu3_rows_of_codes_end_with_their_token(tmp_path, header):
+    """Row ends, and with ``header`` Emu3's whole picture: begin, "4*4", a header token, the rows,
+    an end of frame, end. Trained as written; the sampler writes the same sequence."""
     data = drawing_dict("shared")
     data["model"]["generation"]["row_end_token"] = "<end_of_row>"
+    if header:
+        data["model"]["generation"].update(size_header=True, header_token="<image_codes>",
+                                           frame_end_token="<end_of_frame>")
     for s in data["stages"]:
         s["steps"] = 1
     train(validate(from_dict(data)), tmp_path / "run", log=lambda *_: None)
     model, tokenizer, config = load_model(tmp_path / "run")
     end = tokenizer.convert_tokens_to_ids("<end_of_row>")
     assert model.ids.row_end == end
+    opening = [model.ids.begin_image]
+    footer = []
+    if header:
+        opening += tokenizer("4*4", add_special_tokens=False)["input_ids"] + [tokenizer.convert_tokens_to_ids("<image_codes>")]
+        footer = [tokenizer.convert_tokens_to_ids("<end_of_frame>")]
     prompted = PromptEncoder.of(model, tokenizer, ImageSpec.for_model(model, config)).sample(
         World(32, 0).sample("draw", "train", 0))
     ids, labels = prompted.encoded.input_ids, prompted.encoded.labels
     begin = ids.index(model.ids.begin_image)
     row = [model.ids.code] * 4 + [end]
-    assert ids[begin + 1: begin + 21] == row * 4 and ids[begin + 21] == model.ids.end_image
-    assert labels[begin: begin + 22] == ids[begin: begin + 22]  # the row ends are learned too
+    picture = opening + row * 4 + footer + [model.ids.end_image]
+    assert ids[begin: begin + len(picture)] == picture
+    assert labels[begin: begin + len(picture)] == picture  # the row ends (and header, footer) are learned too
     requests = [DrawRequest("a red circle", seed=1), DrawRequest("three squares", seed=2)]
     guided = Sampling(cfg=2.0)
     together = draw_codes(model, tokenizer, requests, sampling=guided)
@@ -628,10 +648,17 @@ def test_emu3_rows_of_codes_end_with_their_token(tmp_path):
     # the sampler writes the same sequence training reads: scores after the row ends match a forward pass
     (codes,) = draw_codes(model, tokenizer, requests[:1], sampling=Sampling(temperature=0.0))
     rows, _ = _rows(model, tokenizer, None, requests[:1], guided=False)
+    assert rows[0][-len(opening):] == opening
     seq = rows[0] + [t for r in codes.tolist() for t in [c + model.code_offset for c in r] + [end]][:-1]
     out = model(torch.tensor([seq]))
     starts = [len(rows[0]) - 1 + k * 5 + j for k in range(4) for j in range(4)]  # positions that predict a code
     assert out.code_logits[0, starts].argmax(-1).tolist() == codes.flatten().tolist()
+    # an answer that opens a picture writes the rest of it as training does, and draws draw()'s codes
+    asked = [AnswerRequest("a red circle", seed=1)]
+    with Opening(model, [0]):
+        (drawn,) = answer(model, tokenizer, asked, sampling=Sampling(cfg=1.0, temperature=0.0), max_new_tokens=2)
+    (reference,) = draw(model, tokenizer, [DrawRequest("a red circle", seed=1)], sampling=Sampling(cfg=1.0, temperature=0.0))
+    assert len(drawn.pictures) == 1 and drawn.pictures[0].tobytes() == reference.tobytes()
 
 
 def test_info_of_a_run_reports_what_its_stages_ended_at(run, capsys):

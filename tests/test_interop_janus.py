@@ -138,15 +138,17 @@ def test_a_model_that_does_not_fit_janus_is_refused_with_every_reason(pair, tmp_
     assert model.config.generation.kind == "decoupled"
 
 
-def test_a_reading_model_is_refused_as_janus(make_model, tokenizer, tiny_config, tmp_path):
+@pytest.mark.parametrize("fmt, reasons", [
+    ("janus", ["Janus reads with its own 'janus' tower", "Janus draws in a 'janus' VQ model", "Janus's is 'decoupled'"]),
+    ("emu3", ["Emu3 reads pictures as codes: 'early'", "Emu3 draws in an 'emu3' VQ model", "Emu3's is 'shared'"]),
+])
+def test_a_reading_model_is_refused_by_the_drawing_formats(make_model, tokenizer, tiny_config, tmp_path, fmt, reasons):
     from fusionlm.checkpoint import save_model
 
     path = save_model(make_model("unified"), tokenizer, tiny_config("unified"), tmp_path / "ck")
     with pytest.raises(ExportError) as err:
-        export_checkpoint(path, tmp_path / "out", "janus", log=quiet)
-    text = str(err.value)
-    assert "Janus reads with its own 'janus' tower" in text
-    assert "Janus draws in a 'janus' VQ model" in text and "Janus's is 'decoupled'" in text
+        export_checkpoint(path, tmp_path / "out", fmt, log=quiet)
+    assert all(r in str(err.value) for r in reasons), str(err.value)
     assert not (tmp_path / "out").exists()
 
 
