@@ -244,6 +244,22 @@ def cmd_export(args) -> None:
     export_checkpoint(args.checkpoint, args.out, args.format)
 
 
+def cmd_serve(args) -> None:
+    from .serve.app import ServeSettings, api_key_from_env, serve
+    from .serve.media import MediaPolicy
+
+    local = args.allowed_local_media_path
+    if local is not None and not Path(local).is_dir():
+        raise ConfigError(f"--allowed-local-media-path: {local} is not a directory")
+    media = MediaPolicy(allowed_domains=tuple(args.allowed_media_domains), allow_private=args.allow_private_media,
+                        allowed_local_path=local, max_bytes=args.max_media_bytes)
+    settings = ServeSettings(checkpoint=args.checkpoint, model_name=args.model_name, device=args.device,
+                             slots=args.slots, max_queue=args.max_queue, max_images=args.max_images_per_request,
+                             api_key=args.api_key or api_key_from_env(), cors_origins=tuple(args.cors_origin),
+                             media=media)
+    serve(settings, args.host, args.port)
+
+
 def cmd_info(args) -> None:
     from .config import load_recipe
     from .info import report, training_summary
@@ -400,6 +416,26 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("--format", required=True, choices=["llava", "mllama", "fuyu", "janus", "emu3", "fusionlm"],
                    help="a transformers format, or fusionlm: one whole fusionlm checkpoint (e.g. of a run that "
                         "wrote shards)")
+
+    v = _command(sub, "serve", "serve a checkpoint over HTTP: OpenAI's chat-completions API, metrics and a chat page",
+                 cmd_serve)
+    v.add_argument("--checkpoint", required=True, help="a run directory (its latest checkpoint) or a checkpoint")
+    v.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: loopback only)")
+    v.add_argument("--port", type=int, default=8000, help="the port to listen on (default: 8000)")
+    _add_device(v)
+    v.add_argument("--model-name", help="the model id /v1/models lists (default: the checkpoint's folder name)")
+    v.add_argument("--slots", type=int, default=8, help="requests decoded at once (continuous batching)")
+    v.add_argument("--max-queue", type=int, default=32, help="requests waiting beyond those; more get 429 at once")
+    v.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (or set FUSIONLM_API_KEY)")
+    v.add_argument("--allowed-media-domains", nargs="*", default=[], metavar="DOMAIN",
+                   help="fetch image URLs from these hosts (and their subdomains) only")
+    v.add_argument("--allow-private-media", action="store_true",
+                   help="let image URLs reach loopback, private and link-local addresses (a lab's own network)")
+    v.add_argument("--allowed-local-media-path", metavar="DIR", help="let file:// image URLs read files under DIR")
+    v.add_argument("--max-media-bytes", type=int, default=20 * 2**20, help="the largest image a request may send")
+    v.add_argument("--max-images-per-request", type=int, default=8, help="more images in one request get 413")
+    v.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="allow browser pages from ORIGIN to call the API (CORS is off unless given)")
 
     n = _command(sub, "info", "parameters, image tokens and FLOPs per part of one or more recipes", cmd_info)
     n.add_argument("recipe", nargs="+", help="recipe YAML paths, shipped recipe names or run directories (a run "

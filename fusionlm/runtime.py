@@ -140,7 +140,8 @@ def layers(dec: StaticDecoder, x: torch.Tensor, position_ids: torch.Tensor, mask
            start: int | torch.Tensor, end: int | None) -> torch.Tensor:
     """Every layer on x (B, T, D) -> the last position's logits (B, V). The new keys/values go to
     cache positions ``start … end-1`` and attention reads ``… end-1``; or (a compiled step) to the
-    positions in the tensor ``start``, attention reading the whole cache under ``mask``."""
+    positions in the tensor ``start``, attention reading the whole cache under ``mask``; or, ``start``
+    (B, 1), one new position per row at a column of its own (``SlotDecoder``), likewise."""
     cos, sin = dec.cos[position_ids][:, None], dec.sin[position_ids][:, None]  # (B, 1, T, hd)
     for i, layer in enumerate(dec.layers):
         x = cross_layer(dec.blocks, i, x, cross)  # (B, T, D)
@@ -150,7 +151,11 @@ def layers(dec: StaticDecoder, x: torch.Tensor, position_ids: torch.Tensor, mask
         k = attn.k_proj(h).view(b, t, -1, dec.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         v = attn.v_proj(h).view(b, t, -1, dec.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         keys, values = dec.keys[i], dec.values[i]  # each (B, Hkv, L, hd)
-        if isinstance(start, torch.Tensor):
+        if isinstance(start, torch.Tensor) and start.dim() == 2:  # (B, 1): a column of its own per row
+            rows = torch.arange(b, device=x.device)
+            keys[rows, :, start[:, 0]] = rotate(k, cos, sin)[:, :, 0]  # (B, Hkv, hd) each
+            values[rows, :, start[:, 0]] = v[:, :, 0]
+        elif isinstance(start, torch.Tensor):
             keys.index_copy_(2, start, rotate(k, cos, sin))
             values.index_copy_(2, start, v)
         else:
@@ -168,3 +173,79 @@ def layers(dec: StaticDecoder, x: torch.Tensor, position_ids: torch.Tensor, mask
 def compiled_layers():
     """``layers`` through torch.compile, made once per process (its graphs are cached by shape)."""
     return torch.compile(layers, dynamic=False)
+
+
+class SlotDecoder(StaticDecoder):
+    """Continuous batching over a preallocated KV cache: ``slots`` rows of ``length`` positions,
+    each row a request of its own that starts at column 0 and advances one column a step.
+
+    A request joins between steps (``admit``: its prompt prefilled into the next free row) and
+    leaves when it is done (``release``: the last active row moves into its place), so the active
+    requests are always rows ``0 … active-1`` and a step runs on those alone. Every step attends
+    over the whole cache under each row's own mask, so a request's numbers do not depend on the
+    lengths of the others beside it. For designs whose pictures reach the decoder through the
+    prompt's positions only (not through cross-attention).
+    """
+
+    def __init__(self, model: FusionLM, slots: int, length: int):
+        super().__init__(model, slots, length)
+        self.active = 0
+        self.columns = torch.zeros(slots, 1, dtype=torch.long, device=self.valid.device)  # (S, 1) next column
+
+    @property
+    def free(self) -> int:
+        return self.valid.shape[0] - self.active
+
+    def admit(self, input_ids: torch.Tensor, context: ImageContext | None) -> torch.Tensor:
+        """One prompt (T,) into the next free row -> its next-token logits (V,). Returns in the row
+        ``active - 1``."""
+        if not self.free:
+            raise RuntimeError("no free slot")
+        row, t = self.active, input_ids.shape[0]
+        view = _Rows(self, row, row + 1)
+        x, _ = self.model.embed(input_ids[None], context, 0)  # (1, T, D)
+        self.valid[row] = False
+        self.valid[row, :t] = True
+        positions = torch.arange(t, device=x.device)[None]  # (1, T)
+        logits = layers(view, x, positions, None, t > 1, None, 0, t)  # (1, V)
+        self.columns[row] = t
+        self.active += 1
+        return logits[0]
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """One new token per active row (A,) -> next-token logits (A, V)."""
+        a = self.active
+        view = _Rows(self, 0, a)
+        x, _ = self.model.embed(tokens[:, None], None, 0)  # (A, 1, D)
+        columns = self.columns[:a]  # (A, 1)
+        self.valid[torch.arange(a, device=x.device), columns[:, 0]] = True
+        mask = self.valid[:a, None, None, :]  # (A, 1, 1, L): each row's own keys
+        logits = layers(view, x, columns, mask, False, None, columns, self.valid.shape[1])  # (A, V)
+        self.columns[:a] += 1
+        return logits
+
+    def release(self, row: int) -> int | None:
+        """Frees ``row``; the last active row moves into it. Returns the row that moved (None: none)."""
+        last = self.active - 1
+        if row != last:
+            for cache in (*self.keys, *self.values):
+                cache[row] = cache[last]
+            self.valid[row], self.columns[row] = self.valid[last], self.columns[last]
+        self.valid[last] = False
+        self.active = last
+        return last if row != last else None
+
+    def room(self, row: int) -> int:
+        """Positions left in ``row``."""
+        return self.valid.shape[1] - int(self.columns[row])
+
+
+class _Rows:
+    """Rows ``start … end-1`` of a decoder's cache, as ``layers`` reads a decoder (views: writes
+    go to the decoder's own cache)."""
+
+    def __init__(self, dec: StaticDecoder, start: int, end: int):
+        self.keys = [k[start:end] for k in dec.keys]
+        self.values = [v[start:end] for v in dec.values]
+        self.layers, self.norm, self.head, self.blocks = dec.layers, dec.norm, dec.head, dec.blocks
+        self.cos, self.sin, self.head_dim, self.scale, self.gqa = dec.cos, dec.sin, dec.head_dim, dec.scale, dec.gqa

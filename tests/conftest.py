@@ -70,11 +70,16 @@ def spec_for(model: FusionLM) -> ImageSpec:
 
 @pytest.fixture
 def make_model(tokenizer) -> Callable[..., FusionLM]:
-    """``make_model(fusion, seed=0)``: a fresh random tiny model in eval mode (no dropout anyway)."""
+    """``make_model(fusion, seed=0, init_std=None)``: a fresh random tiny model in eval mode (no dropout
+    anyway). ``init_std`` 0.2 gives answers that differ from prompt to prompt (at the default 0.02
+    a random model writes newlines whatever it is asked)."""
 
-    def make(fusion: str, seed: int = 0) -> FusionLM:
+    def make(fusion: str, seed: int = 0, init_std: float | None = None) -> FusionLM:
         torch.manual_seed(seed)
-        model = build_model(tiny_config(fusion), tokenizer)
+        config = tiny_config(fusion)
+        if init_std is not None:
+            config.model.llm.init_std = init_std
+        model = build_model(config, tokenizer)
         return model.eval()
 
     return make

@@ -31,6 +31,7 @@ class Prompted:
     # each (3, S, S): the pictures written as codes, in order: those the sample draws, and with the
     # early fusion those it shows too
     drawn: list[torch.Tensor] = field(default_factory=list)
+    image_positions: int = 0  # positions its pictures take in the sequence (their layouts, markers included)
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ class PromptEncoder:
         inputs = [inp for inputs in per_item for inp in inputs]
         if sample.null and self.draw is not None and self.draw.null == "padded":  # the pictures shown are padded away
             encoded, inputs = replace(encoded, input_ids=self.draw.padded(encoded.input_ids)), []
-        return Prompted(encoded, inputs, pictures)
+        return Prompted(encoded, inputs, pictures, sum(map(len, layouts)))
 
     def _loading(self) -> dict:
         return {} if self.spec is None else {"root": self.spec.root, "max_pixels": self.spec.max_pixels}
