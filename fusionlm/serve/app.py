@@ -33,6 +33,7 @@ from ..errors import FusionError
 from ..generate import MAX_NEW_TOKENS
 from .engine import Ask, Delta, Done, Engine, Failed
 from .media import MediaError, MediaPolicy, fetch
+from .pictures import answering, check_modalities, drawing, parse_images
 from .protocol import ApiError, ChatRequest, chunk, completion, parse_chat, usage
 
 log = logging.getLogger("fusionlm.serve")
@@ -180,13 +181,21 @@ def create_app(settings: ServeSettings, *, load_now: bool = False) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         _check_key(request, settings)
-        if state.engine is None:
-            raise ApiError(503, "the model is still loading" if not state.failed else "the model could not be loaded",
-                           retry_after=5)
-        if state.in_hand >= state.capacity:
-            raise ApiError(429, f"busy: {state.in_hand} requests in hand, the limit is {state.capacity}",
-                           retry_after=1)
+        _admit(state)
         return await _answer(request, state)
+
+    @app.post("/v1/images/generations")
+    async def images(request: Request):
+        _check_key(request, settings)
+        model = _admit(state)
+        if not model.draws:
+            raise ApiError(400, "this model does not draw (model.generation.kind: none)", param="model")
+        asked = parse_images(await _read_body(request, settings), model)
+        state.preparing += 1
+        try:
+            return await _on_engine(state, drawing(model, state.engine.tokenizer, state.prompts.spec, asked))
+        finally:
+            state.preparing -= 1
 
     @app.get("/")
     async def page():
@@ -200,6 +209,28 @@ def create_app(settings: ServeSettings, *, load_now: bool = False) -> FastAPI:
         return FileResponse(path)
 
     return app
+
+
+def _admit(state: State):
+    """The model, if the server can take one more request now (else 503 while loading, 429 when full)."""
+    if state.engine is None:
+        raise ApiError(503, "the model is still loading" if not state.failed else "the model could not be loaded",
+                       retry_after=5)
+    if state.in_hand >= state.capacity:
+        raise ApiError(429, f"busy: {state.in_hand} requests in hand, the limit is {state.capacity}", retry_after=1)
+    return state.engine.model
+
+
+async def _on_engine(state: State, fn):
+    """``fn()``'s result, run on the engine's thread between its steps (``Engine.call``)."""
+    loop = asyncio.get_running_loop()
+    settled = loop.create_future()
+    state.engine.call(fn, lambda result: loop.call_soon_threadsafe(
+        lambda: settled.done() or settled.set_result(result)))
+    result = await settled
+    if isinstance(result, Failed):
+        raise ApiError(500 if result.internal else 400, result.message)
+    return result
 
 
 def _error(exc: ApiError) -> JSONResponse:
@@ -289,6 +320,8 @@ async def _answer(request: Request, state: State):
             work.cancel()
             return Response(status_code=499)
         asks = work.result()
+        if isinstance(asks, tuple):  # an answer in text and pictures: drawn on the engine's thread
+            return await _with_pictures(chat, state, rid, *asks)
     finally:
         watcher.cancel()
         state.preparing -= 1
@@ -302,7 +335,9 @@ async def _answer(request: Request, state: State):
     return await _whole(request, chat, asks, events, state, rid)
 
 
-async def _prepare(chat: ChatRequest, state: State, rid: str) -> list[Ask]:
+async def _prepare(chat: ChatRequest, state: State, rid: str):
+    """The request's ``Ask``s; or, for an answer in text and pictures, (its sample, its prompt)."""
+    with_pictures = check_modalities(chat.modalities, state.engine.model.draws)
     pictures = await _pictures(chat, state.settings)
     sample = _sample(chat, pictures, rid)
     try:
@@ -311,7 +346,33 @@ async def _prepare(chat: ChatRequest, state: State, rid: str) -> list[Ask]:
         raise ApiError(400, f"messages: {exc.reason if hasattr(exc, 'reason') else exc}", param="messages") from None
     except FusionError as exc:
         raise ApiError(400, f"messages: {str(exc).replace(f'sample {rid}: ', '')}", param="messages") from None
+    if with_pictures:
+        return sample, prompted
     return _asks(chat, prompted, state, rid)
+
+
+async def _with_pictures(chat: ChatRequest, state: State, rid: str, sample, prompted):
+    """One answer in text and pictures (``converse.answer``), whole or as one streamed piece."""
+    if chat.n != 1:
+        raise ApiError(400, "n: an answer with pictures is written once (n: 1)", param="n")
+    engine = state.engine
+    fn = answering(engine.model, engine.tokenizer, state.prompts.spec, sample, max_tokens=chat.max_tokens or MAX_NEW_TOKENS,
+                   temperature=chat.temperature, top_p=chat.top_p, seed=chat.seed)
+    text, written = await _on_engine(state, fn)
+    use = usage(len(prompted.encoded.input_ids), written, prompted.image_positions)
+    if not chat.stream:
+        return completion(f"chatcmpl-{rid}", state.name, [(text, "stop")], use)
+
+    async def events():
+        created, cid = int(time.time()), f"chatcmpl-{rid}"
+        yield chunk(cid, state.name, created, 0, {"role": "assistant", "content": ""})
+        yield chunk(cid, state.name, created, 0, {"content": text})
+        yield chunk(cid, state.name, created, 0, {}, "stop")
+        if chat.include_usage:
+            yield chunk(cid, state.name, created, None, use=use)
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 async def _disconnected(request: Request) -> None:
@@ -357,7 +418,7 @@ async def _whole(request, chat, asks, events, state: State, rid: str):
         watcher.cancel()
     failed = [d for _, d in results if isinstance(d, Failed)]
     if failed:
-        raise ApiError(500, failed[0].message)
+        raise ApiError(500 if failed[0].internal else 400, failed[0].message)
     _observe(state, [d for _, d in results])
     first = results[0][1]
     use = usage(first.prompt_tokens, sum(d.completion_tokens for _, d in results), first.image_tokens)
@@ -382,7 +443,7 @@ async def _stream(request, chat, asks, events, state: State, rid: str):
             if isinstance(event, Delta):
                 yield chunk(cid, state.name, created, i, {"content": event.text})
             elif isinstance(event, Failed):
-                yield f"data: {json.dumps(ApiError(500, event.message).body())}\n\n"
+                yield f"data: {json.dumps(ApiError(500 if event.internal else 400, event.message).body())}\n\n"
                 finished.append(Done("error", 0, 0, 0, 0.0))
             else:
                 finished.append(event)

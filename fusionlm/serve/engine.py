@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -67,6 +68,7 @@ class Done:
 @dataclass(frozen=True)
 class Failed:
     message: str
+    internal: bool = False  # fusionlm's fault (its traceback is in the log), not the request's
 
 
 Sink = Callable[[object], None]
@@ -140,6 +142,7 @@ class Engine:
         self.end = set(stop_ids(model))
         self.never = torch.tensor(never_written(model), device=self.device, dtype=torch.long)
         self.inbox: collections.deque[tuple[Ask, Sink]] = collections.deque()
+        self.calls: collections.deque[tuple[Callable[[], object], Sink]] = collections.deque()
         self.wake = threading.Condition()
         self.running: list[_Writing] = []  # row i of the decoder: running[i]
         self.stopping = False
@@ -169,6 +172,13 @@ class Engine:
             self.inbox.append((ask, sink))
             self.wake.notify()
 
+    def call(self, fn: Callable[[], object], sink: Sink) -> None:
+        """Runs ``fn()`` on the engine's thread between two steps (drawing, an answer in text and
+        pictures: work that decodes a batch of its own); its result, or a ``Failed``, goes to ``sink``."""
+        with self.wake:
+            self.calls.append((fn, sink))
+            self.wake.notify()
+
     def stop(self, timeout: float | None = None) -> None:
         """Finishes what is admitted and queued, then ends the thread."""
         with self.wake:
@@ -181,10 +191,11 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self.wake:
-                while not self.inbox and not self.running and not self.stopping:
+                while not self.inbox and not self.running and not self.calls and not self.stopping:
                     self.wake.wait()
-                if self.stopping and not self.inbox and not self.running:
+                if self.stopping and not self.inbox and not self.running and not self.calls:
                     return
+            self._run_calls()
             try:
                 if self.decoder is None:
                     self._solo()
@@ -193,6 +204,18 @@ class Engine:
                     self._step()
             except Exception as exc:  # an internal fault: every request in hand fails, the engine goes on
                 self._fail_all(exc)
+
+    def _run_calls(self) -> None:
+        while self.calls:
+            fn, sink = self.calls.popleft()
+            try:
+                with torch.no_grad():
+                    sink(fn())
+            except FusionError as exc:
+                sink(Failed(first_line(exc)))
+            except Exception:
+                logging.getLogger("fusionlm.serve").exception("engine fault in a call")
+                sink(Failed("internal error", internal=True))
 
     def _take(self) -> tuple[Ask, Sink] | None:
         with self.wake:
@@ -293,11 +316,9 @@ class Engine:
                         state.image_tokens, state.first_token_s))
 
     def _fail_all(self, exc: Exception) -> None:
-        import logging
-
         logging.getLogger("fusionlm.serve").exception("engine fault")
         for state in self.running:
-            state.sink(Failed("internal error"))
+            state.sink(Failed("internal error", internal=True))
         self.running.clear()
         if self.decoder is not None:
             self.decoder.active = 0

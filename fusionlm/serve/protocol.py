@@ -53,6 +53,7 @@ class ChatRequest:
     include_usage: bool = False
     model: str | None = None
     pictures: list[Part] = field(default_factory=list)  # the image parts, in order
+    modalities: Any = None  # ["text", "image"]: the answer may hold pictures (a model that draws)
 
 
 def parse_chat(body: bytes, *, max_images: int) -> ChatRequest:
@@ -87,6 +88,7 @@ def parse_chat(body: bytes, *, max_images: int) -> ChatRequest:
         stream=bool(_get(data, "stream", bool, False)),
         include_usage=bool(_get(stream_options, "include_usage", bool, False, prefix="stream_options.")),
         model=_get(data, "model", str, None),
+        modalities=data.get("modalities"),
     )
     if not 1 <= request.n <= MAX_N:
         raise ApiError(400, f"n: must be between 1 and {MAX_N}, got {request.n}", param="n")
