@@ -160,3 +160,16 @@ def no_end():
     yield apply
     for handle in handles:
         handle.remove()
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory, tokenizer):
+    """A saved tiny random unified model whose answers differ from picture to picture (``init_std``
+    0.2; at 0.02 a random model writes newlines): what the serving tests serve."""
+    from fusionlm.checkpoint import save_model
+
+    config = tiny_config("unified")
+    config.model.llm.init_std = 0.2
+    torch.manual_seed(0)
+    model = build_model(config, tokenizer)
+    return save_model(model.eval(), tokenizer, config, tmp_path_factory.mktemp("serve") / "tiny")

@@ -19,7 +19,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from fusionlm.checkpoint import build_model, save_model
 from fusionlm.data.pixels.processing import ImageSpec
 from fusionlm.generate import Request, generate
 from fusionlm.serve.app import ServeSettings, create_app
@@ -68,18 +67,6 @@ def png_url(image) -> str:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, tokenizer):
-    from conftest import tiny_config
-    import torch
-
-    config = tiny_config("unified")
-    config.model.llm.init_std = 0.2  # a random model whose answers differ from picture to picture (at 0.02: all blank)
-    torch.manual_seed(0)
-    model = build_model(config, tokenizer)
-    return save_model(model.eval(), tokenizer, config, tmp_path_factory.mktemp("serve") / "tiny")
 
 
 @pytest.fixture(scope="module")

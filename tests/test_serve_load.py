@@ -27,7 +27,7 @@ from fusionlm.generate import Request, generate
 from fusionlm.serve import media
 from fusionlm.serve.app import ServeSettings
 from fusionlm.serve.media import MediaPolicy
-from test_serve import Server, checkpoint, png_url  # noqa: F401  (checkpoint: the module's fixture)
+from test_serve import Server, png_url
 
 TOTAL, AT_ONCE = 200, 16
 POISONS = ["bad_base64", "refused_address", "too_many_pixels", "stalled_body", "hanging_url"]
@@ -64,7 +64,7 @@ def stalled(port: int) -> tuple[int, str]:
     return status, answer.split("\r\n\r\n", 1)[-1]
 
 
-def test_a_poisoned_load(checkpoint, world, hanging, monkeypatch):  # noqa: F811
+def test_a_poisoned_load(checkpoint, world, hanging, monkeypatch):
     connected = []
     opened = media._open
 
@@ -129,7 +129,7 @@ def test_a_poisoned_load(checkpoint, world, hanging, monkeypatch):  # noqa: F811
         live.stop()
 
 
-def test_an_internal_fault_is_a_500_whose_traceback_stays_in_the_log(checkpoint, caplog):  # noqa: F811
+def test_an_internal_fault_is_a_500_whose_traceback_stays_in_the_log(checkpoint, caplog):
     live = Server(ServeSettings(checkpoint=str(checkpoint)))
     try:
         engine = live.app.state.fusionlm.engine
