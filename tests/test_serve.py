@@ -8,10 +8,8 @@ Every connection here is to 127.0.0.1.
 from __future__ import annotations
 
 import base64
-import io
 import json
 import socket
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -21,52 +19,11 @@ import pytest
 
 from fusionlm.data.pixels.processing import ImageSpec
 from fusionlm.generate import Request, generate
-from fusionlm.serve.app import ServeSettings, create_app
+from fusionlm.serve.app import ServeSettings
 from fusionlm.serve.media import MediaPolicy
+from serve_live import Server, png_url
 
 openai = pytest.importorskip("openai")
-
-
-class Server:
-    """A live server on a free loopback port, on a thread of its own."""
-
-    def __init__(self, settings: ServeSettings):
-        import uvicorn
-
-        self.app = create_app(settings, load_now=True)
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.02)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def client(self, **kw):
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=kw.pop("api_key", "none"), max_retries=0, **kw)
-
-    def post(self, path: str, body: bytes, headers: dict | None = None) -> tuple[int, dict, dict]:
-        req = urllib.request.Request(self.url + path, data=body, method="POST",
-                                     headers={"Content-Type": "application/json", **(headers or {})})
-        try:
-            with urllib.request.urlopen(req, timeout=30) as r:
-                return r.status, dict(r.headers), json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            return e.code, dict(e.headers), json.loads(e.read())
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(30)
-
-
-def png_url(image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from fusionlm.generate import Request, generate
 from fusionlm.serve import media
 from fusionlm.serve.app import ServeSettings
 from fusionlm.serve.media import MediaPolicy
-from test_serve import Server, png_url
+from serve_live import Server, png_url
 
 TOTAL, AT_ONCE = 200, 16
 POISONS = ["bad_base64", "refused_address", "too_many_pixels", "stalled_body", "hanging_url"]

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from fusionlm.draw import DrawRequest, Sampling, draw
-from test_serve import Server, error_of
+from serve_live import Server
+from test_serve import error_of
 
 openai = pytest.importorskip("openai")
 
