@@ -236,3 +236,18 @@ def test_a_full_server_says_429_at_once_before_fetching(checkpoint):
     finally:
         live.stop()
         hang.close()
+
+
+def test_a_stream_in_flight_finishes_when_the_server_shuts_down(checkpoint):
+    live = Server(ServeSettings(checkpoint=str(checkpoint)))
+    body = json.dumps({"messages": [{"role": "user", "content": "Describe it all."}], "max_tokens": 100,
+                       "stream": True}).encode()
+    req = urllib.request.Request(live.url + "/v1/chat/completions", data=body, method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        first = r.readline()
+        live.server.should_exit = True  # as on SIGTERM: stop taking connections, finish those in hand
+        rest = r.read().decode()
+    live.thread.join(30)
+    assert first.startswith(b"data: ") and rest.rstrip().endswith("data: [DONE]")
+    assert not live.thread.is_alive()
