@@ -19,8 +19,11 @@ def machine() -> str:
     return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
-def llava_pair(hidden: int = 256, layers: int = 4, image_size: int = 64, patch: int = 8):
-    """(transformers LLaVA, its processor, fusionlm's import of it, tokenizer, config, checkpoint dir)."""
+def llava_pair(hidden: int = 256, layers: int = 4, image_size: int = 64, patch: int = 8, *,
+               init_std: float | None = None, chat_template: str | None = None):
+    """(transformers LLaVA, its processor, fusionlm's import of it, tokenizer, config, checkpoint dir).
+    ``init_std``: the LLM's random init (transformers' 0.02 by default); ``chat_template``: the
+    processor's and tokenizer's, in place of the tiny test checkpoint's."""
     from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
     from fusionlm.checkpoint import load_model
@@ -37,10 +40,14 @@ def llava_pair(hidden: int = 256, layers: int = 4, image_size: int = 64, patch: 
     config.text_config.num_hidden_layers, config.text_config.num_attention_heads = layers, hidden // 32
     config.text_config.num_key_value_heads = hidden // 64
     config.vision_config.patch_size = patch
+    if init_std is not None:
+        config.text_config.initializer_range = init_std
     torch.manual_seed(0)
     LlavaForConditionalGeneration(config).save_pretrained(src)
     processor = LlavaProcessor.from_pretrained(src, backend="pil")
     processor.patch_size = patch
+    if chat_template is not None:
+        processor.chat_template = processor.tokenizer.chat_template = chat_template
     processor.save_pretrained(src)
     ours = import_checkpoint(str(src), root / "ours", log=lambda *_: None)
     model, tokenizer, cfg = load_model(ours)

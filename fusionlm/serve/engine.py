@@ -226,17 +226,24 @@ class Engine:
                 sink(Done("cancelled", len(ask.ids), 0, 0, 0.0))
         return None
 
-    @torch.no_grad()
-    def _admit(self) -> None:
-        while self.decoder.free:
-            taken = self._take()
-            if taken is None:
-                return
+    def _next(self):
+        """(ask, sink, ids, context, image positions) of the next request to start, its prompt
+        encoded; a request whose prompt fails is answered ``Failed`` and passed over. None: none waits."""
+        while (taken := self._take()) is not None:
             ask, sink = taken
             try:
-                ids, context, images = self._prompt(ask)
-                logits = self.decoder.admit(torch.tensor(ids, device=self.device), context)  # (V,)
+                return (ask, sink, *self._prompt(ask))
             except FusionError as exc:  # this request's own fault: it fails alone
+                sink(Failed(first_line(exc)))
+        return None
+
+    @torch.no_grad()
+    def _admit(self) -> None:
+        while self.decoder.free and (taken := self._next()) is not None:
+            ask, sink, ids, context, images = taken
+            try:
+                logits = self.decoder.admit(torch.tensor(ids, device=self.device), context)  # (V,)
+            except FusionError as exc:
                 sink(Failed(first_line(exc)))
                 continue
             state = _Writing(ask, sink, self.device, len(ids), images)
@@ -365,15 +372,10 @@ class Engine:
     @torch.no_grad()
     def _solo(self) -> None:
         """One request on the general path (cross-attention designs, LLMs the slot decoder cannot run)."""
-        taken = self._take()
+        taken = self._next()
         if taken is None:
             return
-        ask, sink = taken
-        try:
-            ids, context, images = self._prompt(ask)
-        except FusionError as exc:
-            sink(Failed(first_line(exc)))
-            return
+        ask, sink, ids, context, images = taken
         model = self.model
         tensor = torch.tensor([ids], device=self.device)
         length = min(self.length, len(ids) + ask.max_tokens)
