@@ -111,7 +111,7 @@ def test_the_slot_decoder_gives_generates_tokens_while_rows_come_and_go(make_mod
     for i, ask in enumerate(asks):
         engine.submit(ask, got.sink(i))
     while len(got.done) < len(asks):  # the loop by hand: admit, step
-        engine._admit()
+        engine._admit(engine.slots)
         for s in engine.running:
             states[s.ask.id] = s
         engine._step()

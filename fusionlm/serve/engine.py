@@ -200,7 +200,7 @@ class Engine:
                 if self.decoder is None:
                     self._solo()
                 else:
-                    self._admit()
+                    self._admit(1 if self.running else self.slots)  # one prefill between two steps, at most
                     self._step()
             except Exception as exc:  # an internal fault: every request in hand fails, the engine goes on
                 self._fail_all(exc)
@@ -238,8 +238,12 @@ class Engine:
         return None
 
     @torch.no_grad()
-    def _admit(self) -> None:
-        while self.decoder.free and (taken := self._next()) is not None:
+    def _admit(self, most: int) -> None:
+        """Prefills up to ``most`` waiting requests into free rows. While rows are decoding, one per
+        step: a newcomer's prefill holds up the others' next token by one prompt, never by several."""
+        for _ in range(min(most, self.decoder.free)):
+            if (taken := self._next()) is None:
+                return
             ask, sink, ids, context, images = taken
             try:
                 logits = self.decoder.admit(torch.tensor(ids, device=self.device), context)  # (V,)
