@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from fusionlm.data.pixels.processing import ImageSpec
+from fusionlm.data.pixels.processing import ImageBatch, ImageSpec
 from fusionlm.generate import Request, generate
 from fusionlm.serve.app import ServeSettings
 from fusionlm.serve.media import MediaPolicy
@@ -251,3 +251,38 @@ def test_a_stream_in_flight_finishes_when_the_server_shuts_down(checkpoint):
     live.thread.join(30)
     assert first.startswith(b"data: ") and rest.rstrip().endswith("data: [DONE]")
     assert not live.thread.is_alive()
+
+
+def test_logprobs_are_the_models_own_whole_and_streamed(server, checkpoint, world):
+    import math
+
+    import torch
+
+    from fusionlm.checkpoint import load_model
+    from fusionlm.data.prompt import PromptEncoder
+    from fusionlm.generate import never_written
+
+    question, image = ask(world, 2)
+    messages = [{"role": "user", "content": content(question, [image])}]
+    client = server.client()
+    whole = client.chat.completions.create(model="tiny", max_tokens=5, temperature=0, messages=messages,
+                                           logprobs=True, top_logprobs=3)
+    entries = whole.choices[0].logprobs.content
+    assert len(entries) == whole.usage.completion_tokens
+    for e in entries:  # greedy: the token written is the most likely one
+        assert len(e.top_logprobs) == 3 and e.top_logprobs[0].logprob == e.logprob
+        assert [t.logprob for t in e.top_logprobs] == sorted((t.logprob for t in e.top_logprobs), reverse=True)
+        assert sum(math.exp(t.logprob) for t in e.top_logprobs) <= 1 + 1e-6
+    model, tokenizer, config = load_model(checkpoint)
+    prompted = PromptEncoder.of(model, tokenizer, ImageSpec.for_model(model, config)).request(Request(question, [image]))
+    with torch.no_grad():
+        logits = model(torch.tensor([prompted.encoded.input_ids]),
+                       pixel_values=ImageBatch.collate(prompted.inputs)).logits[0, -1]  # (V,)
+    logits[never_written(model)] = float("-inf")
+    assert abs(torch.log_softmax(logits, -1).max().item() - entries[0].logprob) < 1e-4
+    streamed = list(client.chat.completions.create(model="tiny", max_tokens=5, temperature=0, messages=messages,
+                                                   logprobs=True, top_logprobs=3, stream=True))
+    pieces = [e for c in streamed if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in pieces] == [(e.token, e.logprob) for e in entries]
+    status, error = error_of(server, {"messages": messages, "top_logprobs": 3})
+    assert (status, error["param"]) == (400, "top_logprobs")

@@ -91,7 +91,7 @@ def _asks(chat: ChatRequest, prompted, state: "State", rid: str) -> list[Ask]:
     deadline = time.monotonic() + state.settings.request_timeout
     return [Ask(prompted.encoded.input_ids, prompted.inputs, prompted.drawn, max_tokens=budget,
                 temperature=chat.temperature, top_p=chat.top_p,
-                seed=None if chat.seed is None else chat.seed + i, stop=chat.stop, id=f"{rid}/{i}",
+                seed=None if chat.seed is None else chat.seed + i, stop=chat.stop, logprobs=chat.logprobs, id=f"{rid}/{i}",
                 image_tokens=prompted.image_positions,
                 deadline=deadline) for i in range(chat.n)]
 
@@ -150,7 +150,7 @@ async def _with_pictures(chat: ChatRequest, state: "State", rid: str, sample, pr
     text, written = await on_engine(state, fn)
     use = usage(len(prompted.encoded.input_ids), written, prompted.image_positions)
     if not chat.stream:
-        return completion(f"chatcmpl-{rid}", state.name, [(text, "stop")], use)
+        return completion(f"chatcmpl-{rid}", state.name, [(text, "stop", None)], use)
 
     async def events():
         created, cid = int(time.time()), f"chatcmpl-{rid}"
@@ -185,13 +185,14 @@ async def _events(queue: asyncio.Queue, state: "State", last: list[float]):
 
 async def _whole(request, chat, asks, events, state: "State", rid: str):
     async def one(queue):
-        text, done = [], None
+        text, logprobs, done = [], [], None
         async for event in _events(queue, state, [0.0]):
             if isinstance(event, Delta):
                 text.append(event.text)
+                logprobs.extend(event.logprobs)
             else:
                 done = event
-        return "".join(text), done
+        return "".join(text), done, logprobs
 
     gathered = asyncio.ensure_future(asyncio.gather(*(one(q) for q in events)))
     watcher = asyncio.ensure_future(_disconnected(request))
@@ -205,13 +206,15 @@ async def _whole(request, chat, asks, events, state: "State", rid: str):
         results = gathered.result()
     finally:
         watcher.cancel()
-    failed = [d for _, d in results if isinstance(d, Failed)]
+    failed = [d for _, d, _ in results if isinstance(d, Failed)]
     if failed:
         raise ApiError(500 if failed[0].internal else 400, failed[0].message)
-    _observe(state, [d for _, d in results])
+    _observe(state, [d for _, d, _ in results])
     first = results[0][1]
-    use = usage(first.prompt_tokens, sum(d.completion_tokens for _, d in results), first.image_tokens)
-    return completion(f"chatcmpl-{rid}", state.name, [(t, d.finish_reason) for t, d in results], use)
+    use = usage(first.prompt_tokens, sum(d.completion_tokens for _, d, _ in results), first.image_tokens)
+    asked = chat.logprobs is not None
+    return completion(f"chatcmpl-{rid}", state.name,
+                      [(t, d.finish_reason, lp if asked else None) for t, d, lp in results], use)
 
 
 async def _stream(request, chat, asks, events, state: "State", rid: str):
@@ -230,7 +233,8 @@ async def _stream(request, chat, asks, events, state: "State", rid: str):
         while len(finished) < len(asks):
             i, event = await merged.get()
             if isinstance(event, Delta):
-                yield chunk(cid, state.name, created, i, {"content": event.text})
+                logprobs = list(event.logprobs) if chat.logprobs is not None else None
+                yield chunk(cid, state.name, created, i, {"content": event.text}, logprobs=logprobs)
             elif isinstance(event, Failed):
                 yield f"data: {json.dumps(ApiError(500 if event.internal else 400, event.message).body())}\n\n"
                 finished.append(Done("error", 0, 0, 0, 0.0))

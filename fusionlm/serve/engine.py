@@ -45,6 +45,7 @@ class Ask:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    logprobs: int | None = None  # each written token's log-probability and this many alternatives; None: none
     image_tokens: int = 0  # positions the prompt's pictures take (``Prompted.image_positions``), for usage
     id: str = "ask"
     cancelled: bool = False
@@ -54,6 +55,7 @@ class Ask:
 @dataclass(frozen=True)
 class Delta:
     text: str
+    logprobs: tuple[dict, ...] = ()  # OpenAI's entries of the tokens written since the last Delta (if asked)
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,9 @@ class _Writing:
         self.started = time.monotonic()
         self.first_token_s = 0.0
         self.pending = -1  # the token chosen last, fed at the next step
+        self.logprobs: list[dict] = []  # OpenAI's entry of each token written (``Ask.logprobs``)
+        self.sent_logprobs = 0
+        self.last_logprob: dict | None = None  # of the token just chosen
 
 
 class Engine:
@@ -278,9 +283,25 @@ class Engine:
         logits = logits.index_fill(-1, self.never[self.never < logits.shape[-1]], float("-inf"))  # (V,)
         ask = state.ask
         if ask.temperature <= 0:
-            return int(logits.argmax())
-        probs = sampling_probs(logits[None], ask.temperature, ask.top_p)  # (1, V)
-        return int(torch.multinomial(probs, 1, generator=state.generator))
+            token = int(logits.argmax())
+        else:
+            probs = sampling_probs(logits[None], ask.temperature, ask.top_p)  # (1, V)
+            token = int(torch.multinomial(probs, 1, generator=state.generator))
+        if ask.logprobs is not None:
+            state.last_logprob = self._logprob(logits, token, ask.logprobs)
+        return token
+
+    def _logprob(self, logits: torch.Tensor, token: int, top: int) -> dict:
+        """OpenAI's logprobs entry of ``token``: its log-probability under the model's distribution
+        (what text may be written, at temperature 1) and the ``top`` most likely tokens'."""
+        logp = torch.log_softmax(logits.float(), -1)  # (V,)
+
+        def entry(t: int) -> dict:
+            text = self.tokenizer.decode([t])
+            return {"token": text, "logprob": float(logp[t]), "bytes": list(text.encode())}
+
+        best = logp.topk(top).indices.tolist() if top else []
+        return {**entry(token), "top_logprobs": [entry(t) for t in best]}
 
     def _advance(self, state: _Writing, token: int, room: int) -> str | None:
         """Takes ``token`` into the answer and sends what is new; the finish reason once it has ended."""
@@ -293,6 +314,8 @@ class Engine:
             return "stop"
         state.tokens.append(token)
         state.pending = token
+        if state.last_logprob is not None:
+            state.logprobs.append(state.last_logprob)
         text = self.tokenizer.decode(state.tokens, skip_special_tokens=True)
         for stop in ask.stop:
             at = text.find(stop)
@@ -316,12 +339,12 @@ class Engine:
             text = text.rstrip().rstrip("\ufffd")
         else:
             text = text.rstrip()
-        if len(text) > state.sent:
-            state.sink(Delta(text[state.sent:]))
-            state.sent = len(text)
+        if len(text) > state.sent or (final and state.sent_logprobs < len(state.logprobs)):
+            state.sink(Delta(text[state.sent:], tuple(state.logprobs[state.sent_logprobs:])))
+            state.sent, state.sent_logprobs = max(len(text), state.sent), len(state.logprobs)
 
     def _finish(self, state: _Writing, reason: str) -> None:
-        if not reason.startswith("stop:") and reason != "stop":
+        if not reason.startswith("stop:"):  # a stop string sent its text already, cut before it
             self._send(state, self.tokenizer.decode(state.tokens, skip_special_tokens=True), final=True)
         state.sink(Done("stop" if reason.startswith("stop") else reason, state.prompt_tokens, len(state.tokens),
                         state.image_tokens, state.first_token_s))

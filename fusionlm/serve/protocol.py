@@ -12,6 +12,7 @@ from typing import Any
 ROLES = ("system", "user", "assistant")
 MAX_N = 8  # choices per request
 MAX_STOPS = 4  # OpenAI's own limit
+MAX_TOP_LOGPROBS = 20  # and its
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
           408: "timeout_error", 413: "invalid_request_error", 422: "invalid_request_error",
@@ -54,6 +55,7 @@ class ChatRequest:
     model: str | None = None
     pictures: list[Part] = field(default_factory=list)  # the image parts, in order
     modalities: Any = None  # ["text", "image"]: the answer may hold pictures (a model that draws)
+    logprobs: int | None = None  # each token's log-probability and this many alternatives (top_logprobs)
 
 
 def parse_chat(body: bytes, *, max_images: int) -> ChatRequest:
@@ -89,6 +91,7 @@ def parse_chat(body: bytes, *, max_images: int) -> ChatRequest:
         include_usage=bool(_get(stream_options, "include_usage", bool, False, prefix="stream_options.")),
         model=_get(data, "model", str, None),
         modalities=data.get("modalities"),
+        logprobs=_logprobs(data),
     )
     if not 1 <= request.n <= MAX_N:
         raise ApiError(400, f"n: must be between 1 and {MAX_N}, got {request.n}", param="n")
@@ -149,6 +152,17 @@ def _number(data: dict, key: str, default: float, low: float, high: float, *, op
     return float(value)
 
 
+def _logprobs(data: dict) -> int | None:
+    """``top_logprobs`` (0 to 20) when ``logprobs`` is true; None when it is not asked."""
+    asked = _get(data, "logprobs", bool, False)
+    top = data.get("top_logprobs")
+    if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_TOP_LOGPROBS):
+        raise ApiError(400, f"top_logprobs: an integer from 0 to {MAX_TOP_LOGPROBS}", param="top_logprobs")
+    if top is not None and not asked:
+        raise ApiError(400, "top_logprobs: needs logprobs: true", param="top_logprobs")
+    return (top or 0) if asked else None
+
+
 def _tokens(data: dict) -> int | None:
     for key in ("max_completion_tokens", "max_tokens"):
         value = data.get(key)
@@ -177,19 +191,20 @@ def usage(prompt: int, completion: int, images: int) -> dict[str, Any]:
             "prompt_tokens_details": {"image_tokens": images}}
 
 
-def completion(rid: str, model: str, choices: list[tuple[str, str]], use: dict) -> dict[str, Any]:
-    """A whole ``chat.completion``: ``choices`` are (text, finish_reason)."""
+def completion(rid: str, model: str, choices: list[tuple[str, str, list | None]], use: dict) -> dict[str, Any]:
+    """A whole ``chat.completion``: ``choices`` are (text, finish_reason, logprobs entries or None)."""
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
-                         "logprobs": None} for i, (text, reason) in enumerate(choices)],
+                         "logprobs": None if lp is None else {"content": lp}}
+                        for i, (text, reason, lp) in enumerate(choices)],
             "usage": use}
 
 
 def chunk(rid: str, model: str, created: int, index: int | None, delta: dict | None = None,
-          finish_reason: str | None = None, use: dict | None = None) -> str:
+          finish_reason: str | None = None, use: dict | None = None, logprobs: list | None = None) -> str:
     """One server-sent event of a streamed ``chat.completion.chunk`` (no choice: the usage chunk)."""
     choices = [] if index is None else [{"index": index, "delta": delta or {}, "finish_reason": finish_reason,
-                                         "logprobs": None}]
+                                         "logprobs": None if logprobs is None else {"content": logprobs}}]
     body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices}
     if use is not None:
         body["usage"] = use
