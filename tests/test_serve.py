@@ -286,3 +286,37 @@ def test_logprobs_are_the_models_own_whole_and_streamed(server, checkpoint, worl
     assert [(e.token, e.logprob) for e in pieces] == [(e.token, e.logprob) for e in entries]
     status, error = error_of(server, {"messages": messages, "top_logprobs": 3})
     assert (status, error["param"]) == (400, "top_logprobs")
+
+
+def test_a_video_part_is_read_as_generate_reads_the_clip(tmp_path, tokenizer, world):
+    """``video_url`` (vLLM's part): an animated GIF, its frames sampled by the one video loader."""
+    import torch
+    from conftest import tiny_config
+
+    from fusionlm.checkpoint import build_model, load_model, save_model
+    from fusionlm.data.pixels.video import Video
+
+    config = tiny_config("unified")
+    config.model.video.frames, config.model.llm.init_std = 2, 0.2  # a clip: two frames of 16 positions
+    torch.manual_seed(0)
+    path = save_model(build_model(config, tokenizer).eval(), tokenizer, config, tmp_path / "ck")
+    frames = [world.sample("color", "test", i).images[0] for i in range(3)]
+    clip = tmp_path / "clip.gif"
+    frames[0].save(clip, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    url = "data:image/gif;base64," + base64.b64encode(clip.read_bytes()).decode()
+    model, tok, cfg = load_model(path)
+    (expected,) = generate(model, tok, [Request("<video>What happens?", [Video(str(clip))])],
+                           ImageSpec.for_model(model, cfg), max_new_tokens=6)
+    live = Server(ServeSettings(checkpoint=str(path)))
+    try:
+        part = {"type": "video_url", "video_url": {"url": url}}
+        out = live.client().chat.completions.create(
+            model="ck", max_tokens=6, temperature=0,
+            messages=[{"role": "user", "content": [part, {"type": "text", "text": "What happens?"}]}])
+        assert out.choices[0].message.content == expected and expected
+        assert out.usage.prompt_tokens_details.image_tokens == 32
+        still = {"type": "video_url", "video_url": {"url": png_url(frames[0])}}  # one frame: a picture, not a clip
+        status, error = error_of(live, {"messages": [{"role": "user", "content": [still]}]})
+        assert status == 400 and "frame" in error["message"], error
+    finally:
+        live.stop()

@@ -5,17 +5,23 @@ server-sent events; a client that goes away cancels it wherever it is."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+import tempfile
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
+
+from PIL import Image
 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
-from ..data.chat import SkipSample
+from ..data.chat import PLACEHOLDERS
 from ..data.pixels.images import load_image
-from ..data.sample import IMAGE_TOKEN, Sample
-from ..errors import FusionError
+from ..data.pixels.video import Video
+from ..data.sample import IMAGE_TOKEN, VIDEO_TOKEN, Sample
+from ..errors import FusionError, ImageError
 from ..generate import MAX_NEW_TOKENS
 from .engine import Ask, Delta, Done, Failed
 from .media import MediaError, fetch
@@ -24,6 +30,8 @@ from .protocol import ApiError, ChatRequest, chunk, completion, parse_chat, usag
 
 if TYPE_CHECKING:
     from .app import ServeSettings, State
+
+CLIP_FORMATS = {"GIF": "gif", "WEBP": "webp", "PNG": "png"}  # animated files the video loader reads
 
 
 async def on_engine(state: "State", fn):
@@ -56,27 +64,48 @@ async def read_body(request: Request, settings: "ServeSettings") -> bytes:
     return b"".join(chunks)
 
 
-async def _pictures(chat: ChatRequest, settings: "ServeSettings") -> list:
-    """Each image part fetched and decoded by the one image loader, concurrently."""
+async def _pictures(chat: ChatRequest, settings: "ServeSettings", folder: str) -> list:
+    """Each image part fetched and decoded by the one image loader, concurrently; each video part
+    fetched and kept in ``folder`` as the animated file it is, a ``Video`` (its frames are sampled
+    and decoded by the one loader when the prompt is encoded)."""
 
-    async def one(part):
+    async def one(k: int, part):
         data = await fetch(part.url, settings.media, param=part.param)
         try:
+            if part.video:
+                return await asyncio.to_thread(_clip, data, Path(folder) / f"clip-{k}")
             return await asyncio.to_thread(load_image, data, max_pixels=settings.max_pixels)
         except FusionError as exc:
             raise ApiError(400, f"{part.param}: {str(exc).replace('<bytes>: ', '')}", param=part.param) from None
 
     try:
-        return list(await asyncio.gather(*(one(p) for p in chat.pictures)))
+        return list(await asyncio.gather(*(one(k, p) for k, p in enumerate(chat.pictures))))
     except MediaError as exc:
         raise ApiError(exc.status, str(exc), param=exc.param) from None
 
 
+def _clip(data: bytes, stem: Path) -> Video:
+    """The bytes of an animated GIF, WebP or PNG, written to ``stem`` + its suffix, as a ``Video``."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            kind = img.format
+    except (OSError, ValueError):
+        raise ImageError("not an animated GIF, WebP or PNG (video files are not decoded: send their frames "
+                         "as an animated GIF)") from None
+    if kind not in CLIP_FORMATS:
+        raise ImageError(f"a {kind} file is not a clip (an animated GIF, WebP or PNG)")
+    path = stem.with_suffix("." + CLIP_FORMATS[kind])
+    path.write_bytes(data)
+    return Video(str(path))
+
+
 def _sample(chat: ChatRequest, pictures: list, rid: str) -> Sample:
-    """The conversation as a fusionlm sample: each image part becomes an ``<image>`` placeholder."""
+    """The conversation as a fusionlm sample: each image part becomes an ``<image>`` placeholder,
+    each video part a ``<video>`` one."""
     messages = []
     for role, parts in chat.messages:
-        text = "".join(IMAGE_TOKEN if p.url is not None else p.text.replace(IMAGE_TOKEN, "") for p in parts)
+        text = "".join((VIDEO_TOKEN if p.video else IMAGE_TOKEN) if p.url is not None else
+                       PLACEHOLDERS.sub("", p.text) for p in parts)
         messages.append({"role": role, "content": text})
     return Sample(id=rid, task="chat", messages=messages, images=pictures)
 
@@ -127,17 +156,21 @@ async def answer_chat(request: Request, state: "State"):
 async def _prepare(chat: ChatRequest, state: "State", rid: str):
     """The request's ``Ask``s; or, for an answer in text and pictures, (its sample, its prompt)."""
     with_pictures = check_modalities(chat.modalities, state.engine.model.draws)
-    pictures = await _pictures(chat, state.settings)
-    sample = _sample(chat, pictures, rid)
-    try:
-        prompted = await asyncio.to_thread(state.prompts.sample, sample, generation_prompt=True)
-    except SkipSample as exc:
-        raise ApiError(400, f"messages: {exc.reason if hasattr(exc, 'reason') else exc}", param="messages") from None
-    except FusionError as exc:
-        raise ApiError(400, f"messages: {str(exc).replace(f'sample {rid}: ', '')}", param="messages") from None
+    with tempfile.TemporaryDirectory(prefix="fusionlm-clips-") as folder:  # video parts, until encoded
+        pictures = await _pictures(chat, state.settings, folder)
+        sample = _sample(chat, pictures, rid)
+        try:
+            prompted = await asyncio.to_thread(state.prompts.sample, sample, generation_prompt=True)
+        except FusionError as exc:  # too long for the context, a clip that is no clip…
+            raise _prompt_error(exc, rid) from None
     if with_pictures:
         return sample, prompted
     return _asks(chat, prompted, state, rid)
+
+
+def _prompt_error(exc: Exception, rid: str) -> ApiError:
+    """A prompt that cannot be encoded (too long for the context, a clip that is no clip…) as a 400."""
+    return ApiError(400, f"messages: {str(exc).replace(f'sample {rid}: ', '')}", param="messages")
 
 
 async def _with_pictures(chat: ChatRequest, state: "State", rid: str, sample, prompted):

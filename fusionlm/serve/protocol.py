@@ -34,11 +34,12 @@ class ApiError(Exception):
 
 @dataclass
 class Part:
-    """A piece of a message's content: text, or a picture to fetch from ``url``."""
+    """A piece of a message's content: text, or a picture (or, ``video``, a clip) to fetch from ``url``."""
 
     text: str | None = None
     url: str | None = None
     param: str = ""
+    video: bool = False
 
 
 @dataclass
@@ -120,14 +121,14 @@ def _part(p: Any, where: str) -> Part:
     kind = p.get("type") if isinstance(p, dict) else None
     if kind == "text" and isinstance(p.get("text"), str):
         return Part(text=p["text"], param=where)
-    if kind == "image_url":
-        image = p.get("image_url")
+    if kind in ("image_url", "video_url"):  # video_url (vLLM's name): an animated GIF, WebP or PNG
+        image = p.get(kind)
         url = image.get("url") if isinstance(image, dict) else image
         if not isinstance(url, str) or not url:
-            raise ApiError(400, f"{where}.image_url.url: a URL string is required", param=f"{where}.image_url")
-        return Part(url=url, param=f"{where}.image_url")
-    raise ApiError(400, f"{where}: a content part is {{type: text, text}} or {{type: image_url, image_url: {{url}}}}",
-                   param=where)
+            raise ApiError(400, f"{where}.{kind}.url: a URL string is required", param=f"{where}.{kind}")
+        return Part(url=url, param=f"{where}.{kind}", video=kind == "video_url")
+    raise ApiError(400, f"{where}: a content part is {{type: text, text}}, {{type: image_url, image_url: {{url}}}} "
+                        f"or {{type: video_url, video_url: {{url}}}}", param=where)
 
 
 def _get(data: dict, key: str, kind: type, default, *, prefix: str = ""):
