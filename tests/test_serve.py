@@ -320,3 +320,40 @@ def test_a_video_part_is_read_as_generate_reads_the_clip(tmp_path, tokenizer, wo
         assert status == 400 and "frame" in error["message"], error
     finally:
         live.stop()
+
+
+def test_a_client_that_goes_away_frees_its_row_and_its_fetch(checkpoint):
+    """Mid-stream, and while its picture is still being fetched: the request is dropped at once."""
+    hang = socket.socket()
+    hang.bind(("127.0.0.1", 0))
+    hang.listen()
+    media = MediaPolicy(allow_private=True, total_timeout=30)
+    live = Server(ServeSettings(checkpoint=str(checkpoint), slots=2, media=media))
+    state = live.app.state.fusionlm
+    try:
+        def gone(body: dict, wait_for) -> float:
+            raw = json.dumps(body).encode()
+            s = socket.create_connection(("127.0.0.1", live.port), timeout=10)
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: " + str(len(raw)).encode() + b"\r\n\r\n" + raw)
+            deadline = time.monotonic() + 10
+            while not wait_for():
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            s.close()  # the client goes away
+            started = time.monotonic()
+            while state.in_hand:
+                assert time.monotonic() - started < 5, f"not dropped: {state.preparing} preparing, {state.engine.active} decoding"
+                time.sleep(0.02)
+            return time.monotonic() - started
+
+        stream = {"messages": [{"role": "user", "content": "Tell me everything."}], "max_tokens": 100,
+                  "stream": True, "temperature": 1.0}
+        assert gone(stream, lambda: state.engine.active == 1) < 5
+        url = f"http://127.0.0.1:{hang.getsockname()[1]}/never.png"
+        fetching = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]}
+        assert gone(fetching, lambda: state.preparing == 1) < 5  # long before the 30 s fetch timeout
+        assert state.engine.decoder.free == 2
+    finally:
+        live.stop()
+        hang.close()

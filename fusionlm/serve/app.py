@@ -133,19 +133,7 @@ def create_app(settings: ServeSettings, *, load_now: bool = False) -> FastAPI:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
 
-    @app.middleware("http")
-    async def request_ids(request: Request, call_next):
-        rid = request.headers.get("x-request-id") or secrets.token_hex(8)
-        request.state.rid = rid[:64]
-        try:
-            response = await call_next(request)
-        except Exception:  # an unexpected fault: its traceback stays in the log
-            log.exception("request %s: internal error", request.state.rid)
-            response = _error(ApiError(500, "internal error"))
-        response.headers["x-request-id"] = request.state.rid
-        route = request.url.path if request.url.path in ("/v1/chat/completions", "/v1/models") else "other"
-        state.metrics.requests.labels(route, str(response.status_code)).inc()
-        return response
+    app.add_middleware(RequestIds, metrics=state.metrics)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
@@ -202,6 +190,42 @@ def create_app(settings: ServeSettings, *, load_now: bool = False) -> FastAPI:
         return FileResponse(path)
 
     return app
+
+
+class RequestIds:
+    """Each request's id (the client's ``x-request-id``, or a new one) in ``request.state.rid`` and
+    in the response; each response counted by route and status; an unexpected fault answered 500
+    in OpenAI's envelope, its traceback in the log only. A plain ASGI middleware, so that a
+    route sees the client's disconnect as it happens."""
+
+    ROUTES = ("/v1/chat/completions", "/v1/images/generations", "/v1/models")
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        rid = (given or secrets.token_hex(8))[:64]
+        scope.setdefault("state", {})["rid"] = rid
+        status = []
+
+        async def with_id(message):
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, with_id)
+        except Exception:
+            log.exception("request %s: internal error", rid)
+            if not status:
+                await _error(ApiError(500, "internal error"))(scope, receive, with_id)
+        finally:
+            route = scope["path"] if scope["path"] in self.ROUTES else "other"
+            self.metrics.requests.labels(route, str(status[0] if status else 499)).inc()
 
 
 def _admit(state: State):

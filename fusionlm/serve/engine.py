@@ -273,11 +273,11 @@ class Engine:
         state = self.running[row]
         token = self._pick(state, logits)
         reason = self._advance(state, token, self.decoder.room(row))
-        if reason is not None:
-            self._finish(state, reason)
+        if reason is not None:  # its row is free before its Done is sent
             self.running[row] = self.running[-1]
             self.running.pop()
             self.decoder.release(row)
+            self._finish(state, reason)
 
     def _pick(self, state: _Writing, logits: torch.Tensor) -> int:
         logits = logits.index_fill(-1, self.never[self.never < logits.shape[-1]], float("-inf"))  # (V,)
