@@ -25,9 +25,15 @@ from .fusion import (
 from .llm import build_llm, decoder_layers, dims, is_mllama_text
 
 
+# Causal LMs whose logits are their LM head on the decoder's last hidden state, nothing more: with
+# labels, fusionlm runs the head on the target positions alone (``FusionLM.forward``). Others (a
+# soft-capped or scaled head, say) go through their own forward.
+HEAD_ONLY = ("llama", "mistral", "qwen2", "gpt2", "mllama_text_model", "emu3_text_model")
+
+
 @dataclass
 class Output:
-    logits: torch.Tensor  # (B, T, V) text logits (a shared head's code columns at -inf)
+    logits: torch.Tensor | None  # (B, T, V) text logits (a shared head's code columns at -inf); None: not asked
     loss: torch.Tensor | None = None
     past_key_values: object | None = None
     code_logits: torch.Tensor | None = None  # (B, T, K) a model that draws: the next code's scores
@@ -192,6 +198,7 @@ class FusionLM(nn.Module):
         segment_ids: torch.Tensor | None = None,
         loss_reduction: str = "mean",
         loss_weights: tuple[float, float] = (1.0, 1.0),
+        return_logits: bool = True,
     ) -> Output:
         """Args:
             input_ids: (B, T) with image layouts already expanded.
@@ -206,6 +213,8 @@ class FusionLM(nn.Module):
             loss_reduction: ``mean`` over the target tokens, or their ``sum`` (the training loop
                 divides by the whole step's count, over micro-batches and processes).
             loss_weights: a model that draws: the weight of text targets and of code targets.
+            return_logits: with ``labels``, False: only the loss is wanted (training), so the LM head runs
+                on the target positions alone (``loss_rows``) and no logits are returned.
         """
         if segment_ids is not None:
             self.design.check_packing()
@@ -217,16 +226,21 @@ class FusionLM(nn.Module):
         if context is None and pixel_values is not None and len(pixel_values) > 0:
             context = self.encode_images(pixel_values, input_ids)
         embeds, extra = self.embed(input_ids, context, query_start, cached=past_key_values is not None)
+        if labels is not None and not return_logits and not use_cache and self.llm.config.model_type in HEAD_ONLY:
+            # the LM head (and a generation head) on the target positions alone: the same loss, a
+            # fraction of the head's work, the full logits never made
+            last = self.llm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask,
+                                          position_ids=position_ids, **extra).last_hidden_state  # (B, T, D)
+            self._check_reached(extra)
+            at = labels[:, 1:] != -100  # (B, T-1)
+            loss, parts = self.loss_rows(last[:, :-1][at], labels[:, 1:][at], loss_reduction, loss_weights)
+            return Output(logits=None, loss=loss, loss_parts=parts)
         hidden = self.draws and self.generation.needs_hidden
         out = self.llm(
             inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, use_cache=use_cache, output_hidden_states=hidden or None, **extra,
         )
-        call = extra.get("cross_inputs")
-        if call is not None and len(call.reached) != len(decoder_layers(self.llm)):
-            raise RuntimeError(f"cross-attention reached {len(call.reached)} of {len(decoder_layers(self.llm))} "
-                               "decoder layers: this transformers version does not hand a layer's keyword "
-                               "arguments on to it (fusionlm's hooks need that)")
+        self._check_reached(extra)
         logits, codes = out.logits, None  # (B, T, V)
         if self.draws:
             codes = self.generation.code_logits(self, logits, out.hidden_states[-1] if hidden else None)  # (B, T, K)
@@ -237,23 +251,45 @@ class FusionLM(nn.Module):
         return Output(logits=logits, loss=loss, past_key_values=out.past_key_values if use_cache else None,
                       code_logits=codes, loss_parts=parts)
 
+    def _check_reached(self, extra: dict) -> None:
+        call = extra.get("cross_inputs")
+        if call is not None and len(call.reached) != len(decoder_layers(self.llm)):
+            raise RuntimeError(f"cross-attention reached {len(call.reached)} of {len(decoder_layers(self.llm))} "
+                               "decoder layers: this transformers version does not hand a layer's keyword "
+                               "arguments on to it (fusionlm's hooks need that)")
+
     def loss(self, logits: torch.Tensor, codes: torch.Tensor | None, labels: torch.Tensor, reduction: str,
              weights: tuple[float, float] = (1.0, 1.0)) -> tuple[torch.Tensor, dict | None]:
-        """Next-token cross-entropy: text targets over the text logits (B, T, V), and, for a model that
-        draws, code targets over the code logits (B, T, K) alone; ``weights``: (text, codes). Also,
-        for a model that draws, each kind's unweighted sum and count."""
-        targets = labels[:, 1:]  # (B, T-1)
+        """``loss_rows`` from the logits (B, T, V) (and a model that draws, the code logits (B, T, K))
+        at every position: those of the target positions are taken."""
+        at = labels[:, 1:] != -100  # (B, T-1)
+        return self._loss(logits[:, :-1][at], None if codes is None else codes[:, :-1][at], labels[:, 1:][at],
+                          reduction, weights)
+
+    def loss_rows(self, hidden: torch.Tensor, targets: torch.Tensor, reduction: str,
+                  weights: tuple[float, float] = (1.0, 1.0)) -> tuple[torch.Tensor, dict | None]:
+        """The loss of the last hidden states (N, D) of the N positions that have a target (N,): the
+        LM head (and a generation head) run on those rows alone."""
+        logits = self.llm.get_output_embeddings()(hidden)  # (N, V)
+        codes = self.generation.code_logits(self, logits, hidden) if self.draws else None  # (N, K)
+        return self._loss(logits, codes, targets, reduction, weights)
+
+    def _loss(self, logits: torch.Tensor, codes: torch.Tensor | None, targets: torch.Tensor, reduction: str,
+              weights: tuple[float, float]) -> tuple[torch.Tensor, dict | None]:
+        """Next-token cross-entropy of N target rows: text targets over the text logits (N, V), and,
+        for a model that draws, code targets over the code logits (N, K) alone; ``weights``: (text,
+        codes). Also, for a model that draws, each kind's unweighted sum and count."""
         if codes is None:
-            return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                                   ignore_index=-100, reduction=reduction), None
-        is_code = (targets >= self.code_offset) & (targets < self.code_offset + codes.shape[-1])  # (B, T-1)
-        is_text = ~is_code & (targets != -100)
-        text = F.cross_entropy(logits[:, :-1][is_text].float(), targets[is_text], reduction="sum")
-        image = F.cross_entropy(codes[:, :-1][is_code].float(), targets[is_code] - self.code_offset, reduction="sum")
+            return F.cross_entropy(logits.float(), targets, reduction=reduction), None
+        logits = self.generation.text_logits(self, logits)
+        is_code = (targets >= self.code_offset) & (targets < self.code_offset + codes.shape[-1])  # (N,)
+        is_text = ~is_code
+        text = F.cross_entropy(logits[is_text].float(), targets[is_text], reduction="sum")
+        image = F.cross_entropy(codes[is_code].float(), targets[is_code] - self.code_offset, reduction="sum")
         total = weights[0] * text + weights[1] * image
         parts = {"text_loss": text.detach(), "text_targets": is_text.sum(), "image_loss": image.detach(),
                  "image_targets": is_code.sum()}
-        return (total if reduction == "sum" else total / (targets != -100).sum().clamp(min=1)), parts
+        return (total if reduction == "sum" else total / targets.numel() if targets.numel() else total), parts
 
     def embed(self, input_ids: torch.Tensor, context: ImageContext | None, query_start: int = 0, *,
               cached: bool = False) -> tuple[torch.Tensor, dict]:

@@ -720,3 +720,26 @@ def test_generate_image_out_refuses_a_model_that_only_reads_and_a_bad_count(tmp_
               "--pictures-out", str(tmp_path / "answer"), "--image-out", str(out)])
     assert exc.value.code == 2 and "argument --pictures-out: not with --image-out" in capsys.readouterr().err
     assert not (tmp_path / "answer").exists() and not out.exists()
+
+
+@pytest.mark.parametrize("kind", ["shared", "decoupled"])
+def test_the_heads_on_target_positions_alone_give_the_same_loss_parts_and_gradients(kind):
+    """Training's forward (``return_logits=False``) of a model that draws: its text and code losses,
+    their parts and every gradient are those of the heads run at every position."""
+    model, tokenizer, config = built(drawing_dict(kind))
+    batch = _prompted_batch(model, tokenizer, config)
+    got = []
+    for fast in (False, True):
+        model.zero_grad()
+        out = model(batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixels,
+                    labels=batch.labels, drawn=batch.drawn, loss_reduction="sum", loss_weights=(1.0, 0.5),
+                    return_logits=not fast)
+        out.loss.backward()
+        got.append((out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (every, grads), (targets, fast_grads) = got
+    torch.testing.assert_close(targets.loss, every.loss, rtol=1e-6, atol=1e-6)
+    assert {k: float(v) for k, v in targets.loss_parts.items()} == pytest.approx(
+        {k: float(v) for k, v in every.loss_parts.items()}, rel=1e-6)
+    assert float(every.loss_parts["image_targets"]) > 0 and grads.keys() == fast_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(fast_grads[name], grads[name], rtol=1e-6, atol=1e-6, msg=name)

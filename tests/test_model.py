@@ -290,3 +290,27 @@ def test_garbage_weights_name_the_file(saved, make_model):
     with pytest.raises(CheckpointError, match=str(file.parent)):
         load_model(file.parent)
     assert all(torch.equal(v, untouched[k]) for k, v in fresh.state_dict().items())
+
+
+def _loss_and_grads(model, batch, **kw):
+    model.zero_grad()
+    out = model(batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixels, labels=batch.labels,
+                loss_reduction="sum", **kw)
+    out.loss.backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_the_head_on_target_positions_alone_gives_the_same_loss_and_gradients(fusion, make_model, make_batch):
+    """Training's forward (``return_logits=False``) runs the LM head on the positions with a target
+    only: the loss and every gradient are those of the head run everywhere, to 1e-6."""
+    model = make_model(fusion)
+    batch = make_batch(model, MIXED)
+    every, grads = _loss_and_grads(model, batch)
+    targets, fast = _loss_and_grads(model, batch, return_logits=False)
+    assert every.logits is not None and targets.logits is None
+    assert int((batch.labels[:, 1:] != -100).sum()) < batch.labels.numel() // 2  # most positions have no target
+    torch.testing.assert_close(targets.loss, every.loss, rtol=1e-6, atol=1e-6)
+    assert grads.keys() == fast.keys()
+    for name in grads:
+        torch.testing.assert_close(fast[name], grads[name], rtol=1e-6, atol=1e-6, msg=name)
