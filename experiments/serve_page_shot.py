@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from serve_live import Server, chromium  # noqa: E402
 from fusionlm.data.world import World  # noqa: E402
-from fusionlm.serve.app import ServeSettings  # noqa: E402
+from fusionlm.serve.state import ServeSettings  # noqa: E402
 
 
 def main() -> None:

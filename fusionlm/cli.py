@@ -245,7 +245,8 @@ def cmd_export(args) -> None:
 
 
 def cmd_serve(args) -> None:
-    from .serve.app import ServeSettings, api_key_from_env, serve
+    from .serve.app import api_key_from_env, serve
+    from .serve.state import ServeSettings
     from .serve.media import MediaPolicy
 
     local = args.allowed_local_media_path

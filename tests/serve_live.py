@@ -13,7 +13,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from fusionlm.serve.app import ServeSettings, create_app
+from fusionlm.serve.app import create_app
+from fusionlm.serve.state import ServeSettings
 
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")  # Debian's

@@ -19,7 +19,7 @@ import pytest
 
 from fusionlm.data.pixels.processing import ImageBatch, ImageSpec
 from fusionlm.generate import Request, generate
-from fusionlm.serve.app import ServeSettings
+from fusionlm.serve.state import ServeSettings
 from fusionlm.serve.media import MediaPolicy
 from serve_live import Server, png_url
 

@@ -25,7 +25,7 @@ from PIL import Image
 from fusionlm.data.pixels.processing import ImageSpec
 from fusionlm.generate import Request, generate
 from fusionlm.serve import media
-from fusionlm.serve.app import ServeSettings
+from fusionlm.serve.state import ServeSettings
 from fusionlm.serve.media import MediaPolicy
 from serve_live import Server, png_url
 

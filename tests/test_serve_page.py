@@ -16,7 +16,7 @@ import urllib.request
 
 import pytest
 
-from fusionlm.serve.app import ServeSettings
+from fusionlm.serve.state import ServeSettings
 from serve_live import CHROMEDRIVER, CHROMIUM, Server, chromium
 
 QUESTION = "Which colour does the shape have?"

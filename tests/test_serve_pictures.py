@@ -36,7 +36,7 @@ def drawing_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(drawing_run):
-    from fusionlm.serve.app import ServeSettings
+    from fusionlm.serve.state import ServeSettings
 
     live = Server(ServeSettings(checkpoint=str(drawing_run), model_name="painter", slots=2))
     yield live
@@ -92,7 +92,7 @@ def test_a_chat_answer_can_hold_a_picture(server):
 
 
 def test_a_model_that_only_reads_refuses_to_draw(checkpoint_reading):
-    from fusionlm.serve.app import ServeSettings
+    from fusionlm.serve.state import ServeSettings
 
     live = Server(ServeSettings(checkpoint=str(checkpoint_reading)))
     try:

@@ -29,7 +29,7 @@ from .pictures import answering, check_modalities
 from .protocol import ApiError, ChatRequest, chunk, completion, parse_chat, usage
 
 if TYPE_CHECKING:
-    from .app import ServeSettings, State
+    from .state import ServeSettings, State
 
 CLIP_FORMATS = {"GIF": "gif", "WEBP": "webp", "PNG": "png"}  # animated files the video loader reads
 
