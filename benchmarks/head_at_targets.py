@@ -41,8 +41,7 @@ def setup(vocab: int | None):
         model.llm.resize_token_embeddings(vocab, mean_resizing=False)
     prompts = PromptEncoder.of(model, tokenizer, ImageSpec.for_model(model, config))
     done = [prompts.sample(source.get(TASKS[i % len(TASKS)], "train", i)) for i in range(16)]  # the instruction mix
-    batch = collate([p.encoded for p in done], [i for p in done for i in p.inputs], ["x"] * len(done), [],
-                    tokenizer.pad_token_id)
+    batch = collate(done, ["x"] * len(done), [], tokenizer.pad_token_id)
     return model, batch
 
 

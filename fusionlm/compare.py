@@ -177,13 +177,13 @@ def text_loss(model, tokenizer, config: RecipeConfig, source) -> float:
     if "text_only" not in source.tasks():
         return float("nan")
     prompts = PromptEncoder.of(model, tokenizer, None, max_length=config.model.llm.max_length)  # documents: no pictures
-    encoded = []
+    docs = []
     for i in range(TEXT_DOCS):
         try:
-            encoded.append(prompts.sample(source.get("text_only", "val", i)).encoded)
+            docs.append(prompts.sample(source.get("text_only", "val", i)))
         except SkipSample:
             continue
-    batch = collate(encoded, [], ["text_only"] * len(encoded), [], tokenizer.pad_token_id)
+    batch = collate(docs, ["text_only"] * len(docs), [], tokenizer.pad_token_id)
     batch = batch.to(next(model.parameters()).device)
     logits = model(batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]  # (B, T-1, V)
     targets = batch.labels[:, 1:]  # (B, T-1)

@@ -59,14 +59,6 @@ class Design:
         if self.reads_codes != (config.model.connector.kind == "none"):
             raise ConfigError(f"model.connector.kind: the early fusion has no connector and only it: use connector "
                               f"kind 'none' with fusion 'early' (got {config.model.connector.kind!r} with {self.name!r})")
-        if config.data.pack:
-            self.check_packing()
-
-    def check_packing(self) -> None:
-        """Packed rows (several samples in one row) are for designs without cross-attention."""
-        if self.cross:
-            raise ConfigError(f"data.pack: packed rows need fusion unified or fuyu, not {self.name!r} (its "
-                              f"cross-attention would let a sample see the images packed before it)")
 
     def context(self, model: "FusionLM", pixels: "ImageBatch", features: torch.Tensor, counts: list[int],
                 input_ids: torch.Tensor) -> ImageContext:

@@ -114,20 +114,29 @@ class CrossInputs:
     slot_valid: torch.Tensor
     memory: torch.Tensor | None = None
 
-    def for_call(self, num_queries: int, query_start: int = 0) -> "CrossCall":
-        """The inputs of one forward call over positions ``query_start … query_start+num_queries-1``."""
+    def for_call(self, num_queries: int, query_start: int = 0, segments: torch.Tensor | None = None) -> "CrossCall":
+        """The inputs of one forward call over positions ``query_start … query_start+num_queries-1``.
+        ``segments``: (B, T) packed rows (the whole sequence, ``data.batching.packing``): a position
+        sees only the images whose markers are in its own sample."""
         q = (torch.arange(num_queries, device=self.slot_marker.device) + query_start)[None, :, None]  # (1, T, 1)
         visible = (self.slot_marker[:, None, :] <= q) & (q < self.slot_until[:, None, :])  # (B, T, S)
-        return CrossCall(self.kv, visible & self.slot_valid[:, None, :])
+        if segments is None:
+            return CrossCall(self.kv, visible & self.slot_valid[:, None, :])
+        at = self.slot_marker.clamp(max=segments.shape[1] - 1)  # (B, S)
+        slot_segment = segments.gather(1, at).masked_fill(self.slot_marker == NO_IMAGE, -1)  # (B, S); -1: padding
+        own = slot_segment[:, None, :] == segments[:, :, None]  # (B, T, S)
+        return CrossCall(self.kv, visible & own & self.slot_valid[:, None, :], own=own)
 
 
 @dataclass
 class CrossCall:
     """Handed to every block in one forward call: keys/values and the (B, T, S) visibility mask.
+    ``own``: packed rows, (B, T, S) the slots of each position's own sample (visible or not).
     ``reached``: the decoder layers whose hook received it (checked after the call)."""
 
     kv: dict[int, tuple[torch.Tensor, torch.Tensor]]
     visible: torch.Tensor
+    own: torch.Tensor | None = None
     reached: set[int] = field(default_factory=set)
 
 
@@ -196,14 +205,22 @@ def image_memory(features: torch.Tensor, marker_mask: torch.Tensor, *, visibilit
     )
 
 
-def native_cross_masks(visible: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Llama 3.2 Vision's own cross-attention inputs from a (B, T, S) visibility mask.
+def native_cross_masks(call: CrossCall, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Llama 3.2 Vision's own cross-attention inputs from a call's (B, T, S) visibility mask.
 
     Returns the additive mask (B, 1, T, S) and the row mask (B, 1, T, 1). As in transformers'
-    Mllama, a text row that sees no image gets an all-zero additive mask (it attends to every
-    slot, gated) and its cross-attention MLP output is zeroed by the row mask.
+    Mllama, a text row that sees no image attends to every slot (gated; only its cross-attention
+    MLP output is zeroed, by the row mask). Packed rows (``call.own``): to every slot of its own
+    sample; and a sample without images, which alone would skip the cross-attention layers, to one
+    more slot that the caller appends as zeros (its keys and values are zero: the output is zero),
+    so the mask is then (B, 1, T, S+1).
     """
-    row = visible.any(-1)[:, None, :, None].to(dtype)  # (B, 1, T, 1)
-    mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
-    mask = mask.masked_fill(~visible, torch.finfo(dtype).min)[:, None]  # (B, 1, T, S)
-    return mask * row, row
+    visible = call.visible
+    seen = visible.any(-1, keepdim=True)  # (B, T, 1)
+    if call.own is None:
+        allowed = visible | ~seen  # (B, T, S)
+    else:
+        allowed = torch.where(seen, visible, call.own)  # (B, T, S)
+        allowed = torch.cat([allowed, ~allowed.any(-1, keepdim=True)], dim=-1)  # (B, T, S+1)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=visible.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None], seen[:, None].to(dtype)  # (B, 1, T, S'), (B, 1, T, 1)

@@ -197,8 +197,7 @@ def typical_batches(model, tokenizer, config: RecipeConfig, source, spec: ImageS
             prompted = prompts.sample(sample)
         except SkipSample:
             continue
-        batches.append(collate([prompted.encoded], prompted.inputs, [sample.task], [], tokenizer.pad_token_id,
-                               drawn=prompted.drawn))
+        batches.append(collate([prompted], [sample.task], [], tokenizer.pad_token_id))
     if not batches:
         raise ConfigError("no sample of the last stage's mixture fits the context (model.llm.max_length)")
     return batches

@@ -208,8 +208,9 @@ class FusionLM(nn.Module):
             drawn: (G, 3, H, W) in [-1, 1], the images the sequences draw, in order: their
                 ``<image_code>`` positions (in ``input_ids`` and ``labels``) become their codes.
             query_start: sequence index of input_ids[:, 0] (the KV-cache length when decoding).
-            segment_ids: (B, T) packed rows (``data.batching.packing``): attention stays inside each sample
-                and positions restart at each (overrides ``attention_mask`` and ``position_ids``).
+            segment_ids: (B, T) packed rows (``data.batching.packing``): attention, to text and to images,
+                stays inside each sample and positions restart at each (overrides ``attention_mask`` and
+                ``position_ids``).
             loss_reduction: ``mean`` over the target tokens, or their ``sum`` (the training loop
                 divides by the whole step's count, over micro-batches and processes).
             loss_weights: a model that draws: the weight of text targets and of code targets.
@@ -217,7 +218,6 @@ class FusionLM(nn.Module):
                 on the target positions alone (``loss_rows``) and no logits are returned.
         """
         if segment_ids is not None:
-            self.design.check_packing()
             position_ids = segment_positions(segment_ids)  # (B, T)
             attention_mask = segment_mask(segment_ids, self.llm.get_input_embeddings().weight.dtype)  # (B, 1, T, T)
         if drawn is not None and len(drawn) > 0:
@@ -225,7 +225,8 @@ class FusionLM(nn.Module):
             labels = None if labels is None else torch.where(labels == self.ids.code, input_ids, labels)
         if context is None and pixel_values is not None and len(pixel_values) > 0:
             context = self.encode_images(pixel_values, input_ids)
-        embeds, extra = self.embed(input_ids, context, query_start, cached=past_key_values is not None)
+        embeds, extra = self.embed(input_ids, context, query_start, cached=past_key_values is not None,
+                                   segments=segment_ids)
         if labels is not None and not return_logits and not use_cache and self.llm.config.model_type in HEAD_ONLY:
             # the LM head (and a generation head) on the target positions alone: the same loss, a
             # fraction of the head's work, the full logits never made
@@ -292,12 +293,13 @@ class FusionLM(nn.Module):
         return (total if reduction == "sum" else total / targets.numel() if targets.numel() else total), parts
 
     def embed(self, input_ids: torch.Tensor, context: ImageContext | None, query_start: int = 0, *,
-              cached: bool = False) -> tuple[torch.Tensor, dict]:
+              cached: bool = False, segments: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         """The decoder's inputs for ``input_ids`` (B, T): embeddings (B, T, D) with Method A's image
         features in place, and the keyword arguments Method B's layers need for this call.
 
         ``cached``: a KV cache already holds the earlier positions (Llama 3.2 Vision's layers then
-        keep the image keys/values from the first call).
+        keep the image keys/values from the first call). ``segments``: (B, T) packed rows; each
+        sample's text sees only its own images.
         """
         table = self.llm.get_input_embeddings()
         if self.draws:  # code ids past the table (decoupled) are embedded by the generation design
@@ -314,12 +316,15 @@ class FusionLM(nn.Module):
             if image_mask.any():
                 embeds = scatter_image_features(embeds, image_mask, context.features)
         if context is not None and context.cross is not None:
-            call = context.cross.for_call(input_ids.shape[1], query_start)
+            call = context.cross.for_call(input_ids.shape[1], query_start, segments)
             if self.native_cross:
-                mask, row = native_cross_masks(call.visible, embeds.dtype)
+                mask, row = native_cross_masks(call, embeds.dtype)
                 extra.update(cross_attention_mask=mask, full_text_row_masked_out_mask=row)
                 if not cached or query_start == 0:  # else the cache holds the image keys/values
-                    extra["cross_attention_states"] = context.cross.memory.to(embeds.dtype)
+                    memory = context.cross.memory.to(embeds.dtype)  # (B, S, D)
+                    if call.own is not None:  # packed rows: the zero slot of samples without images
+                        memory = torch.cat([memory, memory.new_zeros(memory.shape[0], 1, memory.shape[2])], dim=1)
+                    extra["cross_attention_states"] = memory
             else:
                 extra["cross_inputs"] = call
         return embeds, extra

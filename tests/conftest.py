@@ -11,6 +11,8 @@ import torch
 from fusionlm.checkpoint import build_model
 from fusionlm.config import RecipeConfig, validate
 from fusionlm.data.batching.batches import Batch, ImageSpec, collate
+from fusionlm.data.batching.packing import Packing
+from fusionlm.data.prompt import Prompted
 from fusionlm.data.chat import encode
 from fusionlm.data.sample import Sample
 from fusionlm.data.world import World
@@ -85,25 +87,27 @@ def make_model(tokenizer) -> Callable[..., FusionLM]:
     return make
 
 
-def make_batch(model: FusionLM, tokenizer, samples: list[Sample]) -> Batch:
-    """Encode + collate ``samples`` for ``model``'s image layout, exactly as ``MixtureBatches`` does."""
+def make_batch(model: FusionLM, tokenizer, samples: list[Sample], pack: Packing | None = None) -> Batch:
+    """Encode + collate ``samples`` for ``model``'s image layout, exactly as ``MixtureBatches`` does
+    (``pack``: into packed rows)."""
     spec = spec_for(model)
-    encoded, pixels = [], []
+    prompted = []
     for s in samples:
         per_image = [spec.process_all(img) for img in s.images]
-        encoded.append(encode(s, tokenizer, [model.layout.image_tokens(p) for p in per_image],
-                              max_length=model.config.llm.max_length, end_token=model.config.tokenizer.end_token))
-        pixels.extend(inp for inputs in per_image for inp in inputs)
-    return collate(encoded, pixels, [s.task for s in samples], [], tokenizer.pad_token_id)
+        encoded = encode(s, tokenizer, [model.layout.image_tokens(p) for p in per_image],
+                         max_length=model.config.llm.max_length, end_token=model.config.tokenizer.end_token)
+        prompted.append(Prompted(encoded, [inp for inputs in per_image for inp in inputs]))
+    return collate(prompted, [s.task for s in samples], [], tokenizer.pad_token_id,
+                   pack=pack)
 
 
 @pytest.fixture(name="make_batch")
 def make_batch_fixture(tokenizer, world) -> Callable[..., Batch]:
     """``make_batch(model, [(task, index), ...] or [Sample, ...])`` from the world's train split."""
 
-    def make(model: FusionLM, items) -> Batch:
+    def make(model: FusionLM, items, pack: Packing | None = None) -> Batch:
         samples = [it if isinstance(it, Sample) else world.sample(it[0], "train", it[1]) for it in items]
-        return make_batch(model, tokenizer, samples)
+        return make_batch(model, tokenizer, samples, pack)
 
     return make
 

@@ -194,8 +194,7 @@ def _prompted_batch(model, tokenizer, config, n: int = 3):
     prompts = PromptEncoder.of(model, tokenizer, ImageSpec.for_model(model, config))
     world = World(32, 0)
     done = [prompts.sample(s) for s in [world.sample("draw", "train", i) for i in range(n)] + [world.sample("color", "train", 0)]]
-    return collate([p.encoded for p in done], [i for p in done for i in p.inputs], ["x"] * len(done), [],
-                   tokenizer.pad_token_id, drawn=[d for p in done for d in p.drawn])
+    return collate(done, ["x"] * len(done), [], tokenizer.pad_token_id)
 
 
 def early_dict(kind: str = "shared") -> dict:

@@ -161,6 +161,22 @@ def test_each_prompt_alone_matches_transformers(pair, case):
     assert max_diff(our_logits(model, inputs), theirs, inputs) <= TOL
 
 
+def test_packed_prompts_keep_to_their_own_images(pair):
+    """All the prompts packed into one row (segments): each prompt's logits are its logits alone
+    (its images only, seen by Llama 3.2 Vision's own cross-attention layers, and 'latest' visibility)."""
+    hf, processor, model, tokenizer, *_ = pair
+    alone = [processor_inputs(processor, tokenizer, [p]) for p in PROMPTS]
+    ids = torch.cat([a["input_ids"][0] for a in alone])[None]  # (1, ΣT)
+    segments = torch.cat([torch.full((a["input_ids"].shape[1],), s) for s, a in enumerate(alone, 1)])[None]
+    parts = [our_images(model, a) for a in alone if "pixel_values" in a]
+    pixels = ImageBatch(torch.cat([p.pixel_values for p in parts]), [g for p in parts for g in p.grids],
+                        {k: torch.cat([p.extras[k] for p in parts]) for k in parts[0].extras})
+    with torch.no_grad():
+        packed = model(ids, pixel_values=pixels, segment_ids=segments).logits[0]  # (ΣT, V)
+    for s, a in enumerate(alone, 1):
+        torch.testing.assert_close(packed[segments[0] == s], our_logits(model, a)[0], atol=TOL, rtol=TOL)
+
+
 def test_images_change_the_logits(pair):
     """The comparisons are not vacuous: blank pixels move the logits far beyond TOL."""
     hf, processor, model, tokenizer, *_ = pair

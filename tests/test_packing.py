@@ -5,60 +5,99 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fusionlm.checkpoint import build_model
 from fusionlm.config import from_dict, validate
-from fusionlm.data.batching.batches import collate
-from fusionlm.data.chat import encode
-from fusionlm.data.batching.packing import pack_rows, segment_positions
-from fusionlm.errors import ConfigError
-from conftest import spec_for
+from fusionlm.data.batching.packing import Packing, pack_rows, segment_positions
+from conftest import tiny_config
 
-ITEMS = [("color", 0), ("text_only", 1), ("price", 0), ("caption", 2), ("interleaved", 0), ("shape", 3)]
+ITEMS = [("color", 0), ("text_only", 1), ("price", 0), ("caption", 2), ("interleaved", 0), ("shape", 3),
+         ("interleaved", 1), ("count", 4)]
 
-
-def batches(model, tokenizer, world, length):
-    spec = spec_for(model)
-    encoded, pixels = [], []
-    for task, i in ITEMS:
-        s = world.sample(task, "train", i)
-        per_image = [spec.process_all(img) for img in s.images]
-        encoded.append(encode(s, tokenizer, [model.layout.image_tokens(p) for p in per_image],
-                              max_length=model.config.llm.max_length, end_token=model.config.tokenizer.end_token))
-        pixels.extend(inp for p in per_image for inp in p)
-    tasks = [t for t, _ in ITEMS]
-    return (collate(encoded, pixels, tasks, [], tokenizer.pad_token_id),
-            collate(encoded, pixels, tasks, [], tokenizer.pad_token_id, pack_length=length))
+DESIGNS = {  # every design that reads images, with the settings that change what a sample may see
+    "unified": {}, "fuyu": {},
+    "cross_attention": {}, "cross_attention latest": {"fusion": {"visibility": "latest"}},
+    "hybrid": {"tiling": {"max_tiles": 2, "marker": "none"}},
+    "unified tiles": {"tiling": {"max_tiles": 2}, "llm": {"max_length": 256}},
+}
 
 
-@pytest.mark.parametrize("fusion", ["unified", "fuyu"])
-def test_packed_rows_give_the_same_loss_and_save_padding(fusion, make_model, tokenizer, world):
-    model = make_model(fusion)
-    plain, packed = batches(model, tokenizer, world, length=model.config.llm.max_length)
+class Widest(Packing):
+    """Rows of ``max_length``, as full as they get: the most samples to keep apart."""
+
+    def width(self, lengths):
+        return self.max_length
+
+
+def model_for(name: str, tokenizer):
+    torch.manual_seed(0)
+    fusion = name.split()[0]
+    config = tiny_config("fuyu" if fusion == "fuyu" else "unified")
+    config.model.fusion.kind = fusion
+    for section, values in DESIGNS[name].items():
+        for key, value in values.items():
+            setattr(getattr(config.model, section), key, value)
+    model = build_model(validate(config), tokenizer).eval()
+    with torch.no_grad():  # open gates: with closed ones a sample could see every image and nothing would show it
+        for block in model.cross_blocks.values():
+            block.attn_gate.fill_(0.7)
+            block.ffn_gate.fill_(0.7)
+    return model
+
+
+@pytest.mark.parametrize("design", list(DESIGNS))
+def test_packed_rows_give_each_sample_its_unpacked_loss(design, tokenizer, world, make_batch):
+    """Per sample, not only in sum: a sample that saw another's images or text would change its own."""
+    model = model_for(design, tokenizer)
+    plain, packed = make_batch(model, ITEMS), make_batch(model, ITEMS, pack=Widest(model.config.llm.max_length, 32))
     assert packed.input_ids.shape[0] < plain.input_ids.shape[0]  # fewer rows
+    assert packed.num_tokens == plain.num_tokens and 1 - packed.num_tokens / packed.input_ids.numel() < 0.25
     targets = lambda batch: int((batch.labels[:, 1:] != -100).sum())  # noqa: E731  (what the loss reads)
-    assert targets(packed) == targets(plain) and packed.num_tokens == plain.num_tokens
+    assert targets(packed) == targets(plain)
     with torch.no_grad():
         a = model(plain.input_ids, attention_mask=plain.attention_mask, pixel_values=plain.pixels,
-                  labels=plain.labels).loss
+                  labels=plain.labels).logits
         b = model(packed.input_ids, pixel_values=packed.pixels, labels=packed.labels,
-                  segment_ids=packed.segments).loss
-    assert float(b) == pytest.approx(float(a), rel=1e-5)
-    waste = lambda batch: 1 - batch.num_tokens / batch.input_ids.numel()  # noqa: E731
-    assert waste(packed) < waste(plain)
+                  segment_ids=packed.segments).logits
+    for row, sid in enumerate(plain.sample_ids):  # each sample's logits at its own positions
+        r, s = next((r, s) for r, ids in enumerate(packed_ids(packed)) for s, x in enumerate(ids, 1) if x == sid)
+        mine = packed.segments[r] == s
+        n = int(mine.sum())
+        assert n == int(plain.attention_mask[row].sum())
+        torch.testing.assert_close(b[r, mine], a[row, :n], atol=2e-5, rtol=1e-5)
+    with torch.no_grad():
+        plain_loss = model(plain.input_ids, attention_mask=plain.attention_mask, pixel_values=plain.pixels,
+                           labels=plain.labels, return_logits=False).loss
+        packed_loss = model(packed.input_ids, pixel_values=packed.pixels, labels=packed.labels,
+                            segment_ids=packed.segments, return_logits=False).loss
+    assert float(packed_loss) == pytest.approx(float(plain_loss), rel=1e-5)
+    if "cross" in design or "hybrid" in design:  # the images reach the text: packing has something to keep apart
+        with torch.no_grad():
+            for block in model.cross_blocks.values():
+                block.attn_gate.zero_()
+                block.ffn_gate.zero_()
+            closed = model(plain.input_ids, attention_mask=plain.attention_mask, pixel_values=plain.pixels,
+                           labels=plain.labels).loss
+        assert float(closed) != pytest.approx(float(plain_loss), rel=1e-4)
+
+
+def packed_ids(batch):
+    """The sample ids of each packed row, in order."""
+    rows, k = [], 0
+    for r in range(batch.segments.shape[0]):
+        n = int(batch.segments[r].max())
+        rows.append(batch.sample_ids[k:k + n])
+        k += n
+    return rows
 
 
 def test_rows_and_positions():
-    class E:
-        def __init__(self, n):
-            self.input_ids = [0] * n
-
-    assert pack_rows([E(5), E(4), E(3), E(6), E(1)], 10) == [[0, 1], [2, 3, 4]]
+    assert pack_rows([5, 4, 3, 6, 1], 10) == [[3, 1], [0, 2, 4]]  # first fit, longest first
+    assert pack_rows([7, 7, 7], 7) == [[0], [1], [2]]
+    wide, narrow = Packing(256, 4096), Packing(256, 8)  # attention is cheap next to the products / dear
+    assert wide.width([40, 33, 33]) == 128 and narrow.width([40, 33, 33]) == 64
+    assert Packing(48, 64).width([5, 40]) == 48 and Packing(48, 64).width([50]) == 50
     seg = torch.tensor([[1, 1, 1, 2, 2, 0], [1, 2, 2, 2, 3, 3]])
     assert segment_positions(seg).tolist() == [[0, 1, 2, 0, 1, 0], [0, 0, 1, 2, 0, 1]]
-
-
-def test_packing_is_refused_with_cross_attention():
-    with pytest.raises(ConfigError, match=r"data\.pack: packed rows need fusion unified or fuyu"):
-        validate(from_dict({"data": {"pack": True}, "model": {"fusion": {"kind": "cross_attention"}}}))
 
 
 def test_a_packed_run_trains(tmp_path):

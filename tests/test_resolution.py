@@ -13,6 +13,7 @@ from fusionlm.config import RecipeConfig, from_dict, validate
 from fusionlm.data.batching.batches import collate
 from fusionlm.data.chat import encode
 from fusionlm.data.pixels.processing import ImageBatch, ImageSpec, hf_image_processor
+from fusionlm.data.prompt import Prompted
 from fusionlm.data.sample import Sample
 from fusionlm.encoders import build_encoder
 from fusionlm.errors import ConfigError
@@ -151,13 +152,13 @@ def test_a_pretrained_qwen2vl_tower_gives_transformers_features(tmp_path):
 
 def make_batch(model, config, tokenizer, samples):
     spec = ImageSpec.for_model(model, config)
-    encoded, pixels = [], []
+    prompted = []
     for s in samples:
         inputs = [spec.process(img) for img in s.images]
-        encoded.append(encode(s, tokenizer, [model.layout.tokens(i.grid) for i in inputs],
-                              max_length=config.model.llm.max_length, end_token=config.model.tokenizer.end_token))
-        pixels.extend(inputs)
-    return collate(encoded, pixels, [s.task for s in samples], [], tokenizer.pad_token_id)
+        prompted.append(Prompted(encode(s, tokenizer, [model.layout.tokens(i.grid) for i in inputs],
+                                        max_length=config.model.llm.max_length,
+                                        end_token=config.model.tokenizer.end_token), inputs))
+    return collate(prompted, [s.task for s in samples], [], tokenizer.pad_token_id)
 
 
 def sample(name: str, image) -> Sample:

@@ -211,7 +211,9 @@ class DataConfig:
     max_video_pixels: int | None = 400_000_000
     max_bad_fraction: float = 0.1  # training stops when more samples than this are bad
     loader_workers: int = 0  # background processes that prepare batches
-    pack: bool = False  # several short samples per row up to model.llm.max_length (unified and fuyu)
+    # several samples per row (fusionlm.data.batching.packing), each seeing only its own text and
+    # images; null: wherever that is exact (the lm stages of a model that does not draw); false: one sample per row
+    pack: bool | None = None
     # named sources a stage mixture draws from by name, e.g. {captions: {path: shards/, format: webdataset}}
     # with ``mixture: {captions: 45, docs: 45, text: 10}``; when set, ``source`` stays "synthetic"
     sources: dict[str, SourceConfig] = field(default_factory=dict)

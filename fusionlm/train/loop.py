@@ -23,6 +23,7 @@ from ..checkpoint import (
 )
 from ..config import RecipeConfig, StageConfig, load_config, save_config
 from ..data.batching.batches import Batch, ImageSpec, MixtureBatches, check_mixture
+from ..data.batching.packing import Packing
 from ..data.prompt import PromptEncoder
 from ..data.sources import build_source
 from ..data.tokenizer import load_tokenizer
@@ -201,7 +202,8 @@ class Trainer:
         dataset = MixtureBatches(
             self.source, stage.mixture, seed=self.config.train.seed, stage=index, batch_size=stage.batch_size,
             prompts=PromptEncoder.of(self.model, self.tokenizer, self.spec), rank=self.group.rank, world=self.group.world,
-            pack=self.config.data.pack, grad_accum=stage.grad_accum, condition_dropout=stage.condition_dropout,
+            pack=packing(self.config, self.model, objective_for(stage)), grad_accum=stage.grad_accum,
+            condition_dropout=stage.condition_dropout,
         )
         order = range(start * stage.grad_accum, stage.steps * stage.grad_accum)
         workers = self.config.data.loader_workers
@@ -384,6 +386,15 @@ class Trainer:
         with open(self.metrics_path, "a") as fh:
             fh.write(json.dumps(row) + "\n")
         self.reporters.log(row, p.step)
+
+
+def packing(config: RecipeConfig, model, objective) -> Packing | None:
+    """How a stage's batches are packed (``data.pack``): by default wherever packed rows compute
+    each sample exactly as alone, i.e. for an objective that reads rows as token streams (``lm``)
+    of a model that does not draw; None: one sample per row."""
+    if config.data.pack is False or not objective.packs or (config.data.pack is None and model.draws):
+        return None
+    return Packing(config.model.llm.max_length, model.llm.config.get_text_config().hidden_size)
 
 
 def sharded_layers(model) -> list[torch.nn.Module]:

@@ -50,6 +50,7 @@ class Objective:
     """What a stage optimises; made per stage (``objective_for``), with that stage's settings."""
 
     name: ClassVar[str]
+    packs: ClassVar[bool] = False  # its batches may be packed (several samples per row)
 
     def __init__(self, stage: StageConfig | None = None):
         self.stage = stage if stage is not None else StageConfig(objective=self.name)
@@ -89,6 +90,7 @@ def objective_for(stage: StageConfig) -> Objective:
 @objective
 class LanguageModel(Objective):
     name = "lm"
+    packs = True
 
     def items(self, batch: Batch) -> int:
         return int((batch.labels[:, 1:] != IGNORE).sum())

@@ -32,9 +32,9 @@ from ...errors import ConfigError, FusionError, ImageError
 from ..chat import IGNORE, Encoded, SkipSample
 from ..drawing import draws_pictures, null_prompt
 from .order import PassOrder, generator, stable_seed
-from .packing import packed
-from ..pixels.processing import ImageBatch, ImageInput, ImageSpec
-from ..prompt import PromptEncoder
+from .packing import Packing, packed
+from ..pixels.processing import ImageBatch, ImageSpec
+from ..prompt import PromptEncoder, Prompted
 from ..sample import Sample
 
 __all__ = ["Batch", "ImageSpec", "MixtureBatches", "Skip", "collate", "check_mixture", "stable_seed"]
@@ -137,7 +137,7 @@ class MixtureBatches(torch.utils.data.Dataset):
 
     def __init__(self, source: SampleSource, mixture: dict[str, float], *, seed: int, stage: int,
                  batch_size: int, prompts: PromptEncoder, split: str = "train", rank: int = 0, world: int = 1,
-                 pack: bool = False, grad_accum: int = 1, condition_dropout: float = 0.0):
+                 pack: Packing | None = None, grad_accum: int = 1, condition_dropout: float = 0.0):
         mixture = check_mixture(mixture, source, key=f"stages.{stage}.mixture")
         self.source, self.split = source, split
         self.task_names = [t for t, w in mixture.items() if w > 0]
@@ -145,7 +145,7 @@ class MixtureBatches(torch.utils.data.Dataset):
         self.seed, self.stage, self.batch_size = seed, stage, batch_size
         self.prompts = prompts  # how a sample becomes ids, labels and encoder inputs
         self.rank, self.world = rank, world  # data parallelism: this process's share of each batch
-        self.pack = pack  # several samples per row, up to max_length tokens (``data.packing``)
+        self.pack = pack  # several samples per row (``packing``); None: one sample per row
         self.condition_dropout = condition_dropout  # share of drawing samples trained on the null prompt
         if grad_accum < 1:
             raise ConfigError(f"stages.{stage}.grad_accum: must be >= 1, got {grad_accum}")
@@ -244,14 +244,14 @@ class MixtureBatches(torch.utils.data.Dataset):
         return self._steps[step]
 
     def __getitem__(self, k: int) -> Batch:
-        encoded, pixels, drawn, tasks, skipped = [], [], [], [], []
+        prompted, tasks, skipped = [], [], []
         share = self.batch_size // self.world
         first = k * self.batch_size + self.rank * share
         for number in range(first, first + share):
             sample = None
             try:
                 sample = self.sample_at(number)
-                prompted = self.prompts.sample(sample)
+                prompted.append(self.prompts.sample(sample))
             except SkipSample as exc:
                 skipped.append(Skip(sample.id, exc.reason, str(exc)))
                 continue
@@ -261,25 +261,26 @@ class MixtureBatches(torch.utils.data.Dataset):
             except FusionError as exc:  # a malformed sample from a file source
                 skipped.append(Skip(sample.id if sample else f"#{number}", "bad_sample", str(exc)))
                 continue
-            encoded.append(prompted.encoded)
-            pixels.extend(prompted.inputs)
-            drawn.extend(prompted.drawn)
             tasks.append(sample.task)
-        return collate(encoded, pixels, tasks, skipped, self.prompts.tokenizer.pad_token_id,
-                       pack_length=self.prompts.max_length if self.pack else None, drawn=drawn)
+        return collate(prompted, tasks, skipped, self.prompts.tokenizer.pad_token_id, pack=self.pack)
 
 
-def collate(encoded: list[Encoded], inputs: list[ImageInput], tasks: list[str], skipped: list[Skip],
-            pad_id: int, *, pack_length: int | None = None, drawn: list[torch.Tensor] | None = None) -> Batch:
-    """A padded batch, one sample per row; or, with ``pack_length``, samples packed into rows.
-    ``drawn``: each (3, S, S), the pictures the samples draw, in order."""
-    if not encoded:
+def collate(prompted: list[Prompted], tasks: list[str], skipped: list[Skip], pad_id: int, *,
+            pack: Packing | None = None) -> Batch:
+    """A padded batch, one sample per row; or, with ``pack``, the samples packed into rows
+    (``packing``), their images and pictures in the rows' order."""
+    if not prompted:
         empty = torch.zeros((0, 1), dtype=torch.long)
         return Batch(empty, empty, empty, None, [], [], skipped)
+    encoded = [p.encoded for p in prompted]
     segments = None
-    if pack_length:
-        ids, labels, mask, segments = packed(encoded, pack_length, pad_id)
+    if pack is not None:
+        width = pack.width([len(e.input_ids) for e in encoded])
+        ids, labels, mask, segments, order = packed(encoded, width, pad_id)
+        prompted, tasks = [prompted[i] for i in order], [tasks[i] for i in order]
     else:
         ids, labels, mask = pad_right(encoded, pad_id)
-    return Batch(ids, labels, mask, ImageBatch.collate(inputs), [e.sample_id for e in encoded], tasks, skipped,
-                 segments, torch.stack(drawn) if drawn else None)
+    drawn = [d for p in prompted for d in p.drawn]
+    return Batch(ids, labels, mask, ImageBatch.collate([x for p in prompted for x in p.inputs]),
+                 [p.encoded.sample_id for p in prompted], tasks, skipped, segments,
+                 torch.stack(drawn) if drawn else None)

@@ -1,39 +1,74 @@
 """Packing: several short samples in one row of the batch, so that padding does not waste compute.
 
-Samples are laid next to each other, in order, in rows of at most ``length`` tokens (a sample
-that does not fit starts a new row). Each token carries its sample's segment number (1, 2, …; 0
-for padding): the model attends only within a segment and restarts positions at each segment, so
-a packed sample is computed exactly as it would be alone. The first token of every segment has no
-label, as in an unpacked row, where nothing predicts it.
+A micro-batch's samples go into rows of ``width`` tokens, first fit by decreasing length: each
+sample, longest first, into the first row with room. Each token carries its sample's segment number (1, 2, …; 0
+for padding): the model attends only within a segment (to text and, for Method B, to images) and
+restarts positions at each segment, so a packed sample is computed exactly as it would be alone.
+The first token of every segment has no label, as in an unpacked row, where nothing predicts it.
+
+The width is chosen per micro-batch (``Packing.width``): the longest sample rounded up to ``ROUND``,
+or twice, four times … that, up to the LLM's ``max_length``, whichever costs least. A row costs its
+positions (every matrix product runs on padding too) and its attention, which under a block mask
+still computes all T² scores: per layer about 24·D² FLOPs per position for the products and 4·D·T
+for attention, so a row of T positions costs T·(1 + T/(6·D)) position-products. Wide rows leave
+less padding; narrow rows attend less.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from ..chat import IGNORE, Encoded
 
+ROUND = 32  # row widths are multiples of this: fewer distinct shapes (compiled layers build one graph per shape)
 
-def pack_rows(encoded: list[Encoded], length: int) -> list[list[int]]:
-    """Indices of ``encoded`` per row, in order."""
+
+@dataclass(frozen=True)
+class Packing:
+    """How a model's batches are packed: rows of at most ``max_length`` (the LLM's), for an LLM
+    ``hidden_size`` wide (what attention costs next to the matrix products)."""
+
+    max_length: int
+    hidden_size: int
+
+    def width(self, lengths: list[int]) -> int:
+        """The width of the packed rows of samples of ``lengths`` tokens: the cheapest candidate."""
+        longest = max(lengths)
+        width = max(longest, min(self.max_length, -(-longest // ROUND) * ROUND))
+        candidates = [width]
+        while candidates[-1] < self.max_length and len(candidates) < 8:
+            candidates.append(min(self.max_length, 2 * candidates[-1]))
+        return min(candidates, key=lambda w: (self.cost(len(pack_rows(lengths, w)), w), w))
+
+    def cost(self, rows: int, width: int) -> float:
+        """What ``rows`` rows of ``width`` positions cost, in position-products (module docstring)."""
+        return rows * width * (1 + width / (6 * self.hidden_size))
+
+
+def pack_rows(lengths: list[int], width: int) -> list[list[int]]:
+    """Indices of the samples of ``lengths`` per row of ``width`` tokens: first fit, longest first."""
     rows: list[list[int]] = []
-    used = length
-    for i, e in enumerate(encoded):
-        if used + len(e.input_ids) > length:
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        r = next((r for r, free in enumerate(room) if free >= lengths[i]), len(rows))
+        if r == len(rows):
             rows.append([])
-            used = 0
-        rows[-1].append(i)
-        used += len(e.input_ids)
+            room.append(width)
+        rows[r].append(i)
+        room[r] -= lengths[i]
     return rows
 
 
-def packed(encoded: list[Encoded], length: int, pad_id: int):
-    """(ids, labels, mask, segments), each (R, T), for the samples packed into rows."""
-    rows = pack_rows(encoded, length)
-    width = max(sum(len(encoded[i].input_ids) for i in row) for row in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-    segments = torch.zeros((len(rows), width), dtype=torch.long)
+def packed(encoded: list[Encoded], width: int, pad_id: int):
+    """(ids, labels, mask, segments), each (R, T), for the samples packed into rows of ``width``,
+    and the samples' order in them (row by row)."""
+    rows = pack_rows([len(e.input_ids) for e in encoded], width)
+    t = max(sum(len(encoded[i].input_ids) for i in row) for row in rows)
+    ids = torch.full((len(rows), t), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), t), IGNORE, dtype=torch.long)
+    segments = torch.zeros((len(rows), t), dtype=torch.long)
     for r, row in enumerate(rows):
         at = 0
         for s, i in enumerate(row, 1):
@@ -43,7 +78,7 @@ def packed(encoded: list[Encoded], length: int, pad_id: int):
             labels[r, at + 1:at + n] = torch.tensor(e.labels[1:])
             segments[r, at:at + n] = s
             at += n
-    return ids, labels, (segments > 0).long(), segments
+    return ids, labels, (segments > 0).long(), segments, [i for row in rows for i in row]
 
 
 def segment_positions(segments: torch.Tensor) -> torch.Tensor:
