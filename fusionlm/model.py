@@ -13,6 +13,7 @@ from .config import ModelConfig
 from .connectors import build_connector
 from .data.layout import ImageLayout, SpecialIds
 from .data.batching.packing import segment_mask, segment_positions
+from .linear_ce import linear_cross_entropy
 from .data.pixels.processing import ImageBatch
 from .designs import design_of
 from .encoders import build_encoder
@@ -270,8 +271,12 @@ class FusionLM(nn.Module):
     def loss_rows(self, hidden: torch.Tensor, targets: torch.Tensor, reduction: str,
                   weights: tuple[float, float] = (1.0, 1.0)) -> tuple[torch.Tensor, dict | None]:
         """The loss of the last hidden states (N, D) of the N positions that have a target (N,): the
-        LM head (and a generation head) run on those rows alone."""
-        logits = self.llm.get_output_embeddings()(hidden)  # (N, V)
+        LM head (and a generation head) run on those rows alone; a plain linear head of a model that
+        does not draw, chunk by chunk, so that the (N, V) logits are never held (``linear_ce``)."""
+        head = self.llm.get_output_embeddings()
+        if not self.draws and type(head) is torch.nn.Linear:
+            return linear_cross_entropy(hidden, head.weight, head.bias, targets, reduction=reduction), None
+        logits = head(hidden)  # (N, V)
         codes = self.generation.code_logits(self, logits, hidden) if self.draws else None  # (N, K)
         return self._loss(logits, codes, targets, reduction, weights)
 
