@@ -39,7 +39,7 @@ from .report import Reporters, trim_metrics
 from .rng import rng_state, set_rng_state
 from .schedule import lr_lambda
 from .stages import apply_trainable, param_groups, select_trainable
-from .step import TrainStep
+from .step import TrainStep, zero_unused
 
 TRAINER_STATE, OPTIMIZER_STATE = "trainer.json", "optimizer.pt"
 
@@ -232,7 +232,8 @@ class Trainer:
         self.log(f"stage {index} ({stage.name}): {stage.steps} steps, training {', '.join(stage.train)}")
         params = apply_trainable(self.model, stage.train, key=f"stages.{index}.train", log=self.log, lora=stage.lora)
         groups = param_groups(self.model, params, stage.lr, stage.lr_scale)
-        optimizer = torch.optim.AdamW(groups, lr=stage.lr, weight_decay=stage.weight_decay, betas=(0.9, 0.95))
+        optimizer = torch.optim.AdamW(groups, lr=stage.lr, weight_decay=stage.weight_decay, betas=(0.9, 0.95),
+                                      fused=fused_adam(params, self.device))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(stage))
         engine = self.group.engine(self.train_step)  # DDP is built once the stage has chosen what trains
         if self.resume_state is not None and self.progress.stage == index and self.progress.stage_step > 0:
@@ -297,6 +298,8 @@ class Trainer:
         for batch in micro:
             counts.add(batch, self.log)
         loss, tokens, items, finite = self._gradients(stage, micro, engine)
+        if self.group.world == 1:
+            zero_unused(params)
         self._count(counts)
         norm = self._grad_norm(params)
         optimizer_steps = items > 0 and finite and math.isfinite(norm)
@@ -386,6 +389,14 @@ class Trainer:
         with open(self.metrics_path, "a") as fh:
             fh.write(json.dumps(row) + "\n")
         self.reporters.log(row, p.step)
+
+
+def fused_adam(params: list[torch.nn.Parameter], device: torch.device) -> bool | None:
+    """torch's fused AdamW (one kernel over all weights; several times faster than its default on
+    CPU) where it applies: plain CPU or CUDA tensors; None: torch's default elsewhere (DTensors)."""
+    if device.type in ("cpu", "cuda") and not any(isinstance(p, DTensor) for p in params):
+        return True
+    return None
 
 
 def packing(config: RecipeConfig, model, objective) -> Packing | None:
