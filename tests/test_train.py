@@ -85,6 +85,22 @@ def test_each_stage_trains_only_its_parts(tmp_path):
     assert len(state["optimizer"]["state"]) == n_llm
 
 
+def test_a_weight_no_forward_uses_still_gets_its_zero_gradient(tmp_path):
+    """Text-only batches never run the encoder: one process gives its weights the zero gradient N
+    processes give them (``step.zero_unused``), so they get Adam state and weight decay alike."""
+    config = from_dict(tiny_dict(stages=[stage("text", train=["all"], steps=2, mixture={"text_only": 1},
+                                               weight_decay=0.5)]))
+    trainer = Trainer(config, tmp_path / "run", log=quiet)
+    initial = {k: v.detach().clone() for k, v in trainer.model.state_dict().items() if k.startswith("encoder.")}
+    trainer.run()
+    after = {k: v for k, v in trainer.model.state_dict().items() if k in initial}
+    ratios = {float((after[k][initial[k] != 0] / initial[k][initial[k] != 0]).mean()) for k in initial
+              if initial[k].count_nonzero()}
+    assert max(ratios) < 1 and max(ratios) - min(ratios) < 1e-6  # decay alone, the same factor on every weight
+    state = torch.load(checkpoints(tmp_path / "run")[-1] / "optimizer.pt", weights_only=True)
+    assert len(state["optimizer"]["state"]) == sum(1 for _ in trainer.model.parameters())
+
+
 # ----------------------------------------------------------------------------- resume
 
 
