@@ -24,8 +24,8 @@ DESIGNS = {  # every design that reads images, with the settings that change wha
 class Widest(Packing):
     """Rows of ``max_length``, as full as they get: the most samples to keep apart."""
 
-    def width(self, lengths):
-        return self.max_length
+    def candidates(self, lengths):
+        return [self.max_length]
 
 
 def model_for(name: str, tokenizer):
@@ -110,3 +110,4 @@ def test_a_packed_run_trains(tmp_path):
     train(validate(from_dict(data)), tmp_path / "run", log=lambda *_: None)
     losses = [r["loss"] for r in read_metrics(tmp_path / "run")]
     assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3])
+

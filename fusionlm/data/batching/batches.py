@@ -275,8 +275,7 @@ def collate(prompted: list[Prompted], tasks: list[str], skipped: list[Skip], pad
     encoded = [p.encoded for p in prompted]
     segments = None
     if pack is not None:
-        width = pack.width([len(e.input_ids) for e in encoded])
-        ids, labels, mask, segments, order = packed(encoded, width, pad_id)
+        ids, labels, mask, segments, order = packed(encoded, pack, pad_id)
         prompted, tasks = [prompted[i] for i in order], [tasks[i] for i in order]
     else:
         ids, labels, mask = pad_right(encoded, pad_id)

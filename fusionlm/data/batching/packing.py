@@ -35,12 +35,20 @@ class Packing:
 
     def width(self, lengths: list[int]) -> int:
         """The width of the packed rows of samples of ``lengths`` tokens: the cheapest candidate."""
+        return self.cheapest(lengths)[0]
+
+    def cheapest(self, lengths: list[int]) -> tuple[int, list[list[int]]]:
+        """The cheapest width for samples of ``lengths`` tokens and their rows at it (``pack_rows``)."""
+        return min(((w, pack_rows(lengths, w)) for w in self.candidates(lengths)),
+                   key=lambda c: (self.cost(len(c[1]), c[0]), c[0]))
+
+    def candidates(self, lengths: list[int]) -> list[int]:
+        """The widths tried: the longest sample rounded up to ``ROUND``, then doubled up to ``max_length``."""
         longest = max(lengths)
-        width = max(longest, min(self.max_length, -(-longest // ROUND) * ROUND))
-        candidates = [width]
-        while candidates[-1] < self.max_length and len(candidates) < 8:
-            candidates.append(min(self.max_length, 2 * candidates[-1]))
-        return min(candidates, key=lambda w: (self.cost(len(pack_rows(lengths, w)), w), w))
+        widths = [max(longest, min(self.max_length, -(-longest // ROUND) * ROUND))]
+        while widths[-1] < self.max_length and len(widths) < 8:
+            widths.append(min(self.max_length, 2 * widths[-1]))
+        return widths
 
     def cost(self, rows: int, width: int) -> float:
         """What ``rows`` rows of ``width`` positions cost, in position-products (module docstring)."""
@@ -61,10 +69,10 @@ def pack_rows(lengths: list[int], width: int) -> list[list[int]]:
     return rows
 
 
-def packed(encoded: list[Encoded], width: int, pad_id: int):
-    """(ids, labels, mask, segments), each (R, T), for the samples packed into rows of ``width``,
-    and the samples' order in them (row by row)."""
-    rows = pack_rows([len(e.input_ids) for e in encoded], width)
+def packed(encoded: list[Encoded], pack: Packing, pad_id: int):
+    """(ids, labels, mask, segments), each (R, T), for the samples packed into rows at ``pack``'s
+    cheapest width, and the samples' order in them (row by row)."""
+    _, rows = pack.cheapest([len(e.input_ids) for e in encoded])
     t = max(sum(len(encoded[i].input_ids) for i in row) for row in rows)
     ids = torch.full((len(rows), t), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), t), IGNORE, dtype=torch.long)
