@@ -205,15 +205,16 @@ def image_memory(features: torch.Tensor, marker_mask: torch.Tensor, *, visibilit
     )
 
 
-def native_cross_masks(call: CrossCall, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Llama 3.2 Vision's own cross-attention inputs from a call's (B, T, S) visibility mask.
+def native_cross_inputs(call: CrossCall, memory: torch.Tensor | None, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Llama 3.2 Vision's own cross-attention keyword arguments for one call: the additive mask
+    (B, 1, T, S) from its (B, T, S) visibility, the row mask (B, 1, T, 1) and the image memory
+    (B, S, D) (None: the KV cache holds its keys/values, and it is not passed).
 
-    Returns the additive mask (B, 1, T, S) and the row mask (B, 1, T, 1). As in transformers'
-    Mllama, a text row that sees no image attends to every slot (gated; only its cross-attention
-    MLP output is zeroed, by the row mask). Packed rows (``call.own``): to every slot of its own
-    sample; and a sample without images, which alone would skip the cross-attention layers, to one
-    more slot that the caller appends as zeros (its keys and values are zero: the output is zero),
-    so the mask is then (B, 1, T, S+1).
+    As in transformers' Mllama, a text row that sees no image attends to every slot (gated; only
+    its cross-attention MLP output is zeroed, by the row mask). Packed rows (``call.own``): to every
+    slot of its own sample; and a sample without images, which alone would skip the cross-attention
+    layers, to one more slot of zeros appended to the memory (its keys and values are zero, so is
+    the output): S is then the memory's slots + 1.
     """
     visible = call.visible
     seen = visible.any(-1, keepdim=True)  # (B, T, 1)
@@ -222,5 +223,12 @@ def native_cross_masks(call: CrossCall, dtype: torch.dtype) -> tuple[torch.Tenso
     else:
         allowed = torch.where(seen, visible, call.own)  # (B, T, S)
         allowed = torch.cat([allowed, ~allowed.any(-1, keepdim=True)], dim=-1)  # (B, T, S+1)
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=visible.device)
-    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None], seen[:, None].to(dtype)  # (B, 1, T, S'), (B, 1, T, 1)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=visible.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min)[:, None]  # (B, 1, T, S)
+    out = {"cross_attention_mask": mask, "full_text_row_masked_out_mask": seen[:, None].to(dtype)}
+    if memory is not None:
+        memory = memory.to(dtype)  # (B, S, D)
+        if call.own is not None:
+            memory = torch.cat([memory, memory.new_zeros(memory.shape[0], 1, memory.shape[2])], dim=1)  # (B, S+1, D)
+        out["cross_attention_states"] = memory
+    return out

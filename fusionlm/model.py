@@ -13,7 +13,6 @@ from .config import ModelConfig
 from .connectors import build_connector
 from .data.layout import ImageLayout, SpecialIds
 from .data.batching.packing import segment_mask, segment_positions
-from .linear_ce import linear_cross_entropy
 from .data.pixels.processing import ImageBatch
 from .designs import design_of
 from .encoders import build_encoder
@@ -21,8 +20,9 @@ from .generators import generator_of
 from .image_tokenizers import build_image_tokenizer
 from .errors import ConfigError, SampleError
 from .fusion import (
-    CrossCall, GatedCrossAttentionBlock, ImageContext, cross_layer, native_cross_masks, scatter_image_features,
+    CrossCall, GatedCrossAttentionBlock, ImageContext, cross_layer, native_cross_inputs, scatter_image_features,
 )
+from .linear_ce import linear_cross_entropy
 from .llm import build_llm, decoder_layers, dims, is_mllama_text
 
 
@@ -323,13 +323,8 @@ class FusionLM(nn.Module):
         if context is not None and context.cross is not None:
             call = context.cross.for_call(input_ids.shape[1], query_start, segments)
             if self.native_cross:
-                mask, row = native_cross_masks(call, embeds.dtype)
-                extra.update(cross_attention_mask=mask, full_text_row_masked_out_mask=row)
-                if not cached or query_start == 0:  # else the cache holds the image keys/values
-                    memory = context.cross.memory.to(embeds.dtype)  # (B, S, D)
-                    if call.own is not None:  # packed rows: the zero slot of samples without images
-                        memory = torch.cat([memory, memory.new_zeros(memory.shape[0], 1, memory.shape[2])], dim=1)
-                    extra["cross_attention_states"] = memory
+                fresh = not cached or query_start == 0  # else the cache holds the image keys/values
+                extra.update(native_cross_inputs(call, context.cross.memory if fresh else None, embeds.dtype))
             else:
                 extra["cross_inputs"] = call
         return embeds, extra
