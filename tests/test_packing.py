@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from fusionlm.checkpoint import build_model
-from fusionlm.config import from_dict, validate
+from fusionlm.config import from_dict, load_recipe, shipped_recipes, validate
+from fusionlm.data.batching.batches import ImageSpec, MixtureBatches
+from fusionlm.data.prompt import PromptEncoder
+from fusionlm.data.sources import build_source
+from fusionlm.recipe import make_tokenizer
+from fusionlm.train.loop import packing
+from fusionlm.train.objectives import objective_for
 from fusionlm.data.batching.packing import Packing, pack_rows, segment_positions
 from conftest import tiny_config
 
@@ -111,3 +117,32 @@ def test_a_packed_run_trains(tmp_path):
     losses = [r["loss"] for r in read_metrics(tmp_path / "run")]
     assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3])
 
+
+@pytest.mark.parametrize("recipe", [r for r in shipped_recipes() if load_recipe(r).model.generation.kind == "none"])
+def test_each_shipped_recipe_packs_its_last_stage_exactly(recipe):
+    """What a recipe trains by default: its last stage's batch packed (as the loop packs it, and as
+    full as rows get) gives the loss of the same samples one per row, with the gates open."""
+    config = load_recipe(recipe)
+    source = build_source(config.data)
+    tokenizer = make_tokenizer(config, source)
+    torch.manual_seed(0)
+    model = build_model(config, tokenizer).eval()
+    with torch.no_grad():
+        for block in model.cross_blocks.values():
+            block.attn_gate.fill_(0.7)
+            block.ffn_gate.fill_(0.7)
+    index = len(config.stages) - 1
+    stage = config.stages[index]
+    prompts = PromptEncoder.of(model, tokenizer, ImageSpec.for_model(model, config, root=source.root))
+    chosen = packing(config, model, objective_for(stage))
+    assert chosen is not None  # packed by default
+    losses = []
+    for pack in (None, chosen, Widest(chosen.max_length, chosen.hidden_size)):
+        batch = MixtureBatches(source, stage.mixture, seed=0, stage=index, batch_size=12, prompts=prompts,
+                               pack=pack)[0]
+        with torch.no_grad():
+            losses.append(float(model(batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixels,
+                                      labels=batch.labels, segment_ids=batch.segments, return_logits=False).loss))
+        if pack is not None:
+            assert batch.segments is not None and batch.input_ids.shape[0] < 12
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5) and losses[2] == pytest.approx(losses[0], rel=1e-5)
