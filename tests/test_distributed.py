@@ -38,15 +38,18 @@ def _worker(rank: int, world: int, port: int, data: dict, out: str, resume: bool
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
+    trainer = Trainer(validate(from_dict(json.loads(json.dumps(data)))), out, resume=resume, log=lambda *_: None)
+    group, ok = trainer.group, False
     try:
-        trainer = Trainer(validate(from_dict(json.loads(json.dumps(data)))), out, resume=resume, log=lambda *_: None)
         if data["train"].get("parallel") == "fsdp":  # each process holds half of every decoder layer
             for layer in decoder_layers(trainer.model.llm):
                 for p in layer.parameters():
                     assert isinstance(p, DTensor) and p.to_local().numel() * world == p.numel(), p.shape
         trainer.run()
+        ok = True
     finally:
-        torch.distributed.destroy_process_group()
+        del trainer  # as fusionlm.train.loop.train leaves the group
+        group.close(ok=ok)
 
 
 def run_parallel(data: dict, out, world: int = 2, resume: bool = False) -> None:
@@ -282,7 +285,7 @@ def _main_first_worker(rank: int, world: int, port: int, out: str) -> None:
             with open(out, "a") as fh:
                 fh.write(f"{rank}\n")
     finally:
-        torch.distributed.destroy_process_group()
+        group.close(ok=True)
 
 
 def test_rank_0_runs_the_hub_download_block_before_the_others(tmp_path):

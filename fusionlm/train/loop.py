@@ -423,4 +423,11 @@ def train(config: RecipeConfig, out: str | Path, *, resume: bool = False, log=pr
         trainer = Trainer(config, out, resume=resume, log=log, seconds=seconds)
     except (OSError, KeyError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{out}: cannot {'resume' if resume else 'start'} a run here ({exc})") from None
-    return trainer.run()
+    group, ok = trainer.group, False
+    try:
+        progress = trainer.run()
+        ok = True
+        return progress
+    finally:
+        del trainer  # its engines hold the process group
+        group.close(ok=ok)
