@@ -17,6 +17,7 @@ from fusionlm.llm import decoder_layers
 from fusionlm.data.sources.formats import read_llava_json
 from fusionlm.errors import CheckpointError
 from fusionlm.model import FusionLM
+from fusionlm.train.compiled import COMPILE_FROM, can_compile, compiles
 from fusionlm.train.loop import Trainer, train
 from tests.helpers_train import (
     checkpoints, interrupt_after as _interrupt_after, read_metrics, same_tensors, stage, tiny_dict, weights, write_recipe,
@@ -415,15 +416,31 @@ def test_non_finite_every_step_stops_after_max_bad_steps(tmp_path, capsys, monke
     assert list_checkpoints(tmp_path / "run") == []
 
 
+def test_a_stage_compiles_by_default_only_when_it_is_long_enough():
+    """train.compile: an explicit value is obeyed; null compiles from COMPILE_FROM micro-batches on,
+    where inductor can build kernels."""
+    cpu = torch.device("cpu")
+    assert compiles(True, 1, cpu) and not compiles(False, 10 * COMPILE_FROM, cpu)
+    assert not compiles(None, COMPILE_FROM - 1, cpu)
+    assert compiles(None, COMPILE_FROM, cpu) == can_compile(cpu)
+
+
 @pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="torch.compile needs a C++ compiler on CPU")
-def test_compiled_layers_train_as_eager(tmp_path):
-    """train.compile: the same losses as eager, and checkpoints with the same parameter names."""
-    stages = [stage("s", steps=3, train=["connector", "llm"])]
-    eager, compiled = (tiny_dict(stages=stages, train={"compile": flag}) for flag in (False, True))
-    trainer = Trainer(from_dict(compiled), tmp_path / "probe", log=quiet)
-    assert all(layer._compiled_call_impl is not None for layer in decoder_layers(trainer.model.llm))
+def test_compiled_layers_train_as_eager(tmp_path, monkeypatch):
+    """train.compile: the same losses as eager, and checkpoints with the same parameter names; under
+    the default (null) each stage decides: here the short stage runs eager, the long one compiled."""
+    from fusionlm.train import compiled, loop
+
+    monkeypatch.setattr(compiled, "COMPILE_FROM", 3)
+    stages = [stage("short", steps=2, train=["connector", "llm"]), stage("long", steps=3, train=["connector", "llm"])]
+    eager, auto = (tiny_dict(stages=stages, train={"compile": flag}) for flag in (False, None))
     train(from_dict(eager), tmp_path / "eager", log=quiet)
-    train(from_dict(compiled), tmp_path / "compiled", log=quiet)
+    decided = []
+    monkeypatch.setattr(loop, "compile_layers", lambda layers, on: (decided.append(on), compiled.compile_layers(layers, on)))
+    trainer = Trainer(from_dict(auto), tmp_path / "compiled", log=quiet)
+    trainer.run()
+    assert decided == [False, True]
+    assert all(layer._compiled_call_impl is not None for layer in decoder_layers(trainer.model.llm))
     a, b = read_metrics(tmp_path / "eager"), read_metrics(tmp_path / "compiled")
     assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-4)
     wa, wb = weights(checkpoints(tmp_path / "eager")[-1]), weights(checkpoints(tmp_path / "compiled")[-1])

@@ -232,9 +232,10 @@ class TrainConfig:
     checkpoint_format: str = "full"
     device: str = "auto"  # auto (a GPU when there is one) | cpu | cuda | cuda:N | mps
     bf16: bool = False  # bf16 autocast for the forward pass
-    # torch.compile each LLM decoder layer (fused elementwise work; the first steps of each new
-    # sequence length compile, so it pays on long runs)
-    compile: bool = False
+    # torch.compile each LLM decoder layer (fused elementwise work; the first steps compile, so it
+    # pays on long runs); null: a stage compiles them when it is long enough to pay it back
+    # (fusionlm.train.compiled)
+    compile: bool | None = None
     grad_clip: float | None = 1.0  # the gradients' global L2 norm is clipped to this; 0 or null: no clipping
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
     threads: int = 0  # torch intra-op threads; 0 = torch's default

@@ -30,6 +30,7 @@ from ..data.tokenizer import load_tokenizer
 from ..llm import decoder_layers
 from ..errors import CheckpointError, ConfigError, FusionError
 from ..recipe import make_tokenizer
+from .compiled import compile_layers, compiles
 from .distributed import Group
 from .objectives import objective_for
 from .plots import plot_losses
@@ -101,9 +102,6 @@ class Trainer:
             self.model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.train_step = TrainStep(self.model, self.group)
         self.group.shard(self.train_step, sharded_layers(self.model), bf16=config.train.bf16)  # train.parallel: fsdp
-        if config.train.compile:
-            for layer in decoder_layers(self.model.llm):
-                layer.compile()  # in place: parameter names (and checkpoints) unchanged
         if self.group.main:
             save_config(config, self.out / "config.yaml")
         self.spec = ImageSpec.for_model(self.model, config, root=self.source.root)
@@ -235,6 +233,8 @@ class Trainer:
         optimizer = torch.optim.AdamW(groups, lr=stage.lr, weight_decay=stage.weight_decay, betas=(0.9, 0.95),
                                       fused=fused_adam(params, self.device))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(stage))
+        compile_layers(decoder_layers(self.model.llm),
+                       compiles(self.config.train.compile, stage.steps * stage.grad_accum, self.device))
         engine = self.group.engine(self.train_step)  # DDP is built once the stage has chosen what trains
         if self.resume_state is not None and self.progress.stage == index and self.progress.stage_step > 0:
             self._load_state(optimizer, scheduler, self.resume_state)
