@@ -45,11 +45,9 @@ def can_compile(device: torch.device) -> bool:
     if device.type == "cpu":
         return any(shutil.which(c) for c in ("c++", "g++", "clang++"))
     if device.type == "cuda":
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            return False
-        return True
+        import importlib.util
+
+        return importlib.util.find_spec("triton") is not None
     return False
 
 
