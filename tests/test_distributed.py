@@ -56,10 +56,13 @@ def run_parallel(data: dict, out, world: int = 2, resume: bool = False) -> None:
     mp.spawn(_worker, args=(world, _free_port(), data, str(out), resume), nprocs=world, join=True)
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp", "ddp unpacked"])
 def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, parallel):
+    """``ddp unpacked``: one sample per row, so the grad_accum stage's micro-batches are grouped by length."""
     data = recipe()
-    data["train"]["parallel"] = parallel
+    data["train"]["parallel"] = parallel.split()[0]
+    if parallel.endswith("unpacked"):
+        data["data"]["pack"] = False
     train(validate(from_dict(data)), tmp_path / "one", log=lambda *_: None)
     run_parallel(data, tmp_path / "two")
     one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")

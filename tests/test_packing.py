@@ -146,3 +146,37 @@ def test_each_shipped_recipe_packs_its_last_stage_exactly(recipe):
         if pack is not None:
             assert batch.segments is not None and batch.input_ids.shape[0] < 12
     assert losses[1] == pytest.approx(losses[0], rel=1e-5) and losses[2] == pytest.approx(losses[0], rel=1e-5)
+
+
+@pytest.mark.parametrize("recipe", ["janus", "llava"])
+def test_length_grouped_micro_batches_keep_the_step(recipe):
+    """One sample per row, grad_accum 3: the step's samples regrouped by length across its micro-batches
+    (janus draws, so it is not packed; llava with packing off). The same samples, less padding, and
+    the step's summed loss unchanged; a contrastive stage is left as drawn."""
+    config = load_recipe(recipe)
+    source = build_source(config.data)
+    tokenizer = make_tokenizer(config, source)
+    torch.manual_seed(0)
+    model = build_model(config, tokenizer).eval()
+    index = len(config.stages) - 1
+    stage = config.stages[index]
+    objective = objective_for(stage)
+    prompts = PromptEncoder.of(model, tokenizer, ImageSpec.for_model(model, config, root=source.root))
+    steps = {}
+    for grouped in (False, True):
+        data = MixtureBatches(source, stage.mixture, seed=0, stage=index, batch_size=4, prompts=prompts, grad_accum=3,
+                              group_by_length=grouped)
+        assert data.group_by_length == grouped
+        micro = [data[k] for k in range(3, 6)]  # step 1
+        with torch.no_grad():
+            loss = sum(float(objective.loss(model, b).train) for b in micro)
+        steps[grouped] = (micro, loss)
+    (plain, plain_loss), (grouped, grouped_loss) = steps[False], steps[True]
+    assert sorted(i for b in grouped for i in b.sample_ids) == sorted(i for b in plain for i in b.sample_ids)
+    assert [len(b.sample_ids) for b in grouped] == [4, 4, 4]
+    lengths = [b.attention_mask.sum(1).tolist() for b in grouped]  # each row's tokens
+    assert all(max(a) <= min(b) for a, b in zip(lengths, lengths[1:]))  # shortest first
+    assert sum(b.input_ids.numel() for b in grouped) < sum(b.input_ids.numel() for b in plain)
+    assert grouped_loss == pytest.approx(plain_loss, rel=1e-5)
+    align = load_recipe("demo").stages[0]
+    assert align.objective == "contrastive" and not objective_for(align).packs  # what the loop groups by

@@ -214,6 +214,10 @@ class DataConfig:
     # several samples per row (fusionlm.data.batching.packing), each seeing only its own text and
     # images; null: wherever that is exact (the lm stages of a model that does not draw); false: one sample per row
     pack: bool | None = None
+    # one sample per row and grad_accum > 1: a process's samples of a step, sorted by length, fill its
+    # micro-batches in turn (less padding, the same step); lm stages only (a contrastive batch's
+    # negatives are its own samples)
+    group_by_length: bool = True
     # named sources a stage mixture draws from by name, e.g. {captions: {path: shards/, format: webdataset}}
     # with ``mixture: {captions: 45, docs: 45, text: 10}``; when set, ``source`` stays "synthetic"
     sources: dict[str, SourceConfig] = field(default_factory=dict)

@@ -197,11 +197,13 @@ class Trainer:
         return self.progress
 
     def _batches(self, index: int, stage: StageConfig, start: int):
+        objective = objective_for(stage)
         dataset = MixtureBatches(
             self.source, stage.mixture, seed=self.config.train.seed, stage=index, batch_size=stage.batch_size,
             prompts=PromptEncoder.of(self.model, self.tokenizer, self.spec), rank=self.group.rank, world=self.group.world,
-            pack=packing(self.config, self.model, objective_for(stage)), grad_accum=stage.grad_accum,
+            pack=packing(self.config, self.model, objective), grad_accum=stage.grad_accum,
             condition_dropout=stage.condition_dropout,
+            group_by_length=self.config.data.group_by_length and objective.packs,
         )
         order = range(start * stage.grad_accum, stage.steps * stage.grad_accum)
         workers = self.config.data.loader_workers

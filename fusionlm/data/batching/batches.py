@@ -132,12 +132,14 @@ class MixtureBatches(torch.utils.data.Dataset):
     """Map-style dataset: index k -> training micro-batch k of one stage.
 
     Optimizer step ``s`` is micro-batches ``s*grad_accum …``: sample numbers ``s*S … s*S+S-1`` with
-    ``S = batch_size * grad_accum``; each rank takes its contiguous share of every micro-batch.
+    ``S = batch_size * grad_accum``; each rank takes its contiguous share of every micro-batch (with
+    ``group_by_length``, its shares of the step's micro-batches, regrouped by length).
     """
 
     def __init__(self, source: SampleSource, mixture: dict[str, float], *, seed: int, stage: int,
                  batch_size: int, prompts: PromptEncoder, split: str = "train", rank: int = 0, world: int = 1,
-                 pack: Packing | None = None, grad_accum: int = 1, condition_dropout: float = 0.0):
+                 pack: Packing | None = None, grad_accum: int = 1, condition_dropout: float = 0.0,
+                 group_by_length: bool = False):
         mixture = check_mixture(mixture, source, key=f"stages.{stage}.mixture")
         self.source, self.split = source, split
         self.task_names = [t for t, w in mixture.items() if w > 0]
@@ -146,6 +148,11 @@ class MixtureBatches(torch.utils.data.Dataset):
         self.prompts = prompts  # how a sample becomes ids, labels and encoder inputs
         self.rank, self.world = rank, world  # data parallelism: this process's share of each batch
         self.pack = pack  # several samples per row (``packing``); None: one sample per row
+        # unpacked, grad_accum > 1: this process's samples of a step, sorted by length, fill its
+        # micro-batches in turn (less padding; the step's samples, hence its summed loss, unchanged)
+        self.group_by_length = group_by_length and pack is None and grad_accum > 1
+        self.grad_accum = grad_accum
+        self._grouped: tuple[int, list[Prompted], list[str], list[Skip], list[np.ndarray]] | None = None
         self.condition_dropout = condition_dropout  # share of drawing samples trained on the null prompt
         if grad_accum < 1:
             raise ConfigError(f"stages.{stage}.grad_accum: must be >= 1, got {grad_accum}")
@@ -244,10 +251,31 @@ class MixtureBatches(torch.utils.data.Dataset):
         return self._steps[step]
 
     def __getitem__(self, k: int) -> Batch:
-        prompted, tasks, skipped = [], [], []
+        if not self.group_by_length:
+            return collate(*self._prepared(self._numbers(k)), self.prompts.tokenizer.pad_token_id, pack=self.pack)
+        step, m = divmod(k, self.grad_accum)
+        if self._grouped is None or self._grouped[0] != step:
+            first = step * self.grad_accum
+            prompted, tasks, skipped = self._prepared(
+                [n for j in range(first, first + self.grad_accum) for n in self._numbers(j)])
+            by_length = sorted(range(len(prompted)), key=lambda i: len(prompted[i].encoded.input_ids))
+            self._grouped = (step, prompted, tasks, skipped, np.array_split(np.array(by_length, dtype=np.int64),
+                                                                           self.grad_accum))
+        _, prompted, tasks, skipped, chunks = self._grouped
+        mine = chunks[m].tolist()
+        return collate([prompted[i] for i in mine], [tasks[i] for i in mine], skipped if m == 0 else [],
+                       self.prompts.tokenizer.pad_token_id)
+
+    def _numbers(self, k: int) -> range:
+        """The sample numbers of micro-batch ``k`` that this process takes."""
         share = self.batch_size // self.world
         first = k * self.batch_size + self.rank * share
-        for number in range(first, first + share):
+        return range(first, first + share)
+
+    def _prepared(self, numbers) -> tuple[list[Prompted], list[str], list[Skip]]:
+        """The samples ``numbers`` encoded, their tasks, and those skipped (with why)."""
+        prompted, tasks, skipped = [], [], []
+        for number in numbers:
             sample = None
             try:
                 sample = self.sample_at(number)
@@ -262,7 +290,7 @@ class MixtureBatches(torch.utils.data.Dataset):
                 skipped.append(Skip(sample.id if sample else f"#{number}", "bad_sample", str(exc)))
                 continue
             tasks.append(sample.task)
-        return collate(prompted, tasks, skipped, self.prompts.tokenizer.pad_token_id, pack=self.pack)
+        return prompted, tasks, skipped
 
 
 def collate(prompted: list[Prompted], tasks: list[str], skipped: list[Skip], pad_id: int, *,
