@@ -170,7 +170,26 @@ class FusionLM(nn.Module):
         """Connector outputs (S, N, D), one per image slot; images with fewer tokens are zero-padded
         to N. Video frames are encoded as images, then each group of ``temporal_pool`` consecutive
         frames is averaged into one slot (``ImageBatch.pool``); without video S = I."""
-        return pixels.pool(self.connector(self.encoder(pixels), pixels.grids))  # (S, N, D)
+        return pixels.pool(self.connector(self.encoded(pixels), pixels.grids))  # (S, N, D)
+
+    def encoded(self, pixels: ImageBatch) -> torch.Tensor:
+        """The encoder's outputs (I, N, De). A frozen encoder without dropout gives a repeated image
+        the same features, so it runs once per distinct image of the batch."""
+        distinct = pixels.distinct() if self._encoder_fixed() else None
+        if distinct is None:
+            return self.encoder(pixels)
+        once, index = distinct
+        return self.encoder(once)[index]  # (I, N, De)
+
+    def _encoder_fixed(self) -> bool:
+        """The encoder is a fixed function here: nothing of it trains, and no dropout is active."""
+        if any(p.requires_grad for p in self.encoder.parameters()) and torch.is_grad_enabled():
+            return False
+        if not self.encoder.training:
+            return True
+        return not any(isinstance(m, nn.Dropout) and m.p > 0 or getattr(getattr(m, "config", None),
+                                                                         "attention_dropout", 0.0)
+                       for m in self.encoder.modules())
 
     def slot_tokens(self, pixels: ImageBatch) -> list[int]:
         """Real (unpadded) connector tokens of each image slot of ``pixels``."""

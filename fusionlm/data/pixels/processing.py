@@ -90,6 +90,27 @@ class ImageBatch:
             return features
         return torch.stack([part.mean(0) for part in features.split(self.groups())])  # (S, N, D)
 
+    def distinct(self) -> "tuple[ImageBatch, torch.Tensor] | None":
+        """The batch's distinct inputs, each once (in order of first appearance), and (I,) the index
+        among them of each input; None when no input repeats another, or when inputs are not stacked
+        whole images of one role (patch lists, extras, pooled frames: left as they are)."""
+        values = self.pixel_values
+        if len(self) < 2 or values.dim() != 4 or self.extras or any(p != 1 for p in self.pools) \
+                or len(set(self.roles)) > 1:
+            return None
+        _, inverse = torch.unique(values.flatten(1), dim=0, return_inverse=True)  # (I,)
+        count = int(inverse.max()) + 1
+        if count == len(self):
+            return None
+        at = torch.arange(len(self), device=inverse.device)
+        first = torch.full((count,), len(self), device=inverse.device).scatter_reduce(0, inverse, at, "amin")
+        first = first.sort().values  # (U,) the first input showing each distinct image, in order
+        index = torch.empty(count, dtype=torch.long, device=inverse.device)
+        index[inverse[first]] = torch.arange(count, device=inverse.device)
+        keep = first.tolist()
+        return ImageBatch(values[first], [self.grids[i] for i in keep], {}, [self.roles[i] for i in keep]
+                          if self.roles else [], [1] * count if self.pools else []), index[inverse]
+
     @classmethod
     def collate(cls, inputs: list[ImageInput]) -> "ImageBatch | None":
         if not inputs:
