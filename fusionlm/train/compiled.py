@@ -8,11 +8,12 @@ recompiles once; from the second length on the graph is dynamic in it (torch's a
 shapes), so a run compiles about twice whatever its lengths, packed or padded.
 
 Compiling costs time up front: on the demo's model here (2 CPU cores, its ``instruct`` stage, 300
-steps of 32 samples) about 32 s with an empty cache and 5 s with a warm one, against about 11 ms
-saved per micro-batch of 90 (docs/benchmarks.md, "Compiled layers"). ``train.compile: null`` (the
-default) therefore compiles a stage's layers when the stage runs at least ``COMPILE_FROM``
-micro-batches, which pays back an empty cache at those figures, and where inductor can build
-kernels (a C++ compiler on the CPU, triton on CUDA). The decision is a
+steps of 32 samples) 27-28 s more than eager with an empty cache and 3-4 s with a warm one, against
+6-13 ms saved per micro-batch of 97 (``python benchmarks/compile_pays.py``, two runs: compiling paid
+from 2,500-4,200 micro-batches with an empty cache, 520-990 with a warm one). ``train.compile:
+null`` (the default) therefore compiles a stage's layers when the stage runs at least
+``COMPILE_FROM`` micro-batches, where an empty cache paid back in both runs, and where inductor can
+build kernels (a C++ compiler on the CPU, triton on CUDA). The decision is a
 function of the recipe alone, so a resumed run and every process of a run decide alike.
 
 The compiled graphs are kept on disk by torch's own caches (inductor's FX graph cache, AOTAutograd's
@@ -30,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-COMPILE_FROM = 3000  # micro-batches of one stage from which ``train.compile: null`` compiles
+COMPILE_FROM = 4500  # micro-batches of one stage from which ``train.compile: null`` compiles
 
 
 def compiles(setting: bool | None, micro_batches: int, device: torch.device) -> bool:
