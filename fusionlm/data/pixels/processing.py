@@ -98,7 +98,10 @@ class ImageBatch:
         if len(self) < 2 or values.dim() != 4 or self.extras or any(p != 1 for p in self.pools) \
                 or len(set(self.roles)) > 1:
             return None
-        _, inverse = torch.unique(values.flatten(1), dim=0, return_inverse=True)  # (I,)
+        flat = values.flatten(1)  # (I, P)
+        if len(torch.unique(flat.sum(1))) == len(self):  # distinct sums, distinct images: the usual batch
+            return None
+        _, inverse = torch.unique(flat, dim=0, return_inverse=True)  # (I,)
         count = int(inverse.max()) + 1
         if count == len(self):
             return None
