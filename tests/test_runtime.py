@@ -3,7 +3,6 @@ prefill and at every decoding step, for each design and LLM family, on left-padd
 
 from __future__ import annotations
 
-import shutil
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ from fusionlm.checkpoint import build_model
 from fusionlm.config import validate
 from fusionlm.generate import GeneralDecoder, encode_requests
 from fusionlm.runtime import StaticDecoder, unsupported
+from fusionlm.train.compiled import can_compile
 from test_generate import _requests
 
 STEPS = 5
@@ -81,7 +81,7 @@ def test_unsupported_decoders_say_why(tokenizer):
     assert "longer than the sliding window (4096)" in unsupported(mistral, 4097)
 
 
-@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="torch.compile needs a C++ compiler on CPU")
+@pytest.mark.skipif(not can_compile(torch.device("cpu")), reason="torch.compile needs a C++ compiler on CPU")
 def test_compiled_decoding_equals_eager(tokenizer, world):
     """torch.compile'd steps (whole-cache attention under a mask) give the eager steps' logits."""
     model = _model(tokenizer, "cross_attention")

@@ -425,7 +425,7 @@ def test_a_stage_compiles_by_default_only_when_it_is_long_enough():
     assert compiles(None, COMPILE_FROM, cpu) == can_compile(cpu)
 
 
-@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="torch.compile needs a C++ compiler on CPU")
+@pytest.mark.skipif(not can_compile(torch.device("cpu")), reason="torch.compile needs a C++ compiler on CPU")
 def test_compiled_layers_train_as_eager(tmp_path, monkeypatch):
     """train.compile: the same losses as eager, and checkpoints with the same parameter names; under
     the default (null) each stage decides: here the short stage runs eager, the long one compiled."""

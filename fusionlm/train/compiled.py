@@ -42,9 +42,12 @@ def compiles(setting: bool | None, micro_batches: int, device: torch.device) -> 
 
 
 def can_compile(device: torch.device) -> bool:
-    """Inductor can build kernels for ``device``: a C++ compiler for the CPU, triton for CUDA."""
+    """Inductor can build kernels for ``device``: the C++ compiler it will call for the CPU
+    (``$CXX``, else g++: its ``cpp.cxx``), triton for CUDA."""
     if device.type == "cpu":
-        return any(shutil.which(c) for c in ("c++", "g++", "clang++"))
+        from torch._inductor import config as inductor
+
+        return any(c is not None and shutil.which(c) for c in inductor.cpp.cxx)
     if device.type == "cuda":
         import importlib.util
 
