@@ -187,9 +187,12 @@ class FusionLM(nn.Module):
             return False
         if not self.encoder.training:
             return True
-        return not any(isinstance(m, nn.Dropout) and m.p > 0 or getattr(getattr(m, "config", None),
-                                                                         "attention_dropout", 0.0)
-                       for m in self.encoder.modules())
+        for m in self.encoder.modules():
+            if isinstance(m, nn.Dropout) and m.p > 0:
+                return False
+            if getattr(getattr(m, "config", None), "attention_dropout", 0.0):  # transformers' attention
+                return False
+        return True
 
     def slot_tokens(self, pixels: ImageBatch) -> list[int]:
         """Real (unpadded) connector tokens of each image slot of ``pixels``."""
