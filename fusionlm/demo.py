@@ -1,4 +1,8 @@
-"""The main job: train the default model (Method A) on the synthetic world, evaluate, report."""
+"""The main job: train the default model (Method A) on the synthetic world, evaluate, report.
+
+The report: ``report.json`` (``evaluate.harness.write_results``) and ``report.md``: the score table,
+a picture grid of test examples per task (``examples.png``, ``evaluate.grid``), the loss plot
+(``run/loss.png``) and the wall time."""
 
 from __future__ import annotations
 
@@ -10,7 +14,9 @@ from .checkpoint import load_model
 from .config import load_recipe
 from .data.batching.batches import ImageSpec
 from .data.sources import build_source
+from .evaluate.grid import example_grid
 from .evaluate.harness import EVAL_TASKS, evaluate, markdown_table, write_results
+from .evaluate.results import TaskResult
 from .recipe import trained_tasks
 from .train.loop import train
 from .train.report import read_metrics
@@ -42,18 +48,29 @@ def run_demo(out: str | Path, overrides: list[str] | None = None, *, recipe: str
     extra = {"wall_seconds": round(wall, 1), "train_seconds": round(trained, 1),
              "train_tokens_per_s": round(tok_s, 1), "steps": len(metrics),
              "final_loss": metrics[-1]["loss"] if metrics else None}
-    write_results(results, out / "report.json", extra=extra)
-    with open(out / "report.md", "a") as fh:
-        fh.write(f"\nRecipe `{recipe}` ({config.model.fusion.kind}), {extra['steps']} optimizer steps; "
-                 f"wall time {wall:.0f} s (training {trained:.0f} s, {tok_s:.0f} tokens/s); test split, "
-                 f"{config.train.eval_per_task} samples per task. Reproduce: `fusionlm demo --out {out}`.\n")
+    summary = (f"Recipe `{recipe}` ({config.model.fusion.kind}), {extra['steps']} optimizer steps; "
+               f"wall time {wall:.0f} s (training {trained:.0f} s, {tok_s:.0f} tokens/s); test split, "
+               f"{config.train.eval_per_task} samples per task. Reproduce: `fusionlm demo --out {out}`.")
+    write_report(out, results, source, extra, summary)
 
     print()
     print(markdown_table(results))
     print()
     print(f"wall time {wall:.0f} s (training {trained:.0f} s, {tok_s:.0f} tokens/s)")
-    print(f"example: {image_path}")
+    print(f"example: {image_path}; examples per task: {out / 'examples.png'}")
     print(f"  question: {example['question'].replace('<image>', '').strip()}")
     print(f"  answer:   {example['answer']}   (reference: {example['references'][0]})")
     print(f"report: {out / 'report.json'}, {out / 'report.md'}")
     return json.loads((out / "report.json").read_text())
+
+
+def write_report(out: Path, results: list[TaskResult], source, extra: dict, summary: str) -> None:
+    """``out/report.json`` (scores, ``extra`` beside them) and ``out/report.md``: the score table,
+    ``examples.png`` (drawn here from ``source``), ``run/loss.png`` (when training drew one), ``summary``."""
+    write_results(results, out / "report.json", extra=extra)
+    example_grid(results, source, out / "examples.png")
+    parts = ["![examples](examples.png)"]
+    if (out / "run" / "loss.png").is_file():
+        parts.append("![loss](run/loss.png)")
+    with open(out / "report.md", "a") as fh:
+        fh.write("\n" + "\n\n".join([*parts, summary]) + "\n")

@@ -473,6 +473,7 @@ def test_demo_end_to_end_on_a_tiny_budget(tmp_path, capsys):
     md = (tmp_path / "demo" / "report.md").read_text()
     assert all(f"| {t} |" in md for t in taught) and "| motion |" not in md
     assert (tmp_path / "demo" / "example.png").is_file()
+    assert (tmp_path / "demo" / "examples.png").is_file() and "![examples](examples.png)" in md  # the picture grid
     assert (tmp_path / "demo" / "run" / "checkpoints" / "step-000003" / "model.safetensors").is_file()
     assert "report:" in out
 

@@ -8,6 +8,10 @@ never include the question itself.
 
 A question whose prompt does not fit the model's context (even with no examples) is skipped, not
 answered: the task is scored on the others, and its ``TaskResult.skipped`` names the skipped ones.
+
+A task's extra metrics (``EvalTask.extra_metrics``; the world's table task: cell F1 beside exact
+match) score the same answers; they are reported beside the task's score (``TaskResult.extra``, a
+row each in the table, ``extra_scores`` in the JSON, ``extra`` in each example), never instead of it.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from ..data.sources import build_source
 from ..errors import ConfigError
 from ..generate import MAX_NEW_TOKENS, Request, generate
 from .drawing import draw_task
-from .metrics import GENEVAL, METRICS, metric_for
+from .metrics import GENEVAL, METRICS, extra_metrics_for, metric_for
 from .results import TaskResult
 from .tasks import WORLD_EVAL_TASKS, EvalTask
 
@@ -127,14 +131,28 @@ def evaluate_tasks(model, tokenizer, tasks: list[EvalTask], spec: ImageSpec, *, 
             preds.extend(generate(model, tokenizer, reqs, task_spec, max_new_tokens=task.max_new_tokens))
         refs = [s.answers for s in questions]
         score, per = METRICS.get(task.metric)(preds, refs)
+        extra, extra_per = score_extra(task.extra_metrics, preds, refs)
         examples = [{"id": s.id, "question": question_of(s), "answer": p, "references": s.answers, "score": v}
                     for s, p, v in zip(questions, preds, per)]
+        for example, scores in zip(examples, extra_per):
+            example["extra"] = scores
         results.append(TaskResult(task.name, task.metric, score, len(questions), shots, examples, fewer, skipped,
-                                  max_length))
+                                  max_length, extra))
         if progress:
             note = f", skipped {len(skipped)} over the context" if skipped else ""
-            progress(f"{task.name:<10} {task.metric:<18} {score:.3f}  (n={len(questions)}, {shots}-shot{note})")
+            also = "".join(f"; {name} {value:.3f}" for name, value in extra.items())
+            progress(f"{task.name:<10} {task.metric:<18} {score:.3f}  (n={len(questions)}, {shots}-shot{note}{also})")
     return results
+
+
+def score_extra(metrics: list[str], preds: list[str], refs: list[list[str]]) -> tuple[dict[str, float], list[dict]]:
+    """The extra metrics on the same answers: ({metric: score}, per sample {metric: score}); with no
+    extra metrics, ``({}, [])`` (the examples then carry no ``extra``)."""
+    if not metrics:
+        return {}, []
+    scored = {name: METRICS.get(name)(preds, refs) for name in metrics}
+    per = [{name: values[i] for name, (_, values) in scored.items()} for i in range(len(preds))]
+    return {name: score for name, (score, _) in scored.items()}, per
 
 
 def evaluate(model, tokenizer, source, spec: ImageSpec, *, split: str = "test", per_task: int = 50,
@@ -146,14 +164,17 @@ def evaluate(model, tokenizer, source, spec: ImageSpec, *, split: str = "test", 
     data = getattr(source, "path", "synthetic")
     root = None if data == "synthetic" else source.root
     defs = [EvalTask(name=n, metric=metric_for(n), data=data, split=split, max_new_tokens=max_new_tokens,
-                     image_root=root) for n in names]
+                     image_root=root, extra_metrics=extra_metrics_for(n)) for n in names]
     return evaluate_tasks(model, tokenizer, defs, spec, per_task=per_task, batch_size=batch_size, shots=shots,
                           seed=seed, progress=progress, sources={(data, root): source})
 
 
 def markdown_table(results: list[TaskResult]) -> str:
+    """One row per task and shots, then one per extra metric of it (same task, shots and n)."""
     lines = ["| task | metric | shots | score | n |", "| --- | --- | ---: | ---: | ---: |"]
-    lines += [f"| {r.task} | {r.metric} | {r.shots} | {r.score:.3f} | {r.n} |" for r in results]
+    for r in results:
+        lines += [f"| {r.task} | {metric} | {r.shots} | {score:.3f} | {r.n} |"
+                  for metric, score in [(r.metric, r.score), *r.extra.items()]]
     return "\n".join(lines)
 
 
@@ -165,11 +186,15 @@ def skipped_lines(results: list[TaskResult]) -> list[str]:
 
 def write_results(results: list[TaskResult], path: str | Path, *, extra: dict | None = None) -> None:
     """``path`` (JSON: scores, counts, skipped questions, examples) and the same stem with ``.md``
-    (the table, then a line per task with skipped questions)."""
+    (the table, then a line per task with skipped questions).
+
+    ``scores`` and ``metrics`` hold each task's own metric; ``extra_scores`` the others, for the tasks
+    that have some: ``{"table": {"table_cell_f1": 0.412}}``."""
     path = Path(path)
     key = {id(r): r.task if r.shots == 0 else f"{r.task} ({r.shots}-shot)" for r in results}
     data = {"scores": {key[id(r)]: r.score for r in results}, "metrics": {key[id(r)]: r.metric for r in results},
             "n": {key[id(r)]: r.n for r in results}, "shots": {key[id(r)]: r.shots for r in results},
+            "extra_scores": {key[id(r)]: dict(r.extra) for r in results if r.extra},
             "fewer_shots": {key[id(r)]: r.fewer_shots for r in results if r.fewer_shots},
             "skipped": {key[id(r)]: {"n": len(r.skipped), "reason": r.skip_reason(), "ids": r.skipped}
                         for r in results if r.skipped},

@@ -3,9 +3,9 @@ registry of corpus-level scorers that a task definition names.
 
 The synthetic world's tasks keep their metrics (``metric_for``): exact match for short answers,
 CIDEr for captions (pycocoevalcap's scorer), exact match for table -> Markdown after whitespace
-normalisation. For real benchmarks: VQAv2 soft accuracy (``vqa_accuracy``), ANLS for DocVQA /
-ST-VQA (``anls``), cell-level F1 between Markdown tables (``table_cell_f1``) and multiple-choice
-accuracy (``choice_accuracy``).
+normalisation, with the cell F1 reported beside it (``extra_metrics_for``). For real benchmarks:
+VQAv2 soft accuracy (``vqa_accuracy``), ANLS for DocVQA / ST-VQA (``anls``), cell-level F1 between
+Markdown tables (``table_cell_f1``) and multiple-choice accuracy (``choice_accuracy``).
 """
 
 from __future__ import annotations
@@ -320,11 +320,19 @@ METRICS.register("cider")(cider)
 
 # The synthetic world's tasks and their metrics; any other task of the world: exact match.
 TASK_METRICS = {"caption": "cider", "table": "table_exact_match", "draw": "geneval"}
+# Scores reported beside the task's own, on the same answers: a table that is one cell off scores 0
+# by exact match, and its cell F1 says how far off it is.
+TASK_EXTRA_METRICS = {"table": ("table_cell_f1",)}
 GENEVAL = "geneval"  # a drawing task: its pictures scored by ``evaluate.geneval``, not its text
 
 
 def metric_for(task: str) -> str:
     return TASK_METRICS.get(task, "exact_match")
+
+
+def extra_metrics_for(task: str) -> list[str]:
+    """The metrics a world task reports besides ``metric_for(task)`` (none for most)."""
+    return list(TASK_EXTRA_METRICS.get(task, ()))
 
 
 def score_task(task: str, predictions: list[str], references: list[list[str]]) -> tuple[float, list[float]]:

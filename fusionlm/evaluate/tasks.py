@@ -4,15 +4,17 @@ A task file is YAML, a list of entries with the keys of ``EvalTask``::
 
     - {name: chartqa-mini, data: eval/chart.jsonl, metric: vqa_accuracy, prompt: "{question} Answer briefly."}
     - {name: color, data: synthetic, metric: exact_match}
+    - {name: table, data: synthetic, metric: table_exact_match, extra_metrics: [table_cell_f1]}
 
 ``data`` is ``synthetic`` (the world's task of the same name, or ``task``) or a LLaVA-style JSON
 or question JSONL file (``fusionlm.data.sources.formats``). The synthetic world's test split ships as
-built-in tasks (``builtin_tasks``).
+built-in tasks (``builtin_tasks``), each with its metric and the extra metrics reported beside it
+(``metrics.extra_metrics_for``: the table task's cell F1).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -20,7 +22,7 @@ import yaml
 from ..config import from_dict
 from ..errors import ConfigError
 from ..generate import MAX_NEW_TOKENS
-from .metrics import metric_for
+from .metrics import extra_metrics_for, metric_for
 
 WORLD_EVAL_TASKS = ("caption", "color", "shape", "count", "position", "text", "table", "chart", "price", "motion")
 
@@ -36,6 +38,7 @@ class EvalTask:
     shots_split: str = "val"  # the world's split k-shot examples come from (files: the other samples)
     image_root: str | None = None
     max_new_tokens: int = MAX_NEW_TOKENS  # the answer budget (``generate.MAX_NEW_TOKENS`` unless the task sets one)
+    extra_metrics: list[str] = field(default_factory=list)  # scored on the same answers, reported beside ``metric``
 
     @property
     def data_task(self) -> str:
@@ -48,7 +51,7 @@ def builtin_tasks(names: list[str] | None = None) -> list[EvalTask]:
     unknown = [n for n in names if n not in WORLD_EVAL_TASKS]
     if unknown:
         raise ConfigError(f"unknown built-in task {unknown[0]!r} (built-in: {', '.join(WORLD_EVAL_TASKS)})")
-    return [EvalTask(name=n, metric=metric_for(n)) for n in names]
+    return [EvalTask(name=n, metric=metric_for(n), extra_metrics=extra_metrics_for(n)) for n in names]
 
 
 def load_task_file(path: str | Path) -> list[EvalTask]:
