@@ -26,6 +26,33 @@ from .registry import Registry
 ENCODERS: Registry[type["ImageEncoder"]] = Registry("encoder", "model.encoder.kind")
 
 
+STEMS = ("patch", "conv")
+
+
+class ConvStem(nn.Sequential):
+    """Stride-2 3x3 convolutions from pixels to the patch grid: (I, 3, H, W) -> (I, D, H/p, W/p).
+
+    Widths double from 16 and end at ``width``, GELU between; ``patch`` is a power of two >= 2.
+    """
+
+    def __init__(self, channels: int, width: int, patch: int):
+        depth = patch.bit_length() - 1
+        if patch < 2 or patch != 1 << depth:
+            raise ConfigError(f"model.encoder.stem: 'conv' halves the image {depth} times, so "
+                              f"model.encoder.patch_size must be a power of two >= 2, not {patch}")
+        widths = [channels] + [min(width, 16 << i) for i in range(depth - 1)] + [width]
+        layers: list[nn.Module] = []
+        for a, b in zip(widths[:-1], widths[1:]):
+            layers += [nn.Conv2d(a, b, 3, stride=2, padding=1), nn.GELU()]
+        super().__init__(*layers[:-1])
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The first convolution's weight: transformers' embeddings read the patch embedding's
+        ``weight.dtype`` to cast the pixels."""
+        return self[0].weight
+
+
 class ImageEncoder(nn.Module):
     out_dim: int
     grid: tuple[int, int]
@@ -34,10 +61,16 @@ class ImageEncoder(nn.Module):
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     interpolates: bool = False  # can run above its own size (``resolution``) by interpolating position embeddings
+    conv_stem: bool = False  # its patch embedding can be replaced by a ``ConvStem`` (``stem: conv``)
 
     def __init__(self, config: EncoderConfig):
         super().__init__()
         self.config = config
+        if config.stem not in STEMS:
+            raise ConfigError(f"model.encoder.stem: {config.stem!r} is not one of {list(STEMS)}")
+        if config.stem != "patch" and not self.conv_stem:
+            raise ConfigError(f"model.encoder.stem: the {config.kind!r} encoder has only its own patch embedding "
+                              "(a 'conv' stem fits clip and siglip); leave stem: patch")
         if config.resolution is not None and not self.interpolates:
             raise ConfigError(f"model.encoder.resolution: the {config.kind!r} encoder cannot interpolate its position "
                               f"embeddings (clip and siglip can); leave it unset")
@@ -72,7 +105,20 @@ class _HFVisionTower(ImageEncoder):
                 config.processor = pretrained_processor(config.hf)
         else:
             self.tower = self.model_cls._from_config(self._tiny_config(config), dtype=torch_dtype(config.dtype))
+        if config.stem == "conv":
+            self._conv_stem(config)
         self._geometry(config)
+
+    def _conv_stem(self, config: EncoderConfig) -> None:
+        """Replace the tower's patch embedding by ``ConvStem`` (same grid and width)."""
+        if config.hf:
+            raise ConfigError("model.encoder.stem: 'conv' replaces the patch embedding of a tower built from sizes; "
+                              f"the pretrained tower {config.hf!r} keeps its own (stem: patch)")
+        embeddings = [m for m in self.tower.modules() if isinstance(getattr(m, "patch_embedding", None), nn.Conv2d)]
+        if len(embeddings) != 1:
+            raise ConfigError(f"model.encoder.stem: the {config.kind!r} tower has no single patch embedding to replace")
+        patch = embeddings[0].patch_embedding
+        embeddings[0].patch_embedding = ConvStem(patch.in_channels, patch.out_channels, patch.stride[0])
 
     def _geometry(self, config: EncoderConfig) -> None:
         """``out_dim``, ``image_size`` and ``grid`` of the built tower."""
@@ -119,6 +165,7 @@ class SiglipEncoder(_HFVisionTower):
     config_cls, model_cls = SiglipVisionConfig, SiglipVisionModel
     model_types = ("siglip_vision_model", "siglip")
     interpolates = True
+    conv_stem = True
 
     # A fresh tower has no use for the attention-pooling head: features are taken per patch.
     extra_config = {"vision_use_head": False}
@@ -129,6 +176,7 @@ class ClipEncoder(_HFVisionTower):
     config_cls, model_cls = CLIPVisionConfig, CLIPVisionModel
     model_types = ("clip_vision_model", "clip")
     interpolates = True
+    conv_stem = True
 
     has_cls = True
     mean = (0.48145466, 0.4578275, 0.40821073)

@@ -32,6 +32,11 @@ class EncoderConfig:
     # CLIP / SigLIP used above the size they were built for (MM1: 378 -> 672): images are
     # letterboxed at this side and the tower interpolates its position embeddings; None: its own size.
     resolution: int | None = None
+    # How pixels become patch tokens: "patch" (the tower's own linear patch embedding, one
+    # patch_size x patch_size convolution) or "conv" (a stack of stride-2 3x3 convolutions down to
+    # the same grid, Xiao et al. 2021's early convolutions: the translation equivariance that lets a
+    # small tower trained from scratch read glyphs at any offset; towers built from sizes only).
+    stem: str = "patch"
 
 
 @dataclass

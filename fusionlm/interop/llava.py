@@ -86,6 +86,8 @@ class Llava(Format):
         if c.encoder.resolution is not None:
             problems.append(f"the tower runs at resolution {c.encoder.resolution} with interpolated position "
                             f"embeddings (LLaVA's tower runs at its own size)")
+        if c.encoder.stem != "patch":
+            problems.append(f"the tower's stem is {c.encoder.stem!r} (LLaVA's tower embeds linear patches)")
         if c.tiling.max_tiles:
             problems.append("images are tiled (LLaVA-1.5 sees each image whole)")
         if c.connector.kind != "mlp":
