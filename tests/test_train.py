@@ -12,10 +12,10 @@ import torch
 
 from fusionlm.checkpoint import list_checkpoints, load_model, resolve_checkpoint
 from fusionlm.cli import main
-from fusionlm.config import from_dict
+from fusionlm.config import from_dict, validate
 from fusionlm.llm import decoder_layers
 from fusionlm.data.sources.formats import read_llava_json
-from fusionlm.errors import CheckpointError
+from fusionlm.errors import CheckpointError, ConfigError
 from fusionlm.model import FusionLM
 from fusionlm.train.compiled import COMPILE_FROM, can_compile, compiles
 from fusionlm.train.loop import Trainer, train
@@ -445,3 +445,23 @@ def test_compiled_layers_train_as_eager(tmp_path, monkeypatch):
     assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-4)
     wa, wb = weights(checkpoints(tmp_path / "eager")[-1]), weights(checkpoints(tmp_path / "compiled")[-1])
     assert wa.keys() == wb.keys()
+
+
+def test_each_stage_runs_on_its_own_threads_and_the_run_ends_on_the_runs(tmp_path, monkeypatch):
+    """stages[i].threads: the stage's intra-op threads (0: train.threads, else torch's own);
+    after the run the process is back on the run's."""
+    stages = [stage("one", steps=2, threads=1), stage("default", steps=2), stage("three", steps=2, threads=3)]
+    seen = []
+    real = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (seen.append(n), real(n))[1])
+    train(from_dict(tiny_dict(stages=stages, train={"threads": 2})), tmp_path / "run", log=quiet)
+    assert seen == [1, 2, 3, 2]
+    seen.clear()
+    before = torch.get_num_threads()
+    train(from_dict(tiny_dict(stages=stages[:2])), tmp_path / "own", log=quiet)
+    assert seen == [1, before, before]
+
+
+def test_negative_stage_threads_are_refused_naming_the_stage():
+    with pytest.raises(ConfigError, match=r"stages\.0\.threads: -1 is negative"):
+        validate(from_dict(tiny_dict(stages=[stage("s", threads=-1)])))

@@ -292,6 +292,10 @@ class StageConfig:
     batch_size: int = 16
     grad_accum: int = 1
     weight_decay: float = 0.0
+    # torch intra-op threads in this stage; 0: train.threads. A stage whose step is mostly making
+    # its batch (a contrastive stage of small images) runs faster with one, leaving a core to the
+    # data loader; a stage that runs the LLM wants them all.
+    threads: int = 0
     # LoRA on the LLM and/or the encoder tower; ``train`` then names what else trains fully (may be []).
     lora: LoraConfig | None = None
     # text-to-image samples: the share whose prompt is replaced by the null prompt that guidance

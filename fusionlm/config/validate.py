@@ -59,6 +59,8 @@ def validate(config: RecipeConfig) -> RecipeConfig:
     for i, stage in enumerate(config.stages):
         if stage.steps < 0 or stage.batch_size < 1 or stage.grad_accum < 1:
             raise ConfigError(f"stages.{i}: steps must be >= 0, batch_size and grad_accum >= 1")
+        if stage.threads < 0:
+            raise ConfigError(f"stages.{i}.threads: {stage.threads} is negative (0: train.threads)")
         if not stage.mixture or any(w < 0 for w in stage.mixture.values()) or sum(stage.mixture.values()) <= 0:
             raise ConfigError(f"stages.{i}.mixture: needs at least one positive weight")
         bad = [p for p in stage.lr_scale if p not in PARTS]

@@ -60,8 +60,7 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         # train.report_to: a missing library stops the run here, before any work
         self.reporters = Reporters(config, self.out, enabled=self.group.main)
-        if config.train.threads:
-            torch.set_num_threads(config.train.threads)
+        self.threads = config.train.threads or torch.get_num_threads()  # a stage's threads: 0 -> these
         self.source = build_source(config.data)
         self.progress = Progress()
         ckpt = None
@@ -192,6 +191,7 @@ class Trainer:
             failed = False
         finally:  # also when interrupted or stopped by an error: flush what was reported
             self.reporters.close(failed=failed)
+            torch.set_num_threads(self.threads)  # a stage's own threads end with it
         if self.group.main and self.metrics_path.exists():
             plot_losses(self.metrics_path, self.out / "loss.png")
         return self.progress
@@ -230,6 +230,7 @@ class Trainer:
             self.progress.stage, self.progress.stage_step = index + 1, 0
             return
         self.log(f"stage {index} ({stage.name}): {stage.steps} steps, training {', '.join(stage.train)}")
+        torch.set_num_threads(stage.threads or self.threads)
         params = apply_trainable(self.model, stage.train, key=f"stages.{index}.train", log=self.log, lora=stage.lora)
         groups = param_groups(self.model, params, stage.lr, stage.lr_scale)
         optimizer = torch.optim.AdamW(groups, lr=stage.lr, weight_decay=stage.weight_decay, betas=(0.9, 0.95),
