@@ -15,6 +15,7 @@ import pytest
 from PIL import Image, features
 
 from fusionlm.cli import main, parser
+from fusionlm.config import load_recipe
 from fusionlm.errors import FusionError
 from fusionlm.data.sources.formats import read_llava_json
 from fusionlm.data.sample import TASKS
@@ -458,7 +459,7 @@ def test_generate_answers_for_odd_valid_images(run_dir, tmp_path, capsys, name):
 
 def test_demo_end_to_end_on_a_tiny_budget(tmp_path, capsys):
     sets = TINY_OVERRIDES + ["train.eval_per_task=2", "train.checkpoint_every=0", "model.encoder.patch_size=4"]
-    for i in range(3):  # the demo recipe has three stages: one step each
+    for i in range(len(load_recipe("demo").stages)):  # one step each
         sets += [f"stages.{i}.steps=1", f"stages.{i}.warmup_steps=1", f"stages.{i}.batch_size=4"]
     argv = ["demo", "--out", tmp_path / "demo"]
     for s in sets:
@@ -468,13 +469,13 @@ def test_demo_end_to_end_on_a_tiny_budget(tmp_path, capsys):
     report = json.loads((tmp_path / "demo" / "report.json").read_text())
     taught = [t for t in EVAL_TASKS if t != "motion"]  # the demo scores the tasks its recipe trains on
     assert set(report["scores"]) == set(taught) and len(EVAL_TASKS) == 10
-    assert report["wall_seconds"] > 0 and report["steps"] == 3
+    assert report["wall_seconds"] > 0 and report["steps"] == 4
     assert report["n"] == {t: 2 for t in taught}
     md = (tmp_path / "demo" / "report.md").read_text()
     assert all(f"| {t} |" in md for t in taught) and "| motion |" not in md
     assert (tmp_path / "demo" / "example.png").is_file()
     assert (tmp_path / "demo" / "examples.png").is_file() and "![examples](examples.png)" in md  # the picture grid
-    assert (tmp_path / "demo" / "run" / "checkpoints" / "step-000003" / "model.safetensors").is_file()
+    assert (tmp_path / "demo" / "run" / "checkpoints" / "step-000004" / "model.safetensors").is_file()
     assert "report:" in out
 
 
