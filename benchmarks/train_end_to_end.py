@@ -113,7 +113,9 @@ def recipe(name: str, steps: int):
     instruct = next(s for s in config.stages if s.name == "instruct")
     warmup = max(1, round(instruct.warmup_steps * steps / instruct.steps))
     stage = replace(instruct, steps=steps, warmup_steps=warmup, batch_size=CONFIGS[name]["batch"], lr=LR)
-    model = config.model
+    # The comparison runs the same model as transformers' LLaVA, so the tower keeps LLaVA's linear
+    # patch embedding (the demo's own conv stem does not export; the figures were measured so).
+    model = replace(config.model, encoder=replace(config.model.encoder, stem="patch"))
     if name == "smollm":
         model = replace(model, llm=replace(model.llm, **SMOLLM))
     return replace(config, model=model, stages=[stage])

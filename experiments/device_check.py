@@ -65,7 +65,7 @@ def main(out: Path) -> None:
             hf_generate(hf, inputs, model)
         print(f"{dtype}: max|Δlogit| = {float((ours - theirs)[real].abs().max()):.2e}, greedy identical: {same}")
     _backends(src)
-    config = load_recipe("demo", ["stages.0.steps=20", "stages.1.steps=20", "stages.2.steps=20",
+    config = load_recipe("demo", ["stages.0.steps=20", "stages.1.steps=20", "stages.2.steps=20", "stages.3.steps=20",
                                   "train.eval_per_task=2", "data.loader_workers=0"])
     started = time.perf_counter()
     progress = train(config, out / "run")

@@ -20,7 +20,7 @@ from fusionlm.data.sources import build_source
 from fusionlm.recipe import make_tokenizer
 
 
-def main(recipe: str = "demo", stage: int = 1, n: int = 20) -> None:
+def main(recipe: str = "demo", stage: int = 2, n: int = 20) -> None:
     config = load_recipe(recipe)
     source = build_source(config.data)
     tokenizer = make_tokenizer(config, source)
