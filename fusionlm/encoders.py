@@ -77,6 +77,9 @@ class ImageEncoder(nn.Module):
         if config.stem != "patch" and not self.conv_stem:
             raise ConfigError(f"model.encoder.stem: the {config.kind!r} encoder has only its own patch embedding "
                               "(a 'conv' stem fits clip and siglip); leave stem: patch")
+        if config.stem != "patch" and config.hf:  # refused before the tower is loaded
+            raise ConfigError("model.encoder.stem: 'conv' replaces the patch embedding of a tower built from sizes; "
+                              f"the pretrained tower {config.hf!r} keeps its own (stem: patch)")
         if config.resolution is not None and not self.interpolates:
             raise ConfigError(f"model.encoder.resolution: the {config.kind!r} encoder cannot interpolate its position "
                               f"embeddings (clip and siglip can); leave it unset")
@@ -117,9 +120,6 @@ class _HFVisionTower(ImageEncoder):
 
     def _conv_stem(self, config: EncoderConfig) -> None:
         """Replace the tower's patch embedding by ``ConvStem`` (same grid and width)."""
-        if config.hf:
-            raise ConfigError("model.encoder.stem: 'conv' replaces the patch embedding of a tower built from sizes; "
-                              f"the pretrained tower {config.hf!r} keeps its own (stem: patch)")
         embeddings = [m for m in self.tower.modules() if isinstance(getattr(m, "patch_embedding", None), nn.Conv2d)]
         if len(embeddings) != 1:
             raise ConfigError(f"model.encoder.stem: the {config.kind!r} tower has no single patch embedding to replace")

@@ -97,6 +97,9 @@ def test_a_pretrained_tower_keeps_its_own_patch_embedding(tiny_config, tmp_path)
     config.model.encoder.stem = "conv"
     with pytest.raises(ConfigError, match=r"model\.encoder\.stem: 'conv' .* the pretrained tower .* keeps its own"):
         build_encoder(config.model.encoder)
+    config.model.encoder.hf = str(tmp_path / "not-downloaded")  # refused before any loading is tried
+    with pytest.raises(ConfigError, match=r"model\.encoder\.stem: 'conv' .* the pretrained tower .* keeps its own"):
+        build_encoder(config.model.encoder)
 
 
 def test_a_stem_model_is_not_exported_as_llava(tiny_config, tokenizer, tmp_path):
