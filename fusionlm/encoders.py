@@ -33,9 +33,10 @@ class ConvStem(nn.Sequential):
     """Stride-2 3x3 convolutions from pixels to the patch grid: (I, 3, H, W) -> (I, D, H/p, W/p).
 
     Widths double from 16 and end at ``width``, GELU between; ``patch`` is a power of two >= 2
-    (starting at 8 is 1.8x cheaper but read worse: word retrieval 0.72 against 0.84 after the same
-    800 contrastive steps). The pixels go in channels-last, where CPU kernels run these narrow
-    convolutions faster (fwd+bwd of 64 images at 64 px: 14.9 ms against 18.4 contiguous).
+    (starting at 8 was 1.8x cheaper but read worse: word retrieval 0.72 against 0.84 after the
+    demo's 800-step read stage). The pixels go in channels-last, where CPU kernels run these narrow
+    convolutions faster (fwd+bwd of 64 images at 64 px: 14.9 ms against 18.4 contiguous). Both are
+    one-off checks on the 2-core host of 2026-12-07, not kept as benchmarks.
     """
 
     def __init__(self, channels: int, width: int, patch: int):
