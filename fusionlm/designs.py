@@ -151,9 +151,10 @@ class Hybrid(Design):
     def check(self, config) -> None:
         super().check(config)
         tiling = config.model.tiling
-        if not (tiling.max_tiles and tiling.thumbnail):
+        if not (tiling.max_tiles and tiling.thumbnail and tiling.thumbnail_from == 1):
             raise ConfigError("model.fusion.kind: hybrid puts the thumbnail in the sequence and the tiles in "
-                              "cross-attention; set model.tiling.max_tiles >= 1 with thumbnail: true")
+                              "cross-attention; set model.tiling.max_tiles >= 1 with thumbnail: true and "
+                              "thumbnail_from: 1")
 
     def context(self, model, pixels, features, counts, input_ids) -> ImageContext:
         """Each image's thumbnail tokens go into the sequence (as in Method A); its tiles are reached

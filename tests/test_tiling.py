@@ -160,3 +160,31 @@ def test_hybrid_recipe_trains_with_falling_loss(tmp_path):
     Trainer(validate(from_dict(data)), tmp_path / "run", log=lambda *_: None).run()
     losses = [m["loss"] for m in read_metrics(tmp_path / "run") if m.get("loss") is not None]
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+
+
+def test_thumbnail_from_two_shows_an_image_that_fits_one_tile_once(tokenizer, world):
+    config = tiled_config("unified")
+    config.model.tiling.thumbnail_from = 2
+    torch.manual_seed(0)
+    model = build_model(validate(config), tokenizer).eval()
+    spec = spec_for(model)
+    square, wide = noise_images([(16, 16), (32, 16)])
+    (alone,) = spec.process_all(square)
+    assert alone.role == "image"  # untiled: no tag, no thumbnail
+    assert torch.equal(alone.pixels, spec.process(square).pixels)
+    assert [i.role for i in spec.process_all(wide)] == ["tile", "tile", "thumbnail"]
+    assert model.layout.image_tokens([alone]) == [model.ids.image] * model.encoder.num_tokens
+    # a batch of both kinds: the contrastive objective compares the lone image and the thumbnail
+    from fusionlm.train.objectives import whole_images
+
+    batch = make_batch(model, tokenizer, [world.sample("color", "train", 0), world.sample("text", "train", 0)])
+    assert batch.pixels.roles == ["image", "tile", "tile", "thumbnail"]
+    whole = whole_images(batch.pixels)
+    assert torch.equal(whole.pixel_values, batch.pixels.pixel_values[[0, 3]])
+
+
+def test_thumbnail_from_is_checked():
+    with pytest.raises(ConfigError, match=r"model\.tiling\.thumbnail_from: 3"):
+        validate(from_dict({"model": {"tiling": {"max_tiles": 2, "thumbnail_from": 3}}}))
+    with pytest.raises(ConfigError, match=r"hybrid .* thumbnail_from: 1"):
+        validate(from_dict({"model": {"fusion": {"kind": "hybrid"}, "tiling": {"max_tiles": 2, "thumbnail_from": 2}}}))

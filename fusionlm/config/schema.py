@@ -161,6 +161,9 @@ class TilingConfig:
     max_tiles: int = 0  # 0: no tiling, the image is letterboxed whole
     min_tiles: int = 1
     thumbnail: bool = True  # add the whole image, downscaled, after its tiles
+    # the thumbnail follows images cut into at least this many tiles; an image that fits one tile is
+    # then shown once, untiled (2: InternVL's rule, its tiler adds no thumbnail to a lone tile); 1: every image
+    thumbnail_from: int = 1
     # How the LLM tells tiles apart: ``tags`` (NVLM: text ``<tile_k>`` / ``<tile_global_thumbnail>``
     # before each tile's tokens), ``newline`` (an image-newline token after each tile), ``none``.
     marker: str = "tags"

@@ -27,6 +27,9 @@ def validate(config: RecipeConfig) -> RecipeConfig:
         raise ConfigError("model.tiling: max_tiles must be >= 0 and min_tiles >= 1")
     if tiling.max_tiles and tiling.min_tiles > tiling.max_tiles:
         raise ConfigError(f"model.tiling.min_tiles: {tiling.min_tiles} is more than max_tiles {tiling.max_tiles}")
+    if tiling.thumbnail_from not in (1, 2):
+        raise ConfigError(f"model.tiling.thumbnail_from: {tiling.thumbnail_from}; 1 (a thumbnail after every "
+                          f"image) or 2 (none after an image that fits one tile)")
     design.check(config)
     generator_of(config.model.generation.kind).check(config)  # a ConfigError listing the designs, for an unknown one
     if tiling.max_tiles and config.model.encoder.kind in ("patches", "mllama", "qwen2vl"):

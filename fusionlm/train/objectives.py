@@ -221,10 +221,11 @@ def contrastive_loss(model: FusionLM, batch: Batch) -> torch.Tensor:
 
 
 def whole_images(pixels: ImageBatch | None) -> ImageBatch | None:
-    """The inputs that show each image whole: all of them, or with tiling only the thumbnails."""
+    """The inputs that show each image whole: all of them, or with tiling the thumbnails (and the
+    images that fit one tile, shown untiled under ``thumbnail_from: 2``)."""
     if pixels is None or not pixels.roles:
         return pixels
-    keep = [i for i, role in enumerate(pixels.roles) if role == "thumbnail"]
+    keep = [i for i, role in enumerate(pixels.roles) if role in ("thumbnail", "image")]
     if not keep:
         raise ConfigError("the contrastive objective with tiling compares whole images: set model.tiling.thumbnail")
     return ImageBatch(pixels.pixel_values[keep], [pixels.grids[i] for i in keep],

@@ -230,6 +230,8 @@ class ImageSpec:
         img = load_image(source, root=self.root, max_pixels=self.max_pixels)
         t = self.tiling
         grid = tile_grid(img.width, img.height, max_tiles=t.max_tiles, min_tiles=t.min_tiles, tile=self.size)
+        if t.thumbnail and grid == (1, 1) and t.thumbnail_from > 1:
+            return [self._from_image(img)]  # fits one tile: the image itself, once
         inputs = [replace(self._from_image(tile), role="tile") for tile in cut_tiles(img, grid, self.size)]
         if t.thumbnail:
             inputs.append(replace(self._from_image(img), role="thumbnail"))
