@@ -10,6 +10,7 @@ from fusionlm.checkpoint import build_model
 from fusionlm.config import from_dict, validate
 from fusionlm.errors import ConfigError
 from fusionlm.data.pixels.tiling import cut_tiles, tile_grid
+from fusionlm.data.prompt import PromptEncoder
 from fusionlm.train.loop import Trainer
 from helpers_train import tiny_dict
 from hf_tiny import noise_images
@@ -188,3 +189,30 @@ def test_thumbnail_from_is_checked():
         validate(from_dict({"model": {"tiling": {"max_tiles": 2, "thumbnail_from": 3}}}))
     with pytest.raises(ConfigError, match=r"hybrid .* thumbnail_from: 1"):
         validate(from_dict({"model": {"fusion": {"kind": "hybrid"}, "tiling": {"max_tiles": 2, "thumbnail_from": 2}}}))
+
+
+@pytest.mark.parametrize("thumbnail_from", [1, 2])
+def test_a_contrastive_stage_under_tiling_loads_whole_images_only(tmp_path, thumbnail_from):
+    """Its loader cuts no tiles: each sample's one input is the image whole, the very pixels of
+    the thumbnail (or lone image) the language stages see."""
+    data = tiny_dict()
+    data["model"]["tiling"] = {"max_tiles": 2, "thumbnail_from": thumbnail_from}
+    data["model"]["llm"]["max_length"] = 256
+    data["stages"][0].update(objective="contrastive", mixture={"text": 1, "color": 1}, batch_size=6,
+                             train=["encoder", "connector"])
+    config = validate(from_dict(data))
+    trainer = Trainer(config, tmp_path / "run", log=lambda *_: None)
+    batch = next(trainer._batches(0, config.stages[0], 0))
+    assert batch.pixels.roles == [] and batch.pixels.pixel_values.shape[0] == 6
+    from fusionlm.data.batching.batches import MixtureBatches
+
+    tiled = MixtureBatches(trainer.source, config.stages[0].mixture, seed=config.train.seed, stage=0,
+                           batch_size=6, prompts=PromptEncoder.of(trainer.model, trainer.tokenizer, trainer.spec))[0]
+    assert "tile" in tiled.pixels.roles  # the same samples, tiled, as a language stage would load them
+    whole = [i for i, r in enumerate(tiled.pixels.roles) if r in ("thumbnail", "image")]
+    assert torch.equal(batch.pixels.pixel_values, tiled.pixels.pixel_values[whole])
+
+    data["model"]["tiling"]["thumbnail"] = False
+    config = validate(from_dict(data))
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.objective: contrastive compares whole images"):
+        Trainer(config, tmp_path / "run2", log=lambda *_: None)._batches(0, config.stages[0], 0)

@@ -198,9 +198,15 @@ class Trainer:
 
     def _batches(self, index: int, stage: StageConfig, start: int):
         objective = objective_for(stage)
+        spec = self.spec
+        if objective.whole and spec.tiling is not None:
+            if not spec.tiling.thumbnail:
+                raise ConfigError(f"stages[{index}].objective: {objective.name} compares whole images; under "
+                                  f"tiling set model.tiling.thumbnail")
+            spec = replace(spec, tiling=None)  # the thumbnail's very pixels, without cutting the tiles
         dataset = MixtureBatches(
             self.source, stage.mixture, seed=self.config.train.seed, stage=index, batch_size=stage.batch_size,
-            prompts=PromptEncoder.of(self.model, self.tokenizer, self.spec), rank=self.group.rank, world=self.group.world,
+            prompts=PromptEncoder.of(self.model, self.tokenizer, spec), rank=self.group.rank, world=self.group.world,
             pack=packing(self.config, self.model, objective), grad_accum=stage.grad_accum,
             condition_dropout=stage.condition_dropout,
             group_by_length=self.config.data.group_by_length and objective.packs,

@@ -51,6 +51,7 @@ class Objective:
 
     name: ClassVar[str]
     packs: ClassVar[bool] = False  # its batches may be packed (several samples per row)
+    whole: ClassVar[bool] = False  # it sees each image whole: under tiling its loader cuts no tiles
 
     def __init__(self, stage: StageConfig | None = None):
         self.stage = stage if stage is not None else StageConfig(objective=self.name)
@@ -120,6 +121,7 @@ class Contrastive(Objective):
     """Symmetric InfoNCE between each sample's image and its target text (one image per sample)."""
 
     name = "contrastive"
+    whole = True
 
     def items(self, batch: Batch) -> int:
         return batch.input_ids.shape[0]
