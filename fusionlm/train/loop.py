@@ -200,10 +200,9 @@ class Trainer:
         objective = objective_for(stage)
         spec = self.spec
         if objective.whole and spec.tiling is not None:
-            if not spec.tiling.thumbnail:
-                raise ConfigError(f"stages[{index}].objective: {objective.name} compares whole images; under "
-                                  f"tiling set model.tiling.thumbnail")
-            spec = replace(spec, tiling=None)  # the thumbnail's very pixels, without cutting the tiles
+            # each image whole, letterboxed: the thumbnail's very pixels (also where the language
+            # stages see tiles only, thumbnail: false), without cutting tiles it would not encode
+            spec = replace(spec, tiling=None)
         dataset = MixtureBatches(
             self.source, stage.mixture, seed=self.config.train.seed, stage=index, batch_size=stage.batch_size,
             prompts=PromptEncoder.of(self.model, self.tokenizer, spec), rank=self.group.rank, world=self.group.world,

@@ -51,7 +51,9 @@ class Objective:
 
     name: ClassVar[str]
     packs: ClassVar[bool] = False  # its batches may be packed (several samples per row)
-    whole: ClassVar[bool] = False  # it sees each image whole: under tiling its loader cuts no tiles
+    # it sees each image whole: under tiling its loader cuts no tiles and gives it each image
+    # letterboxed (a thumbnail's pixels), whatever model.tiling.thumbnail says
+    whole: ClassVar[bool] = False
 
     def __init__(self, stage: StageConfig | None = None):
         self.stage = stage if stage is not None else StageConfig(objective=self.name)
