@@ -326,3 +326,24 @@ def test_malformed_files_name_the_file_and_sample(tmp_path):
     path = _write(tmp_path, {"not": "a list"})
     with pytest.raises(SampleError, match="expected a JSON list"):
         read_llava_json(path)
+
+
+def test_glyphs_is_reading_practice_at_every_text_size_of_the_world(world):
+    from fusionlm.data.world.vocabulary import HEADER_WORDS, vocabulary_strings
+    from fusionlm.evaluate.harness import UNSCORED
+
+    S = world.image_size
+    sizes, kinds = [], set()
+    for i in range(200):
+        spec = world.spec("glyphs", "train", i)
+        kind, W, H, text, size = spec.image_keys[0][:5]
+        assert (kind, W, H) == ("word", 2 * S, S) and spec.answers == [text]
+        assert text in WORDS + HEADER_WORDS + SHAPES or (text.isdigit() and 0 <= int(text) <= 99)
+        assert round(0.19 * S) <= size <= round(0.7 * S)
+        sizes.append(size / S)
+        kinds.add("number" if text.isdigit() else "word")
+    assert kinds == {"word", "number"} and min(sizes) < 0.25 and max(sizes) > 0.6  # a chart's digits to big words
+    assert "glyphs" in UNSCORED  # training only: not among the default scored tasks
+    # a recipe without it keeps its tokenizer's corpus
+    assert "Read the text in the image." not in list(vocabulary_strings(["text"]))
+    assert "Read the text in the image." in list(vocabulary_strings(["glyphs"]))

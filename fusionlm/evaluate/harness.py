@@ -35,6 +35,9 @@ from .results import TaskResult
 from .tasks import WORLD_EVAL_TASKS, EvalTask
 
 EVAL_TASKS = WORLD_EVAL_TASKS  # the world's tasks that are answered from images (motion: from a clip)
+# tasks a source may hold that are not scored by default: text without a question, reading practice
+# (``glyphs``, for training only), drawing (scored by GenEval, for models that draw)
+UNSCORED = ("interleaved", "text_only", "draw", "glyphs")
 
 
 def question_of(sample) -> str:
@@ -159,7 +162,7 @@ def evaluate(model, tokenizer, source, spec: ImageSpec, *, split: str = "test", 
                  batch_size: int = 32, tasks: list[str] | None = None, max_new_tokens: int = MAX_NEW_TOKENS,
                  shots: int = 0, seed: int = 0, progress=None) -> list[TaskResult]:
     """The tasks of a data source (the world's, or a file's) by name, each with its usual metric."""
-    names = tasks or [t for t in source.tasks() if t in EVAL_TASKS or t not in ("interleaved", "text_only", "draw")
+    names = tasks or [t for t in source.tasks() if t in EVAL_TASKS or t not in UNSCORED
                       or (t == "draw" and model.draws)]
     data = getattr(source, "path", "synthetic")
     root = None if data == "synthetic" else source.root

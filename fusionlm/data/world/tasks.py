@@ -16,7 +16,7 @@ from .render import BAR_LABELS, COLORS, fit_size, text_width
 from .spec import SampleSpec
 from .vocabulary import (
     _INTERLEAVED_SENTENCES, CAPTION_QUESTIONS, CHART_TALLEST, CHART_VALUE, COLOR_QUESTIONS, COUNT_QUESTIONS,
-    DIRECTIONS, FACTS, HEADER_WORDS, MOTION_FRAMES, MOTION_QUESTIONS, PLURALS, POSITION_WHERE, POSITION_YESNO,
+    DIRECTIONS, FACTS, GLYPHS_QUESTION, HEADER_WORDS, MOTION_FRAMES, MOTION_QUESTIONS, PLURALS, POSITION_WHERE, POSITION_YESNO,
     PRICE_QUESTION, RELATIONS, SHAPE_QUESTIONS, SHAPES, TABLE_QUESTIONS, TEXT_QUESTIONS, WORDS, article,
     caption_references, table_markdown,
 )
@@ -132,6 +132,28 @@ def text(world: Canvas, spec: SampleSpec, rng: random.Random, split: str) -> Non
     key, meta = world.draw(rng, split, make)
     spec.image_keys, spec.meta = [key], meta
     spec.question, spec.answers = rng.choice(TEXT_QUESTIONS), [meta["word"]]
+
+
+@task
+def glyphs(world: Canvas, spec: SampleSpec, rng: random.Random, split: str) -> None:
+    """Reading practice, for training only: a word of the world (of the text task, a table's header,
+    a shape's name) or a number from 0 to 99, at any text size the world's pictures use, from a
+    chart's value (0.19 of the height) to the text task's largest word (0.7), anywhere."""
+    S = world.image_size
+    W, H = 2 * S, S
+
+    def make(rng):
+        text = rng.choice(WORDS + HEADER_WORDS + SHAPES) if rng.random() < 0.5 else str(rng.randint(0, 99))
+        largest = fit_size(text, 0.9 * W, round(0.7 * H))
+        size = rng.randint(min(largest, max(4, round(0.19 * H))), largest)
+        jx = max(0, int((W - text_width(text, size)) / 2) - 1)
+        jy = max(0, int((H - size) / 2))
+        key = ("word", W, H, text, size, W // 2 + rng.randint(-jx, jx), H // 2 + rng.randint(-jy, jy))
+        return key, {"word": text}
+
+    key, meta = world.draw(rng, split, make)
+    spec.image_keys, spec.meta = [key], meta
+    spec.question, spec.answers = GLYPHS_QUESTION, [meta["word"]]
 
 
 @task

@@ -19,6 +19,7 @@ COUNT_QUESTIONS = ("How many shapes are there?", "How many shapes are in the ima
 CAPTION_QUESTIONS = ("Describe the image.", "What does the image show?")
 TEXT_QUESTIONS = ("What word is written in the image?", "Read the word in the image.")
 TABLE_QUESTIONS = ("Convert the table to Markdown.",)
+GLYPHS_QUESTION = "Read the text in the image."
 POSITION_WHERE = "Where is the {a} shape relative to the {b} shape?"
 POSITION_YESNO = "Is the {a} shape {rel} the {b} shape?"
 RELATIONS = {"left": "left of", "right": "right of", "above": "above", "below": "below"}
@@ -123,6 +124,8 @@ def vocabulary_strings(tasks: list[str]) -> Iterator[str]:
     yield from TEXT_QUESTIONS + TABLE_QUESTIONS + (CHART_TALLEST,)
     yield from (CHART_VALUE.format(label=lab) for lab in BAR_LABELS)
     yield from (PRICE_QUESTION.format(plural=p) for p in PLURALS.values())
+    if "glyphs" in tasks:
+        yield GLYPHS_QUESTION
     if "motion" in tasks:
         yield from MOTION_QUESTIONS
         yield " ".join(DIRECTIONS)
