@@ -116,6 +116,14 @@ def position(world: Canvas, spec: SampleSpec, rng: random.Random, split: str) ->
         spec.answers = ["yes" if truth else "no"]
 
 
+def _word_key(rng: random.Random, word: str, W: int, H: int, size: int) -> tuple:
+    """The key of a ``W`` x ``H`` image of ``word`` at ``size`` px, its centre moved at random as
+    far as keeps it inside."""
+    jx = max(0, int((W - text_width(word, size)) / 2) - 1)
+    jy = max(0, int((H - size) / 2))
+    return ("word", W, H, word, size, W // 2 + rng.randint(-jx, jx), H // 2 + rng.randint(-jy, jy))
+
+
 @task
 def text(world: Canvas, spec: SampleSpec, rng: random.Random, split: str) -> None:
     S = world.image_size
@@ -124,10 +132,7 @@ def text(world: Canvas, spec: SampleSpec, rng: random.Random, split: str) -> Non
     def make(rng):
         word = rng.choice(WORDS)
         size = round(fit_size(word, 0.9 * W, round(0.7 * H)) * rng.choice((0.75, 0.85, 1.0)))
-        jx = max(0, int((W - text_width(word, size)) / 2) - 1)
-        jy = max(0, int((H - size) / 2))
-        key = ("word", W, H, word, size, W // 2 + rng.randint(-jx, jx), H // 2 + rng.randint(-jy, jy))
-        return key, {"word": word}
+        return _word_key(rng, word, W, H, size), {"word": word}
 
     key, meta = world.draw(rng, split, make)
     spec.image_keys, spec.meta = [key], meta
@@ -146,10 +151,7 @@ def glyphs(world: Canvas, spec: SampleSpec, rng: random.Random, split: str) -> N
         text = rng.choice(WORDS + HEADER_WORDS + SHAPES) if rng.random() < 0.5 else str(rng.randint(0, 99))
         largest = fit_size(text, 0.9 * W, round(0.7 * H))
         size = rng.randint(min(largest, max(4, round(0.19 * H))), largest)
-        jx = max(0, int((W - text_width(text, size)) / 2) - 1)
-        jy = max(0, int((H - size) / 2))
-        key = ("word", W, H, text, size, W // 2 + rng.randint(-jx, jx), H // 2 + rng.randint(-jy, jy))
-        return key, {"word": text}
+        return _word_key(rng, text, W, H, size), {"word": text}
 
     key, meta = world.draw(rng, split, make)
     spec.image_keys, spec.meta = [key], meta
