@@ -158,12 +158,17 @@ def score_extra(metrics: list[str], preds: list[str], refs: list[list[str]]) -> 
     return {name: score for name, (score, _) in scored.items()}, per
 
 
+def scored_tasks(source, *, draws: bool) -> list[str]:
+    """The tasks of ``source`` that ``evaluate`` scores when none are named: all but ``UNSCORED``
+    (``draw`` too, for a model that ``draws``)."""
+    return [t for t in source.tasks() if t in EVAL_TASKS or t not in UNSCORED or (t == "draw" and draws)]
+
+
 def evaluate(model, tokenizer, source, spec: ImageSpec, *, split: str = "test", per_task: int = 50,
                  batch_size: int = 32, tasks: list[str] | None = None, max_new_tokens: int = MAX_NEW_TOKENS,
                  shots: int = 0, seed: int = 0, progress=None) -> list[TaskResult]:
     """The tasks of a data source (the world's, or a file's) by name, each with its usual metric."""
-    names = tasks or [t for t in source.tasks() if t in EVAL_TASKS or t not in UNSCORED
-                      or (t == "draw" and model.draws)]
+    names = tasks or scored_tasks(source, draws=model.draws)
     data = getattr(source, "path", "synthetic")
     root = None if data == "synthetic" else source.root
     defs = [EvalTask(name=n, metric=metric_for(n), data=data, split=split, max_new_tokens=max_new_tokens,
