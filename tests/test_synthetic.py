@@ -350,3 +350,31 @@ def test_glyphs_is_reading_practice_at_every_text_size_of_the_world(world):
     # a recipe without it keeps its tokenizer's corpus
     assert "Read the text in the image." not in list(vocabulary_strings(["text"]))
     assert "Read the text in the image." in list(vocabulary_strings(["glyphs"]))
+
+
+def test_lookup_names_one_shape_of_the_scene_and_asks_about_it(world):
+    from fusionlm.data.world.vocabulary import PLURALS, vocabulary_strings
+    from fusionlm.data.sources.files import WorldSource
+    from fusionlm.evaluate.harness import scored_tasks
+
+    kinds = set()
+    for i in range(150):
+        spec = world.spec("lookup", "train", i)
+        elems = spec.image_keys[0][3]
+        shapes, colors = [e[0] for e in elems], [e[1] for e in elems]
+        q, (a,) = spec.question, spec.answers
+        kinds.add(spec.meta["kind"])
+        if spec.meta["kind"] == "shape":  # "what shape is the red one?": the colour picks one shape
+            color = q.split()[4]
+            assert colors.count(color) == 1 and a == shapes[colors.index(color)] and len(set(colors)) == len(elems)
+        elif spec.meta["kind"] == "color":  # "what colour is the circle?": the shape picks one
+            shape = q.rstrip("?").split()[-1]
+            assert shapes.count(shape) == 1 and a == colors[shapes.index(shape)]
+        else:  # "how many circles are there?"
+            plural = q.split()[2]
+            named = {v: k for k, v in PLURALS.items()}[plural]
+            assert a == str(shapes.count(named)) and int(a) >= 1
+    assert kinds == {"shape", "color", "count"}
+    assert "lookup" not in scored_tasks(WorldSource(world.image_size, world.seed), draws=True)
+    assert "What colour is the circle?" not in list(vocabulary_strings(["position"]))
+    assert "What colour is the circle?" in list(vocabulary_strings(["lookup"]))

@@ -16,7 +16,7 @@ from .render import BAR_LABELS, COLORS, fit_size, text_width
 from .spec import SampleSpec
 from .vocabulary import (
     _INTERLEAVED_SENTENCES, CAPTION_QUESTIONS, CHART_TALLEST, CHART_VALUE, COLOR_QUESTIONS, COUNT_QUESTIONS,
-    DIRECTIONS, FACTS, GLYPHS_QUESTION, HEADER_WORDS, MOTION_FRAMES, MOTION_QUESTIONS, PLURALS, POSITION_WHERE, POSITION_YESNO,
+    DIRECTIONS, FACTS, GLYPHS_QUESTION, HEADER_WORDS, LOOKUP_COLOR, LOOKUP_COUNT, LOOKUP_SHAPE, MOTION_FRAMES, MOTION_QUESTIONS, PLURALS, POSITION_WHERE, POSITION_YESNO,
     PRICE_QUESTION, RELATIONS, SHAPE_QUESTIONS, SHAPES, TABLE_QUESTIONS, TEXT_QUESTIONS, WORDS, article,
     caption_references, table_markdown,
 )
@@ -75,6 +75,39 @@ def count(world: Canvas, spec: SampleSpec, rng: random.Random, split: str) -> No
     key, _ = world.draw(rng, split, make)
     spec.image_keys, spec.meta = [key], {"n": len(key[3])}
     spec.question, spec.answers = rng.choice(COUNT_QUESTIONS), [str(len(key[3]))]
+
+
+@task
+def lookup(world: Canvas, spec: SampleSpec, rng: random.Random, split: str) -> None:
+    """Finding what the question names, for training only: one hop from a word of the question to
+    the shapes it picks out (the first step of position, price and a chart's value, which name a
+    colour, a shape or a bar and ask about it). A scene of 2-3 shapes; "what shape is the red one?"
+    and "what colour is the circle?" (the named attribute unique in the scene) or "how many circles
+    are there?" (1-4 shapes, any kinds)."""
+    S = world.image_size
+    kind = rng.choice(("shape", "color", "count"))
+
+    def make(rng):
+        if kind == "count":
+            elems = world.scatter(rng, rng.randint(1, 4), (0.18, 0.26))
+        else:
+            elems = world.scatter(rng, rng.randint(2, 3), (0.22, 0.30))
+            unique = 1 if kind == "shape" else 0  # the attribute the question names: colour or shape
+            if elems is not None and len({e[unique] for e in elems}) < len(elems):
+                elems = None
+        return None if elems is None else (("shapes", S, S, elems), {})
+
+    key, _ = world.draw(rng, split, make)
+    elems = key[3]
+    named = rng.choice(elems)
+    spec.image_keys, spec.meta = [key], {"kind": kind}
+    if kind == "shape":
+        spec.question, spec.answers = LOOKUP_SHAPE.format(color=named[1]), [named[0]]
+    elif kind == "color":
+        spec.question, spec.answers = LOOKUP_COLOR.format(shape=named[0]), [named[1]]
+    else:
+        spec.question = LOOKUP_COUNT.format(plural=PLURALS[named[0]])
+        spec.answers = [str(sum(e[0] == named[0] for e in elems))]
 
 
 @task

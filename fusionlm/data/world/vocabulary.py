@@ -20,6 +20,10 @@ CAPTION_QUESTIONS = ("Describe the image.", "What does the image show?")
 TEXT_QUESTIONS = ("What word is written in the image?", "Read the word in the image.")
 TABLE_QUESTIONS = ("Convert the table to Markdown.",)
 GLYPHS_QUESTION = "Read the text in the image."
+# the lookup task (training only): the question names one shape of the scene by an attribute
+LOOKUP_SHAPE = "What shape is the {color} one?"
+LOOKUP_COLOR = "What colour is the {shape}?"
+LOOKUP_COUNT = "How many {plural} are there?"
 POSITION_WHERE = "Where is the {a} shape relative to the {b} shape?"
 POSITION_YESNO = "Is the {a} shape {rel} the {b} shape?"
 RELATIONS = {"left": "left of", "right": "right of", "above": "above", "below": "below"}
@@ -126,6 +130,10 @@ def vocabulary_strings(tasks: list[str]) -> Iterator[str]:
     yield from (PRICE_QUESTION.format(plural=p) for p in PLURALS.values())
     if "glyphs" in tasks:
         yield GLYPHS_QUESTION
+    if "lookup" in tasks:
+        yield from (LOOKUP_SHAPE.format(color=c) for c in COLORS)
+        yield from (LOOKUP_COLOR.format(shape=sh) for sh in SHAPES)
+        yield from (LOOKUP_COUNT.format(plural=p) for p in PLURALS.values())
     if "motion" in tasks:
         yield from MOTION_QUESTIONS
         yield " ".join(DIRECTIONS)
