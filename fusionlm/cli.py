@@ -141,7 +141,7 @@ def _draw(args, model, tokenizer, spec, items) -> None:
     from .draw import DrawRequest, Sampling, draw
 
     sampling = Sampling.of(model.config.generation, cfg=args.cfg, temperature=args.temperature, top_k=args.top_k,
-                           top_p=args.top_p)
+                           top_p=args.top_p, steps=args.steps)
     out = Path(args.image_out)
     if args.n < 1:
         args.parser.error(f"argument --n: must be >= 1, got {args.n}")
@@ -380,6 +380,8 @@ def parser() -> argparse.ArgumentParser:
                    "picture the answer draws is written to DIR and printed as its path")
     g.add_argument("--cfg", type=float, help="classifier-free guidance scale for pictures (1: none; default: the "
                    "model's model.generation.cfg)")
+    g.add_argument("--steps", type=int, help="pictures of a masked model: the parallel passes that draw one "
+                   "(default: the model's model.generation.steps)")
     g.add_argument("--top-k", type=int, help="pictures: sample among the k most likely codes (0: all; default: "
                    "the model's model.generation.top_k)")
     _add_device(g)

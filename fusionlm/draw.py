@@ -13,6 +13,7 @@ so its picture does not depend on which other prompts share the batch.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,17 +56,20 @@ class Sampling:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    steps: int = 8  # an iterative design (masked): the parallel passes that draw an image
 
     @classmethod
     def of(cls, generation, **given) -> "Sampling":
         """The way a model draws unless told otherwise (its ``model.generation``: cfg, temperature,
         top_k), with each of ``given`` that is not None in place of its default."""
-        defaults = {"cfg": generation.cfg, "temperature": generation.temperature, "top_k": generation.top_k}
+        defaults = {"cfg": generation.cfg, "temperature": generation.temperature, "top_k": generation.top_k,
+                    "steps": generation.steps}
         return cls(**{**defaults, **{k: v for k, v in given.items() if v is not None}})
 
     def check(self) -> None:
-        if self.cfg < 0 or self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise ConfigError(f"sampling: cfg, temperature and top_k must be >= 0 and top_p in (0, 1], got {self}")
+        if self.cfg < 0 or self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1 or self.steps < 1:
+            raise ConfigError(f"sampling: cfg, temperature and top_k must be >= 0, top_p in (0, 1] and steps >= 1, "
+                              f"got {self}")
 
 
 def _rows(model: FusionLM, tokenizer, spec: ImageSpec | None, requests: list, guided: bool, *, opened: bool = True):
@@ -106,6 +110,9 @@ def draw_codes(model: FusionLM, tokenizer, requests: list[DrawRequest], spec: Im
     device = model_device(model)
     ids, mask = (t.to(device) for t in left_pad(rows, tokenizer.pad_token_id))  # (R, T)
     context = model.encode_images(pixels.to(device), ids) if pixels is not None else None
+    generators = [torch.Generator(device).manual_seed(r.seed) for r in requests]
+    if model.generation.iterative:
+        return unmask(model, ids, mask, context, sampling, generators).view(len(requests), *layout.grid)
     n = layout.codes
     length = ids.shape[1] + layout.written
     if static and unsupported(model, length) is None:
@@ -113,7 +120,6 @@ def draw_codes(model: FusionLM, tokenizer, requests: list[DrawRequest], spec: Im
         decoder.head = model.generation.code_head(model)
     else:
         decoder = GeneralDecoder(model, True, scores="code_logits")
-    generators = [torch.Generator(device).manual_seed(r.seed) for r in requests]
     b = len(requests)
     codes = torch.zeros(b, n, dtype=torch.long, device=device)
     scores = decoder.prefill(ids, mask, context)  # (R, K)
@@ -132,6 +138,56 @@ def draw_codes(model: FusionLM, tokenizer, requests: list[DrawRequest], spec: Im
         if j + 1 < len(places):
             scores = decoder.step(token)
     return codes.view(b, *layout.grid)
+
+
+# MaskGIT's choice temperature: which codes a pass keeps is chosen by confidence plus Gumbel noise
+# of this scale, falling linearly to none at the last pass (with temperature 0: no noise)
+CHOICE_TEMPERATURE = 4.5
+
+
+def unmask(model: FusionLM, ids: torch.Tensor, mask: torch.Tensor, context, sampling: Sampling,
+           generators: list[torch.Generator]) -> torch.Tensor:
+    """Show-o's (MaskGIT's) parallel decoding: the prompts ``ids`` (R, T), each ending in a picture's
+    opening (conditional rows, then with guidance their null rows), followed by all the image's
+    codes as ``[MASK]``; each pass scores every code at once (the image's positions see each other),
+    samples a candidate for each still masked code and keeps the most confident ones (their
+    log-probability plus annealed Gumbel noise, ``CHOICE_TEMPERATURE``), so that
+    ``n cos(pi/2 (s+1)/S)`` stay masked after pass s of S. Returns the codes (B, n)."""
+    b, t = len(generators), ids.shape[1]
+    n, k = math.prod(model.image_tokenizer.grid), model.image_tokenizer.codebook_size
+    blank = model.generation.mask_id(model)
+    seq = torch.cat([ids, ids.new_full((len(ids), n), blank)], 1)  # (R, T+n)
+    full = torch.cat([mask, mask.new_ones(len(ids), n)], 1)  # (R, T+n)
+    positions = (full.cumsum(-1) - 1).clamp(min=0)  # (R, T+n): left padding shifts positions
+    codes = ids.new_zeros(b, n)  # (B, n)
+    known = torch.zeros(b, n, dtype=torch.bool, device=ids.device)  # (B, n)
+    for step in range(sampling.steps):
+        # the opening and the codes see each other both ways (the design's blocks)
+        scores = model(seq, attention_mask=full, position_ids=positions,
+                       context=context).code_logits[:, t - 1: t - 1 + n]  # (R, n, K): position i-1 scores code i
+        if len(ids) > b:  # guided: the null rows follow
+            scores = scores[b:] + sampling.cfg * (scores[:b] - scores[b:])  # (B, n, K)
+        if sampling.temperature <= 0:
+            probs = torch.softmax(scores.float(), -1)  # (B, n, K)
+            candidates = probs.argmax(-1)  # (B, n)
+        else:
+            probs = sampling_probs(scores.flatten(0, 1), sampling.temperature, sampling.top_p,
+                                   sampling.top_k).view(b, n, k)  # (B, n, K)
+            candidates = torch.stack([torch.multinomial(p, 1, generator=g).squeeze(-1)
+                                      for p, g in zip(probs, generators)])  # (B, n)
+        confidence = probs.gather(-1, candidates[..., None]).squeeze(-1).clamp(min=1e-30).log()  # (B, n)
+        anneal = CHOICE_TEMPERATURE * (1 - (step + 1) / sampling.steps)
+        if anneal > 0 and sampling.temperature > 0:  # MaskGIT's randomised choice: Gumbel noise, annealed to none
+            uniform = torch.stack([torch.rand(n, generator=g, device=ids.device) for g in generators])  # (B, n)
+            confidence = confidence - anneal * torch.log(-torch.log(uniform.clamp(1e-20, 1 - 1e-7)))
+        confidence = confidence.masked_fill(known, float("inf"))
+        left = math.floor(n * math.cos(math.pi / 2 * (step + 1) / sampling.steps))  # still masked after this pass
+        chosen = torch.zeros_like(known).scatter(1, confidence.topk(n - left, dim=1).indices, True)  # (B, n)
+        codes = torch.where(chosen & ~known, candidates, codes)
+        known |= chosen
+        written = torch.where(known, codes + model.code_offset, blank)  # (B, n)
+        seq[:, t:] = written.repeat(len(ids) // b, 1)
+    return codes
 
 
 def pick(scores: torch.Tensor, sampling: Sampling, generators: list[torch.Generator]) -> torch.Tensor:

@@ -9,6 +9,10 @@ embedded and which head scores the codes:
 * ``none``: the model only reads (no codes, no image head);
 * ``shared`` (Chameleon, Emu3, Anole, Lumina-mGPT): the codes are rows appended to the LLM's own
   vocabulary, embedded by its embedding matrix and scored by its one LM head;
+* ``masked`` (Show-o): the shared vocabulary and one more row, the ``[MASK]`` code; a drawn image
+  is learnt by masking a cosine-scheduled share of its codes and predicting them all at once, with
+  every position of the image seeing every other (``blocks``), and drawn by unmasking the most
+  confident codes over a few parallel passes (``draw.unmask``);
 * ``decoupled`` (Janus): the LLM's vocabulary stays text; a code goes in through an embedding of
   its own and an aligner MLP, and a generation head (an MLP on the LLM's last hidden state) scores
   the next code. What the model reads goes through the encoder + connector, as before.
@@ -73,6 +77,17 @@ class Generator:
         raise NotImplementedError
 
     needs_hidden: ClassVar[bool] = False  # code_logits reads the last hidden state
+    iterative: ClassVar[bool] = False  # draws all codes of an image at once over passes (``draw.unmask``), not one by one
+
+    def mask_id(self, model: "FusionLM") -> int:
+        """The id of the ``[MASK]`` code that a training sample and a sampler put in place of codes
+        not yet known; -1: this design never masks codes."""
+        return -1
+
+    def blocks(self, model: "FusionLM", input_ids: torch.Tensor) -> torch.Tensor | None:
+        """(B, T) attention blocks of ``input_ids`` (``packing.segment_mask``: positions of one nonzero
+        number see each other both ways); None: causal everywhere."""
+        return None
 
 
 @GENERATORS.register("none")
@@ -105,6 +120,63 @@ class Shared(Generator):
     def code_head(self, model):
         head = model.llm.get_output_embeddings()
         return lambda hidden: self.code_logits(model, head(hidden), None)
+
+
+def image_blocks(drawn: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool, True at drawn codes -> (B, T) block numbers: each run of codes and the position
+    before it (the one that scores its first code), 1, 2, … along the row; 0 elsewhere."""
+    before = torch.zeros_like(drawn)
+    before[:, :-1] = drawn[:, 1:]  # (B, T): a code follows
+    starts = drawn & ~torch.cat([torch.zeros_like(drawn[:, :1]), drawn[:, :-1]], 1)  # (B, T): first code of a run
+    number = starts.long().cumsum(1)  # (B, T)
+    blocks = number * drawn  # (B, T)
+    opening = before & ~drawn  # (B, T): the position before a run
+    return torch.where(opening, number + 1, blocks)  # the opening takes the number its run is about to get
+
+
+@GENERATORS.register("masked")
+class Masked(Shared):
+    """Show-o's discrete masked generation: the shared vocabulary plus a ``[MASK]`` code (id
+    ``code_offset + K``). In training, each drawn image has a cosine-scheduled share of its codes
+    replaced by ``[MASK]`` and only those are targets (``DrawLayout.masked``, decided per sample);
+    the image's positions (the one before its first code, which scores it, and its codes) attend
+    to each other both ways, text stays causal.
+    Scores follow the model's one convention: position t-1 scores position t's code; inside an
+    image every position sees every other, so both see the same tokens."""
+
+    name = "masked"
+    iterative = True
+
+    def check(self, config) -> None:
+        super().check(config)
+        gen = config.model.generation
+        if gen.row_end_token or gen.size_header or gen.header_token or gen.frame_end_token:
+            raise ConfigError("model.generation: the 'masked' generation writes an image's codes alone "
+                              "(no row_end_token, size_header, header_token or frame_end_token)")
+        if config.model.fusion.kind == "early":
+            raise ConfigError("model.fusion.kind: the 'masked' generation reads pictures through a tower (a fusion "
+                              "other than 'early'); pictures read as codes would need their block attended both "
+                              "ways while decoding text too, which is not built")
+        if gen.steps < 1:
+            raise ConfigError(f"model.generation.steps: {gen.steps}; the masked generation needs at least one pass")
+
+    def build(self, model, text_vocab: int) -> int:
+        size = text_vocab + model.image_tokenizer.codebook_size + 1  # + [MASK]
+        if model.llm.get_input_embeddings().weight.shape[0] < size:
+            model.llm.resize_token_embeddings(size, mean_resizing=False)
+        return text_vocab
+
+    def mask_id(self, model) -> int:
+        return model.code_offset + model.image_tokenizer.codebook_size
+
+    def text_logits(self, model, logits):
+        return super().text_logits(model, logits).index_fill(-1, torch.tensor([self.mask_id(model)], device=logits.device),
+                                                             float("-inf"))  # (B, T, V)
+
+    def blocks(self, model, input_ids):
+        slots = (input_ids >= model.code_offset) & (input_ids <= self.mask_id(model))  # (B, T): codes and [MASK]
+        slots |= input_ids == model.ids.code  # and slots whose codes are not filled in yet
+        return image_blocks(slots) if bool(slots.any()) else None
 
 
 class Head(nn.Module):

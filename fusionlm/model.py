@@ -240,12 +240,17 @@ class FusionLM(nn.Module):
             return_logits: with ``labels``, False: only the loss is wanted (training), so the LM head runs
                 on the target positions alone (``loss_rows``) and no logits are returned.
         """
-        if segment_ids is not None:
-            position_ids = segment_positions(segment_ids)  # (B, T)
-            attention_mask = segment_mask(segment_ids, self.llm.get_input_embeddings().weight.dtype)  # (B, 1, T, T)
         if drawn is not None and len(drawn) > 0:
-            input_ids = self.with_codes(input_ids, drawn)
-            labels = None if labels is None else torch.where(labels == self.ids.code, input_ids, labels)
+            masked = input_ids == self.generation.mask_id(self)  # (B, T): codes a masked design hides (DrawLayout.masked)
+            filled = self.with_codes(input_ids.masked_fill(masked, self.ids.code), drawn)
+            labels = None if labels is None else torch.where(labels == self.ids.code, filled, labels)
+            input_ids = torch.where(masked, input_ids, filled)
+        blocks = self.generation.blocks(self, input_ids) if self.draws else None  # (B, T) or None: causal
+        if segment_ids is not None or blocks is not None:
+            segments = segment_ids if segment_ids is not None else (
+                attention_mask.long() if attention_mask is not None else torch.ones_like(input_ids))  # (B, T)
+            position_ids = segment_positions(segments) if segment_ids is not None else position_ids
+            attention_mask = segment_mask(segments, self.llm.get_input_embeddings().weight.dtype, blocks)  # (B, 1, T, T)
         if context is None and pixel_values is not None and len(pixel_values) > 0:
             context = self.encode_images(pixel_values, input_ids)
         embeds, extra = self.embed(input_ids, context, query_start, cached=past_key_values is not None,

@@ -467,6 +467,7 @@ def test_info_reports_what_a_picture_costs():
 
 JANUS_STEPS = (4, 2, 2, 4, 2)  # pretrain_tokenizer, pretrain_encoder, adaptors, unified, finetune
 CHAMELEON_STEPS = (3, 3, 2)  # pretrain_tokenizer, pretrain, finetune (early fusion: no tower stage)
+SHOWO_STEPS = (3, 2, 3, 2)  # pretrain_tokenizer, pretrain_encoder, pretrain, finetune (masked codes)
 
 
 def tiny_overrides(steps: tuple[int, ...]) -> list[str]:
@@ -486,9 +487,11 @@ def test_the_janus_recipe_runs_every_stage_objective():
     assert config.model.generation.kind == "decoupled" and all(s.condition_dropout for s in config.stages[2:])
 
 
-@pytest.mark.parametrize("recipe, steps", [("janus", JANUS_STEPS), ("chameleon", CHAMELEON_STEPS)])
+@pytest.mark.parametrize("recipe, steps", [("janus", JANUS_STEPS), ("chameleon", CHAMELEON_STEPS),
+                                           ("showo", SHOWO_STEPS)])
 def test_a_drawing_recipe_trains_alike_on_one_and_two_processes(tmp_path, recipe, steps):
-    """janus (a tower, decoupled drawing) and chameleon (early fusion: pictures read as codes, shared)."""
+    """janus (a tower, decoupled drawing), chameleon (early fusion: pictures read as codes, shared) and
+    showo (masked codes: each sample's own mask, whichever process reads it)."""
     from test_distributed import run_parallel
 
     config = load_recipe(recipe, tiny_overrides(steps))
@@ -510,7 +513,8 @@ def test_a_drawing_recipe_trains_alike_on_one_and_two_processes(tmp_path, recipe
     torch.testing.assert_close(wb[book], wa[book], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("recipe, steps, stops", [("janus", JANUS_STEPS, (3, 11)), ("chameleon", CHAMELEON_STEPS, (2, 5))])
+@pytest.mark.parametrize("recipe, steps, stops", [("janus", JANUS_STEPS, (3, 11)), ("chameleon", CHAMELEON_STEPS, (2, 5)),
+                                                  ("showo", SHOWO_STEPS, (2, 7))])
 def test_a_drawing_recipe_resumes_as_if_never_stopped(tmp_path, monkeypatch, recipe, steps, stops):
     """Stopped inside the tokenizer stage, then inside a drawing stage (its condition dropout)."""
     from helpers_train import interrupt_after

@@ -78,7 +78,8 @@ class ImageTokenizerConfig:
 class GenerationConfig:
     """How the LLM draws. ``kind`` names a design of ``fusionlm.generators`` (``none``: it only reads;
     ``shared``: Chameleon / Emu3 / Anole, the tokenizer's codes appended to the LLM's vocabulary
-    under one LM head; ``decoupled``: Janus, the codes through an embedding + aligner of their own in
+    under one LM head; ``masked``: Show-o, the same with a ``[MASK]`` code, images learnt and drawn by
+    masked parallel prediction; ``decoupled``: Janus, the codes through an embedding + aligner of their own in
     and a generation head out). Drawing needs ``model.image_tokenizer``."""
 
     kind: str = "none"
@@ -95,6 +96,7 @@ class GenerationConfig:
     cfg: float = 3.0  # classifier-free guidance scale (1: none)
     temperature: float = 1.0
     top_k: int = 0  # 0: every code
+    steps: int = 8  # masked: the parallel passes that unmask an image (cosine schedule of the codes left masked)
     # the null prompt that condition dropout trains on and guidance samples against:
     # ``text_removed``: the prompt's turns without their text (the pictures they show stay);
     # ``padded`` (Janus): the prompt's tokens before the picture, each but BOS and <begin_of_image>

@@ -15,13 +15,15 @@ end of frame before the end token (``model.generation.size_header`` / ``header_t
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..config.schema import NULL_PROMPTS
 from ..errors import ConfigError, SampleError
-from .chat import PLACEHOLDERS
+from .chat import IGNORE, PLACEHOLDERS
 from .pixels.video import Video
 from .pixels.images import DEFAULT_MAX_PIXELS, image_to_pixels
 from .sample import Sample
@@ -72,6 +74,7 @@ class DrawLayout:
     pad: int = 0
     header: tuple[int, ...] = ()  # Emu3: the ids between the begin token and the first code
     footer: tuple[int, ...] = ()  # Emu3: the ids between the last row and the end token
+    mask: int = -1  # the masked design (Show-o): the [MASK] code's id; -1: codes are never masked
 
     @property
     def codes(self) -> int:
@@ -100,6 +103,28 @@ class DrawLayout:
         end = ids.index(self.code) - len(self.header) if self.code in ids else len(ids)
         return [t if t in self.keep else self.pad for t in ids[:end]] + ids[end:]
 
+    def masked(self, ids: list[int], labels: list[int], rng: np.random.Generator) -> tuple[list[int], list[int]]:
+        """A training sample of the masked design: in each drawn picture (a run of ``<image_code>``
+        targets) a share ``cos(pi/2 u)``, u ~ U(0, 1), of the codes, at least one (MaskGIT's and Show-o's
+        schedule), becomes ``[MASK]`` and stays a target; the others are read and not learnt.
+        Decided by ``rng``, the sample's own, so a sample is masked alike on any number of processes."""
+        ids, labels = list(ids), list(labels)
+        runs, run = [], []
+        for i, label in enumerate(labels + [None]):
+            if label == self.code:
+                run.append(i)
+            elif run:
+                runs, run = runs + [run], []
+        for run in runs:
+            n = max(1, math.ceil(math.cos(math.pi / 2 * rng.random()) * len(run)))
+            hidden = set(rng.permutation(run)[:n].tolist())
+            for i in run:
+                if i in hidden:
+                    ids[i] = self.mask
+                else:
+                    labels[i] = IGNORE
+        return ids, labels
+
     def pixels(self, source, *, root=None, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
         """A drawn picture (a PIL image or a path) as the tokenizer reads it: (3, S, S) in [-1, 1],
         through the one image loader (letterboxed when not square)."""
@@ -118,4 +143,4 @@ class DrawLayout:
         header = (*ids.size_text, *[ids.header] * (ids.header >= 0))
         footer = (ids.frame_end,) if ids.frame_end >= 0 else ()
         return cls(ids.begin_image, ids.end_image, ids.code, tok.grid, tok.config.image_size, ids.row_end,
-                   model.config.generation.null_prompt, keep, ids.pad, header, footer)
+                   model.config.generation.null_prompt, keep, ids.pad, header, footer, model.generation.mask_id(model))

@@ -53,8 +53,9 @@ class PromptEncoder:
         return cls(tokenizer, spec, model.layout, max_length or model.config.llm.max_length,
                    tokens.image_token, tokens.end_token, DrawLayout.of(model))
 
-    def sample(self, sample: Sample, *, generation_prompt: bool = False) -> Prompted:
-        """``sample`` as the model reads it.
+    def sample(self, sample: Sample, *, generation_prompt: bool = False, rng=None) -> Prompted:
+        """``sample`` as the model reads it. ``rng`` (a numpy generator, the sample's own): a training
+        sample of a design that masks codes, masked (``DrawLayout.masked``).
 
         Raises:
             ImageError: a picture that cannot be read.
@@ -67,6 +68,9 @@ class PromptEncoder:
         layouts = [self.draw.tokens() if c else self.layout.image_tokens(inputs) for inputs, c in zip(per_item, coded)]
         encoded = encode(sample, self.tokenizer, layouts, max_length=self.max_length, image_token=self.image_token,
                          end_token=self.end_token, add_generation_prompt=generation_prompt, targets=drawn)
+        if rng is not None and self.draw is not None and self.draw.mask >= 0:
+            ids, labels = self.draw.masked(encoded.input_ids, encoded.labels, rng)
+            encoded = replace(encoded, input_ids=ids, labels=labels)
         pictures = [self.draw.pixels(item, **self._loading()) for item, c in zip(sample.images, coded) if c]
         inputs = [inp for inputs in per_item for inp in inputs]
         if sample.null and self.draw is not None and self.draw.null == "padded":  # the pictures shown are padded away

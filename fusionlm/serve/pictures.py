@@ -108,12 +108,16 @@ def answering(model, tokenizer, spec, sample, *, max_tokens: int, temperature: f
     return run
 
 
-def check_modalities(value, draws: bool) -> bool:
-    """Whether a chat request asks for pictures in its answer (``modalities``)."""
+def check_modalities(value, draws: bool, iterative: bool = False) -> bool:
+    """Whether a chat request asks for pictures in its answer (``modalities``); ``iterative``: the
+    model draws in parallel passes, which an answer in text and pictures does not do yet."""
     if value is None:
         return False
     if not isinstance(value, list) or not value or any(m not in MODALITIES for m in value):
         raise ApiError(400, f"modalities: a list of {', '.join(MODALITIES)}", param="modalities")
     if "image" in value and not draws:
         raise ApiError(400, "modalities: this model does not draw (model.generation.kind: none)", param="modalities")
+    if "image" in value and iterative:
+        raise ApiError(400, "modalities: this model draws pictures in parallel passes, on their own "
+                       "(POST /v1/images/generations), not inside a chat answer", param="modalities")
     return "image" in value

@@ -279,7 +279,9 @@ class MixtureBatches(torch.utils.data.Dataset):
             sample = None
             try:
                 sample = self.sample_at(number)
-                prompted.append(self.prompts.sample(sample))
+                masks = self.prompts.draw is not None and self.prompts.draw.mask >= 0  # the masked design's samples
+                rng = generator(self.seed, self.stage, number, "masked codes") if masks else None
+                prompted.append(self.prompts.sample(sample, rng=rng))
             except SkipSample as exc:
                 skipped.append(Skip(sample.id, exc.reason, str(exc)))
                 continue

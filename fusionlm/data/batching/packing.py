@@ -98,11 +98,16 @@ def segment_positions(segments: torch.Tensor) -> torch.Tensor:
     return torch.where(segments > 0, index - start_of, torch.zeros_like(index))
 
 
-def segment_mask(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(B, 1, T, T) additive attention mask: causal, within a segment (a padding query sees itself)."""
+def segment_mask(segments: torch.Tensor, dtype: torch.dtype, blocks: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, 1, T, T) additive attention mask: causal, within a segment (a padding query sees itself).
+
+    ``blocks`` (B, T): positions of one nonzero block number see each other both ways (a masked
+    generator's image: every position of it sees every other); 0: causal only."""
     t = segments.shape[1]
     causal = torch.ones(t, t, dtype=torch.bool, device=segments.device).tril()  # (T, T)
     same = segments[:, :, None] == segments[:, None, :]  # (B, T, T)
+    if blocks is not None:
+        causal = causal | ((blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, None, :] > 0))  # (B, T, T)
     allowed = same & causal & (segments[:, None, :] > 0)
     allowed |= torch.eye(t, dtype=torch.bool, device=segments.device)  # no empty rows
     return torch.zeros(allowed.shape, dtype=dtype, device=segments.device).masked_fill(
