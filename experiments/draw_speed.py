@@ -19,8 +19,7 @@ import time
 
 from fusionlm.checkpoint import load_model
 from fusionlm.data.batching.batches import ImageSpec
-from fusionlm.data.drawing import DrawLayout
-from fusionlm.draw import Sampling
+from fusionlm.draw import Sampling, passes
 from fusionlm.evaluate import drawing
 from fusionlm.evaluate.tasks import EvalTask
 
@@ -57,8 +56,7 @@ def main() -> None:
             finally:
                 drawing.draw = draw
             n = results[0].n
-            passes = s if s is not None else DrawLayout.of(model).written
-            print(json.dumps({"checkpoint": run, "design": model.generation.name, "passes": passes,
+            print(json.dumps({"checkpoint": run, "design": model.generation.name, "passes": passes(model, sampling),
                               "batch_size": args.batch_size,
                               "seconds_per_picture": round(drawn / n, 4),
                               **{r.task: round(r.score, 3) for r in results}}), flush=True)

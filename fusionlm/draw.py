@@ -190,6 +190,12 @@ def unmask(model: FusionLM, ids: torch.Tensor, mask: torch.Tensor, context, samp
     return codes
 
 
+def passes(model: FusionLM, sampling: Sampling) -> int:
+    """Decoder passes that draw one picture: an iterative design's steps (each over the whole
+    sequence), else a prefill and one cached step per written position after the first."""
+    return sampling.steps if model.generation.iterative else DrawLayout.of(model).written
+
+
 def pick(scores: torch.Tensor, sampling: Sampling, generators: list[torch.Generator]) -> torch.Tensor:
     """scores (B, K) -> one code per row (B,), row i drawn with ``generators[i]`` alone."""
     if sampling.temperature <= 0:

@@ -70,7 +70,8 @@ class Report:
         if self.drawing:
             d = self.drawing
             lines += ["", f"drawing: {d['codes']:.0f} codes per picture ({d['positions']:.0f} decoder positions with "
-                      f"its begin and end and any tokens Emu3 writes around its rows); {d['flops'] / 1e6:,.2f} MFLOPs per picture, "
+                      f"its begin and end and any tokens Emu3 writes around its rows), drawn in {d['passes']:.0f} decoder "
+                      f"passes; {d['flops'] / 1e6:,.2f} MFLOPs per picture, "
                       f"{d['flops_guided'] / 1e6:,.2f} with classifier-free guidance (a null row beside each prompt), "
                       f"decoding included"]
         return "\n".join(lines)
@@ -155,11 +156,12 @@ def reconstruction_flops(model, batch) -> float:
 def drawing_cost(model, tokenizer, spec) -> dict[str, float]:
     """Codes per picture, and the FLOPs of drawing one (prompt, every code, decoding the codes to
     pixels), without and with guidance."""
-    from .draw import DrawRequest, Sampling, draw
+    from .draw import DrawRequest, Sampling, draw, passes
 
     count_cpu_attention()
     layout = DrawLayout.of(model)
-    cost = {"codes": float(layout.codes), "positions": float(len(layout.tokens()))}
+    cost = {"codes": float(layout.codes), "positions": float(len(layout.tokens())),
+            "passes": float(passes(model, Sampling.of(model.config.generation)))}
     for key, cfg in (("flops", 1.0), ("flops_guided", 3.0)):
         with FlopCounterMode(display=False) as counter:
             draw(model, tokenizer, [DrawRequest(PROMPT)], spec, sampling=Sampling(cfg=cfg), static=False)

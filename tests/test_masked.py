@@ -164,3 +164,12 @@ def test_an_answer_in_text_and_pictures_is_refused_with_the_reason(masked):
     with pytest.raises(ApiError, match="images/generations"):
         check_modalities(["text", "image"], True, iterative=True)
     assert check_modalities(["text"], True, iterative=True) is False
+
+
+def test_info_counts_a_masked_pictures_passes_and_their_flops():
+    from fusionlm.info import report
+
+    masked = report(from_dict(drawing_dict("masked"))).drawing
+    shared = report(from_dict(drawing_dict("shared"))).drawing
+    assert masked["passes"] == 8 and shared["passes"] == 16  # its steps; one per code (16 codes)
+    assert masked["flops"] > shared["flops"]  # each pass recomputes the prompt and the whole picture
