@@ -113,7 +113,7 @@ def answer(model: FusionLM, tokenizer, requests: list[AnswerRequest], spec: Imag
     if max_pictures < 0 or max_new_tokens < 1:
         raise ConfigError(f"answer: max_pictures must be >= 0 and max_new_tokens >= 1, got {max_pictures}, "
                           f"{max_new_tokens}")
-    if max_pictures > 0 and model.draws and model.generation.iterative:
+    if max_pictures > 0 and model.generation.iterative:
         raise ConfigError(f"answer: the {model.generation.name!r} generation draws a picture in parallel passes, "
                           "which an answer in text and pictures does not do yet; draw it on its own "
                           "(fusionlm generate --image-out, or max_pictures=0 for text alone)")

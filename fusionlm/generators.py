@@ -104,9 +104,10 @@ class Shared(Generator):
     """Codes as extra rows of the LLM's vocabulary, one LM head for text and codes."""
 
     name = "shared"
+    extra_rows: ClassVar[int] = 0  # rows after the codes (masked: its [MASK] code)
 
     def build(self, model, text_vocab: int) -> int:
-        size = text_vocab + model.image_tokenizer.codebook_size
+        size = text_vocab + model.image_tokenizer.codebook_size + self.extra_rows
         if model.llm.get_input_embeddings().weight.shape[0] < size:
             model.llm.resize_token_embeddings(size, mean_resizing=False)
         return text_vocab
@@ -146,6 +147,7 @@ class Masked(Shared):
 
     name = "masked"
     iterative = True
+    extra_rows = 1  # [MASK]
 
     def check(self, config) -> None:
         super().check(config)
@@ -159,12 +161,6 @@ class Masked(Shared):
                               "ways while decoding text too, which is not built")
         if gen.steps < 1:
             raise ConfigError(f"model.generation.steps: {gen.steps}; the masked generation needs at least one pass")
-
-    def build(self, model, text_vocab: int) -> int:
-        size = text_vocab + model.image_tokenizer.codebook_size + 1  # + [MASK]
-        if model.llm.get_input_embeddings().weight.shape[0] < size:
-            model.llm.resize_token_embeddings(size, mean_resizing=False)
-        return text_vocab
 
     def mask_id(self, model) -> int:
         return model.code_offset + model.image_tokenizer.codebook_size

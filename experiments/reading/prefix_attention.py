@@ -20,22 +20,19 @@ import sys
 
 import torch
 
+from fusionlm.data.batching.packing import segment_mask, segment_positions
 from fusionlm.model import FusionLM
 
 
 def prefix_mask(segments: torch.Tensor, labels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(B, 1, T, T) additive mask: within a segment, causal, and every position sees its segment's
-    prefix (the positions before the segment's first target)."""
+    prefix (the positions before the segment's first target): the prefix is one attention block."""
     t = segments.shape[1]
     idx = torch.arange(t, device=segments.device).expand_as(segments)  # (B, T)
     same = segments[:, :, None] == segments[:, None, :]  # (B, T, T)
     targets = (labels != -100)[:, None, :] & same  # (B, T, T): j is a target of i's segment
     first = torch.where(targets, idx[:, None, :], t).min(-1).values  # (B, T): first target of each one's segment
-    prefix = idx < first  # (B, T)
-    causal = torch.ones(t, t, dtype=torch.bool, device=segments.device).tril()
-    allowed = same & (segments[:, None, :] > 0) & (causal | prefix[:, None, :])
-    allowed |= torch.eye(t, dtype=torch.bool, device=segments.device)
-    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+    return segment_mask(segments, dtype, blocks=torch.where(idx < first, segments, 0))  # (B, 1, T, T)
 
 
 def patch() -> None:
@@ -47,7 +44,6 @@ def patch() -> None:
                            position_ids=position_ids, **kw)
         segments = segment_ids if segment_ids is not None else attention_mask.long()
         if segment_ids is not None:
-            from fusionlm.data.batching.packing import segment_positions
             position_ids = segment_positions(segment_ids)
         mask = prefix_mask(segments, labels, self.llm.get_input_embeddings().weight.dtype)
         # segment ids are dropped so that the forward pass takes this mask (and the positions above)

@@ -114,7 +114,8 @@ class DrawLayout:
             if label == self.code:
                 run.append(i)
             elif run:
-                runs, run = runs + [run], []
+                runs.append(run)
+                run = []
         for run in runs:
             n = max(1, math.ceil(math.cos(math.pi / 2 * rng.random()) * len(run)))
             hidden = set(rng.permutation(run)[:n].tolist())

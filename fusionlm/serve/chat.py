@@ -156,7 +156,7 @@ async def answer_chat(request: Request, state: "State"):
 async def _prepare(chat: ChatRequest, state: "State", rid: str):
     """The request's ``Ask``s; or, for an answer in text and pictures, (its sample, its prompt)."""
     model = state.engine.model
-    with_pictures = check_modalities(chat.modalities, model.draws, model.draws and model.generation.iterative)
+    with_pictures = check_modalities(chat.modalities, model.draws, model.generation.iterative)
     with tempfile.TemporaryDirectory(prefix="fusionlm-clips-") as folder:  # video parts, until encoded
         pictures = await _pictures(chat, state.settings, folder)
         sample = _sample(chat, pictures, rid)

@@ -275,11 +275,11 @@ class MixtureBatches(torch.utils.data.Dataset):
     def _prepared(self, numbers) -> tuple[list[Prompted], list[str], list[Skip]]:
         """The samples ``numbers`` encoded, their tasks, and those skipped (with why)."""
         prompted, tasks, skipped = [], [], []
+        masks = self.prompts.draw is not None and self.prompts.draw.mask >= 0  # the masked design's samples
         for number in numbers:
             sample = None
             try:
                 sample = self.sample_at(number)
-                masks = self.prompts.draw is not None and self.prompts.draw.mask >= 0  # the masked design's samples
                 rng = generator(self.seed, self.stage, number, "masked codes") if masks else None
                 prompted.append(self.prompts.sample(sample, rng=rng))
             except SkipSample as exc:
