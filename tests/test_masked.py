@@ -111,10 +111,15 @@ def test_the_masked_design_refuses_row_ends_and_zero_steps():
 
 
 @pytest.fixture(scope="module")
-def masked(tmp_path_factory):
+def masked_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("masked") / "run"
     train(validate(from_dict(drawing_dict("masked"))), out, log=lambda *_: None)
-    return load_model(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def masked(masked_run):
+    return load_model(masked_run)
 
 
 def test_a_masked_model_draws_in_its_steps_reproducibly_and_alone_as_in_a_batch(masked):
@@ -173,3 +178,22 @@ def test_info_counts_a_masked_pictures_passes_and_their_flops():
     shared = report(from_dict(drawing_dict("shared"))).drawing
     assert masked["passes"] == 8 and shared["passes"] == 16  # its steps; one per code (16 codes)
     assert masked["flops"] > shared["flops"]  # each pass recomputes the prompt and the whole picture
+
+
+def test_generate_draws_a_masked_picture_in_the_passes_asked_and_refuses_none(masked_run, tmp_path, capsys):
+    from PIL import Image
+
+    from fusionlm.cli import main
+
+    model, tokenizer, _ = load_model(masked_run)
+    out = tmp_path / "circle.png"
+    rc = main(["generate", "--checkpoint", str(masked_run), "--prompt", "a red circle", "--image-out", str(out),
+               "--steps", "2", "--seed", "3"])
+    assert rc == 0 and capsys.readouterr().out.split() == [str(out)]
+    (two,) = draw(model, tokenizer, [DrawRequest("a red circle", seed=3)], sampling=Sampling.of(model.config.generation, steps=2))
+    assert list(Image.open(out).convert("RGB").getdata()) == list(two.getdata())
+    (eight,) = draw(model, tokenizer, [DrawRequest("a red circle", seed=3)])  # the model's own 8 passes
+    assert list(eight.getdata()) != list(two.getdata())
+    rc = main(["generate", "--checkpoint", str(masked_run), "--prompt", "a red circle", "--image-out",
+               str(tmp_path / "none.png"), "--steps", "0"])
+    assert rc != 0 and "steps >= 1" in capsys.readouterr().err and not (tmp_path / "none.png").exists()
