@@ -11,7 +11,7 @@ VIDEO_TOKEN = "<video>"  # marks a ``video.Video`` item; it becomes one image la
 # Task families of the synthetic world; names are used everywhere (mixtures, metrics, reports).
 TASKS = (
     "caption", "color", "shape", "count", "position", "text", "table", "chart", "price", "motion",
-    "interleaved", "text_only", "draw", "glyphs", "lookup",
+    "interleaved", "text_only", "draw", "glyphs", "lookup", "position_words",
 )
 
 

@@ -37,7 +37,7 @@ from .tasks import WORLD_EVAL_TASKS, EvalTask
 EVAL_TASKS = WORLD_EVAL_TASKS  # the world's tasks that are answered from images (motion: from a clip)
 # tasks a source may hold that are not scored by default: text without a question, reading practice
 # (``glyphs``) and finding what a question names (``lookup``), both for training only, drawing (scored by GenEval, for models that draw)
-UNSCORED = ("interleaved", "text_only", "draw", "glyphs", "lookup")
+UNSCORED = ("interleaved", "text_only", "draw", "glyphs", "lookup", "position_words")
 
 
 def question_of(sample) -> str:

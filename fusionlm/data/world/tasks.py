@@ -149,6 +149,24 @@ def position(world: Canvas, spec: SampleSpec, rng: random.Random, split: str) ->
         spec.answers = ["yes" if truth else "no"]
 
 
+@task
+def position_words(world: Canvas, spec: SampleSpec, rng: random.Random, split: str) -> None:
+    """The position question over its scene written as words, for training the LLM alone: the
+    picture's 4 x 4 cells in reading order, one word each (the colour of the shape whose centre
+    falls there, ``.`` elsewhere), where the image would be. A 64-pixel picture in 16-pixel
+    patches gives its image tokens in the same cells and order, so a text-only stage can teach the
+    hop from a named colour to where it stands before the image stages do (issue 17's experiment,
+    ``experiments/reading/README.md``). For training only: the words are a coarse view of the scene,
+    so scenes of two splits can read alike (a val or test sample may repeat a train one)."""
+    position(world, spec, rng, split)
+    S = world.image_size
+    cells = ["."] * 16
+    for _, color, cx, cy, _ in spec.image_keys[0][3]:
+        cells[min(4 * cy // S, 3) * 4 + min(4 * cx // S, 3)] = color
+    spec.image_keys = []
+    spec.question = "".join(" " + c for c in cells) + "\n" + spec.question  # " red" as the question writes it
+
+
 def _word_key(rng: random.Random, word: str, W: int, H: int, size: int) -> tuple:
     """The key of a ``W`` x ``H`` image of ``word`` at ``size`` px, its centre moved at random as
     far as keeps it inside."""
