@@ -112,7 +112,8 @@ def draw_codes(model: FusionLM, tokenizer, requests: list[DrawRequest], spec: Im
     context = model.encode_images(pixels.to(device), ids) if pixels is not None else None
     generators = [torch.Generator(device).manual_seed(r.seed) for r in requests]
     if model.generation.iterative:
-        return unmask(model, ids, mask, context, sampling, generators).view(len(requests), *layout.grid)
+        sampler = PARALLEL[model.generation.parallel]
+        return sampler(model, ids, mask, context, sampling, generators).view(len(requests), *layout.grid)
     n = layout.codes
     length = ids.shape[1] + layout.written
     if static and unsupported(model, length) is None:
@@ -190,10 +191,52 @@ def unmask(model: FusionLM, ids: torch.Tensor, mask: torch.Tensor, context, samp
     return codes
 
 
+def by_scale(model: FusionLM, ids: torch.Tensor, mask: torch.Tensor, context, sampling: Sampling,
+             generators: list[torch.Generator]) -> torch.Tensor:
+    """VAR's next-scale decoding: the prompts ``ids`` (R, T) as in ``unmask``, followed by the
+    picture's code slots; pass s scores every code of scale s at once (its positions see the coarser
+    scales' reconstruction, ``generators.NextScale``) and samples them all. Guidance ramps over the
+    scales as in VAR: none on the first, ``cfg`` on the last (linear between). Returns the codes (B, n)."""
+    b, t = len(generators), ids.shape[1]
+    tok, k = model.image_tokenizer, model.image_tokenizer.codebook_size
+    n = tok.grid[1]
+    seq = torch.cat([ids, ids.new_full((len(ids), n), model.code_offset)], 1)  # (R, T+n): scales not drawn yet read as code 0
+    full = torch.cat([mask, mask.new_ones(len(ids), n)], 1)  # (R, T+n)
+    positions = (full.cumsum(-1) - 1).clamp(min=0)  # (R, T+n): left padding shifts positions
+    codes = ids.new_zeros(b, n)  # (B, n)
+    spans = tok.spans()
+    for s, (start, end) in enumerate(spans):
+        # a later scale's slots are not seen from this one's positions (block-causal), whatever they hold
+        scores = model(seq, attention_mask=full, position_ids=positions,
+                       context=context).code_logits[:, t - 1 + start: t - 1 + end]  # (R, m, K)
+        if len(ids) > b:  # guided: the null rows follow; VAR's ramp
+            cfg = 1 + (sampling.cfg - 1) * s / max(1, len(spans) - 1)
+            scores = scores[b:] + cfg * (scores[:b] - scores[b:])  # (B, m, K)
+        m = end - start
+        if sampling.temperature <= 0:
+            picked = scores.argmax(-1)  # (B, m)
+        else:
+            probs = sampling_probs(scores.flatten(0, 1), sampling.temperature, sampling.top_p,
+                                   sampling.top_k).view(b, m, k)  # (B, m, K)
+            picked = torch.stack([torch.multinomial(p, 1, generator=g).squeeze(-1)
+                                  for p, g in zip(probs, generators)])  # (B, m)
+        codes[:, start:end] = picked
+        seq[:, t + start: t + end] = (picked + model.code_offset).repeat(len(ids) // b, 1)
+    return codes
+
+
+# the sampler of each design that draws a picture in passes over all of it (``Generator.parallel``)
+PARALLEL = {"unmask": unmask, "by_scale": by_scale}
+
+
 def passes(model: FusionLM, sampling: Sampling) -> int:
-    """Decoder passes that draw one picture: an iterative design's steps (each over the whole
-    sequence), else a prefill and one cached step per written position after the first."""
-    return sampling.steps if model.generation.iterative else DrawLayout.of(model).written
+    """Decoder passes that draw one picture: a masked design's steps and a next-scale design's
+    scales (each pass over the whole sequence), else a prefill and one cached step per written
+    position after the first."""
+    parallel = model.generation.parallel
+    if parallel == "unmask":
+        return sampling.steps
+    return len(model.image_tokenizer.scales) if parallel == "by_scale" else DrawLayout.of(model).written
 
 
 def pick(scores: torch.Tensor, sampling: Sampling, generators: list[torch.Generator]) -> torch.Tensor:

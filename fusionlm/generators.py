@@ -13,6 +13,9 @@ embedded and which head scores the codes:
   is learnt by masking a cosine-scheduled share of its codes and predicting them all at once, with
   every position of the image seeing every other (``blocks``), and drawn by unmasking the most
   confident codes over a few parallel passes (``draw.unmask``);
+* ``next_scale`` (VAR): the shared vocabulary over a multi-scale tokenizer's codes, coarse to fine;
+  every code of a scale is predicted at once from the coarser scales' reconstruction, with
+  block-causal attention across scales, and drawn in one pass per scale (``draw.by_scale``);
 * ``decoupled`` (Janus): the LLM's vocabulary stays text; a code goes in through an embedding of
   its own and an aligner MLP, and a generation head (an MLP on the LLM's last hidden state) scores
   the next code. What the model reads goes through the encoder + connector, as before.
@@ -29,7 +32,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from .errors import ConfigError, SampleError
 from .registry import Registry
 
 if TYPE_CHECKING:  # the model (model.FusionLM) is passed in, never imported
@@ -77,7 +80,14 @@ class Generator:
         raise NotImplementedError
 
     needs_hidden: ClassVar[bool] = False  # code_logits reads the last hidden state
-    iterative: ClassVar[bool] = False  # draws all codes of an image at once over passes (``draw.unmask``), not one by one
+    # the sampler (of ``draw.PARALLEL``) of a design that writes many codes of an image a pass:
+    # ``unmask`` (masked), ``by_scale`` (next-scale); None: one code a pass over a KV cache
+    parallel: ClassVar[str | None] = None
+
+    @property
+    def iterative(self) -> bool:
+        """Draws a picture in passes over all of it, not code by code (so not inside a text answer)."""
+        return self.parallel is not None
 
     def mask_id(self, model: "FusionLM") -> int:
         """The id of the ``[MASK]`` code that a training sample and a sampler put in place of codes
@@ -123,16 +133,24 @@ class Shared(Generator):
         return lambda hidden: self.code_logits(model, head(hidden), None)
 
 
+def code_runs(drawn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, T) bool, True at drawn codes -> (B, T) each: the number of the run of codes a position is
+    in or after (1, 2, … along the row), its offset in that run, and the openings (the position
+    before a run, which scores its first code)."""
+    starts = drawn & ~torch.cat([torch.zeros_like(drawn[:, :1]), drawn[:, :-1]], 1)  # (B, T): first code of a run
+    number = starts.long().cumsum(1)  # (B, T)
+    index = torch.arange(drawn.shape[1], device=drawn.device).expand_as(drawn)  # (B, T)
+    offset = index - torch.where(starts, index, 0).cummax(1).values  # (B, T)
+    before = torch.zeros_like(drawn)
+    before[:, :-1] = starts[:, 1:]
+    return number, offset, before & ~drawn
+
+
 def image_blocks(drawn: torch.Tensor) -> torch.Tensor:
     """(B, T) bool, True at drawn codes -> (B, T) block numbers: each run of codes and the position
     before it (the one that scores its first code), 1, 2, … along the row; 0 elsewhere."""
-    before = torch.zeros_like(drawn)
-    before[:, :-1] = drawn[:, 1:]  # (B, T): a code follows
-    starts = drawn & ~torch.cat([torch.zeros_like(drawn[:, :1]), drawn[:, :-1]], 1)  # (B, T): first code of a run
-    number = starts.long().cumsum(1)  # (B, T)
-    blocks = number * drawn  # (B, T)
-    opening = before & ~drawn  # (B, T): the position before a run
-    return torch.where(opening, number + 1, blocks)  # the opening takes the number its run is about to get
+    number, _, opening = code_runs(drawn)
+    return torch.where(opening, number + 1, number * drawn)  # the opening takes the number its run is about to get
 
 
 @GENERATORS.register("masked")
@@ -146,19 +164,13 @@ class Masked(Shared):
     image every position sees every other, so both see the same tokens."""
 
     name = "masked"
-    iterative = True
+    parallel = "unmask"
     extra_rows = 1  # [MASK]
 
     def check(self, config) -> None:
         super().check(config)
         gen = config.model.generation
-        if gen.row_end_token or gen.size_header or gen.header_token or gen.frame_end_token:
-            raise ConfigError("model.generation: the 'masked' generation writes an image's codes alone "
-                              "(no row_end_token, size_header, header_token or frame_end_token)")
-        if config.model.fusion.kind == "early":
-            raise ConfigError("model.fusion.kind: the 'masked' generation reads pictures through a tower (a fusion "
-                              "other than 'early'); pictures read as codes would need their block attended both "
-                              "ways while decoding text too, which is not built")
+        codes_alone(self.name, config)
         if gen.steps < 1:
             raise ConfigError(f"model.generation.steps: {gen.steps}; the masked generation needs at least one pass")
 
@@ -173,6 +185,92 @@ class Masked(Shared):
         slots = (input_ids >= model.code_offset) & (input_ids <= self.mask_id(model))  # (B, T): codes and [MASK]
         slots |= input_ids == model.ids.code  # and slots whose codes are not filled in yet
         return image_blocks(slots) if bool(slots.any()) else None
+
+
+def codes_alone(name: str, config: "RecipeConfig") -> None:
+    """The rules of a design that draws a picture in passes over all of its codes."""
+    gen = config.model.generation
+    if gen.row_end_token or gen.size_header or gen.header_token or gen.frame_end_token:
+        raise ConfigError(f"model.generation: the {name!r} generation writes an image's codes alone "
+                          "(no row_end_token, size_header, header_token or frame_end_token)")
+    if config.model.fusion.kind == "early":
+        raise ConfigError(f"model.fusion.kind: the {name!r} generation reads pictures through a tower (a fusion "
+                          "other than 'early'); pictures read as codes would need their blocks attended both "
+                          "ways while decoding text too, which is not built")
+
+
+@GENERATORS.register("next_scale")
+class NextScale(Shared):
+    """VAR's next-scale prediction through the LLM: the multi-scale tokenizer's codes (coarse to
+    fine, ``image_tokenizers.MultiScaleTokenizer``) are rows of the shared vocabulary, scored by the
+    LM head, and every code of a scale is predicted at once.
+
+    The model's one convention holds (position t-1 scores the code at t), so the position before a
+    scale's first code and those of its other codes but the last predict that scale. What they read
+    is VAR's teacher-forced input, not their own code: ``f_hat`` of the coarser scales at this
+    scale's side (``scale_inputs``), through a linear map to the LLM's width plus a learnt embedding
+    of the scale (``gen_in``, ``gen_level``); the opening predicts the first scale. Attention is
+    block-causal: the positions predicting one scale see each other and every earlier scale, never
+    a later one (``blocks``); text stays causal. Drawn in one pass per scale (``draw.by_scale``)."""
+
+    name = "next_scale"
+    parallel = "by_scale"
+
+    def check(self, config) -> None:
+        super().check(config)
+        codes_alone(self.name, config)
+        if config.model.image_tokenizer.kind != "multiscale":
+            raise ConfigError(f"model.image_tokenizer.kind: the 'next_scale' generation predicts a multi-scale "
+                              f"tokenizer's scales; set kind: multiscale (got {config.model.image_tokenizer.kind!r})")
+
+    def build(self, model, text_vocab: int) -> int:
+        offset = super().build(model, text_vocab)
+        width, tok = model.llm.config.hidden_size, model.image_tokenizer
+        model.gen_in = nn.Linear(tok.config.code_dim, width)
+        model.gen_level = nn.Embedding(len(tok.scales), width)
+        return offset
+
+    def _slots(self, model, input_ids):
+        codes = (input_ids >= model.code_offset) & (input_ids < model.code_offset + model.image_tokenizer.codebook_size)
+        return codes | (input_ids == model.ids.code)  # (B, T): and slots whose codes are not filled in yet
+
+    def _predicts(self, model, device) -> torch.Tensor:
+        """(n,) the scale that each position of a picture's codes predicts (the next code's), -1 at
+        the last code (it predicts the end of the image)."""
+        tok = model.image_tokenizer
+        level = torch.cat([torch.full((b - a,), i) for i, (a, b) in enumerate(tok.spans())])  # (n,)
+        return torch.cat([level[1:], level.new_full((1,), -1)]).to(device)
+
+    def _runs(self, model, input_ids):
+        slots = self._slots(model, input_ids)
+        number, offset, opening = code_runs(slots)
+        n = model.image_tokenizer.grid[1]
+        if bool(slots.any()) and (bool((offset[slots] >= n).any()) or int((slots & (offset == n - 1)).sum()) * n != int(slots.sum())):
+            raise SampleError(f"a drawn picture of the 'next_scale' generation is a run of {n} codes; the batch has "
+                              f"runs of other lengths")
+        return slots, number, offset, opening
+
+    def embed_codes(self, model, embeds, input_ids):
+        slots, _, offset, _ = self._runs(model, input_ids)
+        if not bool(slots.any()):
+            return embeds
+        tok, n = model.image_tokenizer, model.image_tokenizer.grid[1]
+        codes = (input_ids[slots] - model.code_offset).clamp(min=0).view(-1, n)  # (G, n): a slot not yet drawn reads as code 0
+        level = self._predicts(model, input_ids.device)[:-1]  # (n-1,)
+        x = model.gen_in(tok.scale_inputs(codes).to(embeds.dtype)) + model.gen_level(level)  # (G, n-1, D)
+        out = embeds.clone()
+        out[slots & (offset < n - 1)] = x.flatten(0, 1).to(embeds.dtype)
+        return out
+
+    def blocks(self, model, input_ids):
+        slots, number, offset, opening = self._runs(model, input_ids)
+        if not bool(slots.any()):
+            return None
+        scales = len(model.image_tokenizer.scales)
+        n = model.image_tokenizer.grid[1]
+        level = self._predicts(model, input_ids.device)[offset.clamp(max=n - 1)]  # (B, T)
+        inside = torch.where(slots & (level >= 0), (number - 1) * scales + level + 1, 0)  # (B, T)
+        return torch.where(opening, number * scales + 1, inside)  # the opening predicts the first scale
 
 
 class Head(nn.Module):

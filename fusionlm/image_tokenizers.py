@@ -148,6 +148,87 @@ class VQTokenizer(ImageTokenizer):
         return Reconstruction(out, codes, mse + commit.sum(), mse.detach())
 
 
+@IMAGE_TOKENIZERS.register("multiscale")
+class MultiScaleTokenizer(VQTokenizer):
+    """VAR's multi-scale residual quantiser: the encoder's feature map ``f`` (code_dim, s, s) is
+    quantised coarse to fine, one code map per scale of ``scales`` (1, 2, 4, 8 for a 32-pixel
+    picture at downsample 4): scale k quantises the residual left by the scales before it, area-pooled
+    to its side; its code vectors, upsampled to ``s`` (bicubic), are added to the reconstruction
+    ``f_hat``, which the decoder turns into pixels. One ``VectorQuantize`` codebook serves every scale.
+
+    The codes of a picture are one row, coarse to fine (``grid`` is ``(1, 1 + 4 + 16 + 64)``), so a
+    sequence writes them as any other design's. ``scale_inputs`` gives what a next-scale model reads
+    before predicting a scale: ``f_hat`` of the coarser scales, at that scale's side.
+    VAR's per-scale convolutions on the upsampled code vectors (its ``phi``) are left out."""
+
+    def __init__(self, config: ImageTokenizerConfig):
+        super().__init__(config)
+        side = config.image_size // config.downsample
+        scales = list(config.scales) or [2 ** i for i in range(int(math.log2(side)) + 1)]
+        if scales[-1] != side or any(a >= b for a, b in zip(scales, scales[1:])) or scales[0] < 1:
+            raise ConfigError(f"model.image_tokenizer.scales: {scales} must rise from 1 or more to the code map's side "
+                              f"{side} (image_size / downsample)")
+        self.scales = scales
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return 1, sum(k * k for k in self.scales)
+
+    def spans(self) -> list[tuple[int, int]]:
+        """Each scale's ``(start, end)`` in a picture's row of codes."""
+        ends = torch.tensor([k * k for k in self.scales]).cumsum(0).tolist()
+        return [(e - k * k, e) for e, k in zip(ends, self.scales)]
+
+    def _up(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, D, k, k) -> (B, D, s, s): a scale's code vectors at the finest side."""
+        side = self.scales[-1]
+        return z if z.shape[-1] == side else F.interpolate(z, size=(side, side), mode="bicubic", align_corners=False)
+
+    def _quantise(self, f: torch.Tensor, train: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """f (B, D, s, s) -> f_hat (B, D, s, s), codes (B, 1, n), the summed commitment loss."""
+        if not bool(self.quantizer._codebook.initted):  # k-means on the finest map, not on one vector a picture
+            self.quantizer(f.detach())
+        residual, f_hat, codes = f, torch.zeros_like(f), []
+        commit = f.new_zeros(())
+        for k in self.scales:
+            r = F.interpolate(residual, size=(k, k), mode="area")  # (B, D, k, k)
+            _, idx, loss = self.quantizer(r, freeze_codebook=not train)  # (B, k, k), (1,)
+            up = self._up(self.quantizer.get_output_from_indices(idx))  # (B, D, s, s)
+            f_hat, residual = f_hat + up, residual - up
+            commit, codes = commit + loss.sum(), codes + [idx.flatten(1)]
+        return f_hat, torch.cat(codes, 1)[:, None], commit
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self._quantise(self.encoder(pixels), train=False)[1]  # (B, 1, n)
+
+    def maps(self, codes: torch.Tensor) -> list[torch.Tensor]:
+        """codes (B, 1, n) or (B, n) -> each scale's code vectors at the finest side, [(B, D, s, s)]."""
+        codes = codes.reshape(len(codes), -1)
+        return [self._up(self.quantizer.get_output_from_indices(codes[:, a:b].view(-1, k, k)))
+                for (a, b), k in zip(self.spans(), self.scales)]
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.decoder(sum(self.maps(codes)))  # (B, 3, H, W)
+
+    def scale_inputs(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes (B, n) -> (B, n - 1, D): for each scale after the first, ``f_hat`` of the scales
+        before it area-pooled to its side, raster order (VAR's teacher-forced inputs): row ``j``
+        is what predicts code ``j + 1``, the scale it belongs to seen only through coarser ones."""
+        maps, f_hat, out = self.maps(codes), 0, []
+        for k, m in zip(self.scales[1:], maps):
+            f_hat = f_hat + m
+            out.append(F.interpolate(f_hat, size=(k, k), mode="area").flatten(2).transpose(1, 2))  # (B, k*k, D)
+        return torch.cat(out, 1)
+
+    def forward(self, pixels: torch.Tensor) -> Reconstruction:
+        f = self.encoder(pixels)  # (B, D, s, s)
+        f_hat, codes, commit = self._quantise(f, train=self.training)
+        out = self.decoder(f + (f_hat - f).detach())  # (B, 3, H, W): straight through to the encoder
+        mse = F.mse_loss(out, pixels)
+        return Reconstruction(out, codes, mse + commit, mse.detach())
+
+
 def sample_from_all(samples: torch.Tensor, num: int) -> torch.Tensor:
     """(C, n, d) this process's vectors -> (C, num, d) drawn from those of every process, in rank
     order, with the global random generator: the same vectors on every process (they hold the same

@@ -468,6 +468,7 @@ def test_info_reports_what_a_picture_costs():
 JANUS_STEPS = (4, 2, 2, 4, 2)  # pretrain_tokenizer, pretrain_encoder, adaptors, unified, finetune
 CHAMELEON_STEPS = (3, 3, 2)  # pretrain_tokenizer, pretrain, finetune (early fusion: no tower stage)
 SHOWO_STEPS = (3, 2, 3, 2)  # pretrain_tokenizer, pretrain_encoder, pretrain, finetune (masked codes)
+VAR_STEPS = (3, 2, 3, 2)  # the same stages, next-scale prediction over a multi-scale tokenizer
 
 
 def tiny_overrides(steps: tuple[int, ...]) -> list[str]:
@@ -488,10 +489,11 @@ def test_the_janus_recipe_runs_every_stage_objective():
 
 
 @pytest.mark.parametrize("recipe, steps", [("janus", JANUS_STEPS), ("chameleon", CHAMELEON_STEPS),
-                                           ("showo", SHOWO_STEPS)])
+                                           ("showo", SHOWO_STEPS), ("var", VAR_STEPS)])
 def test_a_drawing_recipe_trains_alike_on_one_and_two_processes(tmp_path, recipe, steps):
     """janus (a tower, decoupled drawing), chameleon (early fusion: pictures read as codes, shared) and
-    showo (masked codes: each sample's own mask, whichever process reads it)."""
+    showo (masked codes: each sample's own mask, whichever process reads it) and var (a multi-scale
+    codebook, k-means seeded on the finest maps of every process)."""
     from test_distributed import run_parallel
 
     config = load_recipe(recipe, tiny_overrides(steps))
@@ -514,7 +516,7 @@ def test_a_drawing_recipe_trains_alike_on_one_and_two_processes(tmp_path, recipe
 
 
 @pytest.mark.parametrize("recipe, steps, stops", [("janus", JANUS_STEPS, (3, 11)), ("chameleon", CHAMELEON_STEPS, (2, 5)),
-                                                  ("showo", SHOWO_STEPS, (2, 7))])
+                                                  ("showo", SHOWO_STEPS, (2, 7)), ("var", VAR_STEPS, (2, 7))])
 def test_a_drawing_recipe_resumes_as_if_never_stopped(tmp_path, monkeypatch, recipe, steps, stops):
     """Stopped inside the tokenizer stage, then inside a drawing stage (its condition dropout)."""
     from helpers_train import interrupt_after

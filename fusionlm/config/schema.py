@@ -69,6 +69,9 @@ class ImageTokenizerConfig:
     kmeans_init: bool = True  # vq: the codebook starts as k-means centres of the first batch
     dead_code_threshold: float = 1.0  # vq: a code whose EMA count falls below this is re-seeded from the batch
     commitment: float = 0.25  # vq: weight of the commitment loss
+    # multiscale (VAR): the side of each scale's code map, coarse to fine, the last image_size / downsample;
+    # empty: 1, 2, 4, ... up to it
+    scales: list[int] = field(default_factory=list)
     hf: str | None = None  # janus / emu3: a pretrained VQ model, a local directory or a hub id
     allow_custom_code: bool = False  # let a checkpoint's own Python code (auto_map) run
     arch: dict[str, Any] | None = None  # janus / emu3: the VQ model's transformers config (recorded; rebuilds it offline)
