@@ -164,7 +164,8 @@ def drawing_cost(model, tokenizer, spec) -> dict[str, float]:
             "passes": float(passes(model, Sampling.of(model.config.generation)))}
     for key, cfg in (("flops", 1.0), ("flops_guided", 3.0)):
         with FlopCounterMode(display=False) as counter:
-            draw(model, tokenizer, [DrawRequest(PROMPT)], spec, sampling=Sampling(cfg=cfg), static=False)
+            draw(model, tokenizer, [DrawRequest(PROMPT)], spec, sampling=Sampling.of(model.config.generation, cfg=cfg),
+                 static=False)
         cost[key] = float(counter.get_total_flops())
     return cost
 
