@@ -27,8 +27,10 @@ from .data.chat import SkipSample
 from .data.prompt import PromptEncoder
 from .data.pixels.processing import ImageBatch, ImageSpec
 from .data.sources import build_source
-from .data.world.scenes import CATEGORIES
+from .data.world.scenes import CATEGORIES, geneval_scenes
+from .draw import DrawRequest, Sampling, draw, passes
 from .evaluate.harness import EVAL_TASKS, evaluate
+from .evaluate.tasks import EvalTask
 from .generate import Request
 from .info import report
 from .recipe import trained_tasks
@@ -53,6 +55,8 @@ class RecipeResult:
     text_loss_before: float | None
     text_loss_after: float
     scores: dict[str, dict[str, float]] = field(default_factory=dict)  # "0-shot" -> task -> score
+    # a recipe that draws: decoder passes, seconds and guided MFLOPs per picture (``draw_cost``)
+    drawing: dict[str, float] = field(default_factory=dict)
     losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) of language-model steps
 
 
@@ -113,6 +117,8 @@ def run_one(name: str, run: Path, *, label: str, steps, minutes, shots, per_task
         losses=[(m["step"], m["loss"]) for m in metrics if m["loss"] is not None
                 and saved.stages[m["stage"]].objective == "lm"],
     )
+    if "draw" in tasks:
+        result.drawing = draw_cost(model, tokenizer, spec, cost.drawing)
     for k in shots:
         asked = [t for t in tasks if k == 0 or t != "draw"]  # pictures are drawn from the prompt alone
         scored = evaluate(model, tokenizer, source, spec, split="test", per_task=per_task, tasks=asked, shots=k,
@@ -169,6 +175,25 @@ def latency(model, tokenizer, spec: ImageSpec, source, tasks: list[str], new_tok
             torch.cuda.synchronize()
         times.append(time.perf_counter() - started)
     return sorted(times[1:])[len(times[1:]) // 2]  # the first call warms up
+
+
+@torch.no_grad()
+def draw_cost(model, tokenizer, spec: ImageSpec, counted: dict[str, float], pictures: int = 24) -> dict[str, float]:
+    """What a picture costs as the model draws by default (guidance included): its decoder passes and
+    MFLOPs (``counted``: ``info.drawing_cost``), and the seconds per picture of ``pictures`` held-out
+    GenEval prompts drawn in one batch (after one warm-up picture)."""
+    sampling = Sampling.of(model.config.generation)
+    prompt = EvalTask(name="draw", metric="geneval").prompt
+    scenes = geneval_scenes(-(-pictures // len(CATEGORIES)))[:pictures]
+    requests = [DrawRequest(prompt.format(question=s.prompt), seed=i) for i, s in enumerate(scenes)]
+    draw(model, tokenizer, requests[:1], spec, sampling=sampling)
+    started = time.perf_counter()
+    draw(model, tokenizer, requests, spec, sampling=sampling)
+    if next(model.parameters()).device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    return {"passes": float(passes(model, sampling)), "seconds_per_picture": round(seconds / len(requests), 5),
+            "mflops_per_picture": round((counted["flops_guided"] if sampling.cfg != 1 else counted["flops"]) / 1e6, 1)}
 
 
 @torch.no_grad()
@@ -257,13 +282,19 @@ def geneval_table(results: list[RecipeResult]) -> list[str]:
     if not drawing:
         return []
     lines = ["## Drawing (GenEval on held-out prompts)", "",
-             "| recipe | " + " | ".join(CATEGORIES) + " | overall | tokenizer ceiling | FD |",
-             "| --- | " + " | ".join("---:" for _ in CATEGORIES) + " | ---: | ---: | ---: |"]
+             "| recipe | " + " | ".join(CATEGORIES) + " | overall | tokenizer ceiling | FD | decoder passes / picture "
+             "| s / picture | MFLOPs / picture |",
+             "| --- | " + " | ".join("---:" for _ in CATEGORIES) + " | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in drawing:
-        s = r.scores["0-shot"]
+        s, d = r.scores["0-shot"], r.drawing
+        cost = (f"{d['passes']:.0f} | {d['seconds_per_picture']:.4f} | {d['mflops_per_picture']:,.0f}" if d
+                else "— | — | —")
         lines.append(f"| `{r.recipe}` | " + " | ".join(f"{s[f'draw/{c}']:.2f}" for c in CATEGORIES)
-                     + f" | {s['draw']:.3f} | {s['draw/ceiling']:.2f} | {s['draw/fd']:.3f} |")
-    return lines + ["", "FD: Fréchet distance in the features of `fusionlm.evaluate.fd.WorldFeatures` (not FID).", ""]
+                     + f" | {s['draw']:.3f} | {s['draw/ceiling']:.2f} | {s['draw/fd']:.3f} | {cost} |")
+    return lines + ["", "FD: Fréchet distance in the features of `fusionlm.evaluate.fd.WorldFeatures` (not FID). "
+                    "A picture's cost as the model draws by default, guidance included: decoder passes (a masked "
+                    "model's steps, a next-scale model's scales, else one per written position), seconds per "
+                    "picture in a batch of held-out prompts on this host, and FLOPs (`fusionlm info`).", ""]
 
 
 def _plots(results: list[RecipeResult], out: Path) -> list[tuple[str, Path]]:
@@ -303,6 +334,18 @@ def _plots(results: list[RecipeResult], out: Path) -> list[tuple[str, Path]]:
         ax.set(xlabel="training compute (PFLOPs)", ylabel=f"mean score ({key}, captions left out)",
                title="Cost vs accuracy")
         made.append(("Cost vs accuracy", _save(fig, out / "cost_vs_score.png")))
+    drawing = [r for r in results if r.drawing and "draw" in r.scores.get("0-shot", {})]
+    if drawing:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+        for ax, (x, label) in zip(axes, ((lambda r: r.train_pflops, "training compute (PFLOPs)"),
+                                         (lambda r: r.drawing["seconds_per_picture"], "seconds per picture (drawing)"))):
+            for r in drawing:
+                ax.scatter(x(r), r.scores["0-shot"]["draw"], s=40)
+                ax.annotate(r.recipe, (x(r), r.scores["0-shot"]["draw"]), fontsize=8, xytext=(4, 4),
+                            textcoords="offset points")
+            ax.set(xlabel=label, ylabel="GenEval overall (0-shot)")
+        fig.suptitle("GenEval against training compute and against drawing time")
+        made.append(("GenEval vs compute and time", _save(fig, out / "geneval_cost.png")))
     return made
 
 

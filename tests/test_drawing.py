@@ -553,7 +553,11 @@ def test_compare_reports_geneval_beside_the_understanding_scores(tmp_path, capsy
     assert "color" in one and "draw" not in one  # pictures are drawn from the prompt alone: once
     report = (tmp_path / "cmp" / "report.md").read_text()
     assert "draws: decoupled" in report and "## Drawing (GenEval on held-out prompts)" in report
-    assert f"| {zero['draw']:.3f} | {zero['draw/ceiling']:.2f} | {zero['draw/fd']:.3f} |" in report
+    cost = result["drawing"]
+    assert cost["passes"] == 16 and cost["seconds_per_picture"] > 0 and cost["mflops_per_picture"] > 0  # 4x4 codes
+    assert (f"| {zero['draw']:.3f} | {zero['draw/ceiling']:.2f} | {zero['draw/fd']:.3f} | 16 | "
+            f"{cost['seconds_per_picture']:.4f} |") in report
+    assert "geneval_cost.png" in report and (tmp_path / "cmp" / "geneval_cost.png").stat().st_size > 0
 
 
 def test_a_text_answer_never_opens_a_picture(loaded):
