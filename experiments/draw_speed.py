@@ -4,11 +4,12 @@ on the same host.
 
     python experiments/draw_speed.py runs/showo runs/showo_ar --per-category 50 --steps 4 16 32
     python experiments/draw_speed.py runs/showo runs/showo_ar --per-category 5 --batch-size 1
+    python experiments/draw_speed.py runs/var runs/showo runs/showo_ar --per-category 50
 
 Prints one JSON line per (checkpoint, passes): GenEval overall and per category, FD, the seconds
 per picture (the drawing alone: batches of ``--batch-size`` prompts, 60 by default, with guidance)
-and the decoder passes one picture takes (a masked model: its steps; one code at a time: a prefill,
-then one cached step per code after the first).
+and the decoder passes one picture takes (a masked model: its steps; a next-scale one: its scales;
+one code at a time: a prefill, then one cached step per code after the first).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def main() -> None:
         model, tokenizer, config = load_model(run)
         spec = ImageSpec.for_model(model, config)
         default = Sampling.of(model.config.generation)
-        steps = [default.steps, *[s for s in args.steps if s != default.steps]] if model.generation.iterative else [None]
+        steps = [default.steps, *[s for s in args.steps if s != default.steps]] if model.generation.parallel == "unmask" else [None]
         for s in steps:
             sampling = default if s is None else Sampling.of(model.config.generation, steps=s)
             drawn = 0.0

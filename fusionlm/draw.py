@@ -155,7 +155,7 @@ def unmask(model: FusionLM, ids: torch.Tensor, mask: torch.Tensor, context, samp
     log-probability plus annealed Gumbel noise, ``CHOICE_TEMPERATURE``), so that
     ``n cos(pi/2 (s+1)/S)`` stay masked after pass s of S. Returns the codes (B, n)."""
     b, t = len(generators), ids.shape[1]
-    n, k = math.prod(model.image_tokenizer.grid), model.image_tokenizer.codebook_size
+    n = math.prod(model.image_tokenizer.grid)
     blank = model.generation.mask_id(model)
     seq = torch.cat([ids, ids.new_full((len(ids), n), blank)], 1)  # (R, T+n)
     full = torch.cat([mask, mask.new_ones(len(ids), n)], 1)  # (R, T+n)
@@ -168,14 +168,7 @@ def unmask(model: FusionLM, ids: torch.Tensor, mask: torch.Tensor, context, samp
                        context=context).code_logits[:, t - 1: t - 1 + n]  # (R, n, K): position i-1 scores code i
         if len(ids) > b:  # guided: the null rows follow
             scores = scores[b:] + sampling.cfg * (scores[:b] - scores[b:])  # (B, n, K)
-        if sampling.temperature <= 0:
-            probs = torch.softmax(scores.float(), -1)  # (B, n, K)
-            candidates = probs.argmax(-1)  # (B, n)
-        else:
-            probs = sampling_probs(scores.flatten(0, 1), sampling.temperature, sampling.top_p,
-                                   sampling.top_k).view(b, n, k)  # (B, n, K)
-            candidates = torch.stack([torch.multinomial(p, 1, generator=g).squeeze(-1)
-                                      for p, g in zip(probs, generators)])  # (B, n)
+        probs, candidates = pick_each(scores, sampling, generators)  # (B, n, K), (B, n)
         confidence = probs.gather(-1, candidates[..., None]).squeeze(-1).clamp(min=1e-30).log()  # (B, n)
         anneal = CHOICE_TEMPERATURE * (1 - (step + 1) / sampling.steps)
         if anneal > 0 and sampling.temperature > 0:  # MaskGIT's randomised choice: Gumbel noise, annealed to none
@@ -198,7 +191,7 @@ def by_scale(model: FusionLM, ids: torch.Tensor, mask: torch.Tensor, context, sa
     scales' reconstruction, ``generators.NextScale``) and samples them all. Guidance ramps over the
     scales as in VAR: none on the first, ``cfg`` on the last (linear between). Returns the codes (B, n)."""
     b, t = len(generators), ids.shape[1]
-    tok, k = model.image_tokenizer, model.image_tokenizer.codebook_size
+    tok = model.image_tokenizer
     n = tok.grid[1]
     seq = torch.cat([ids, ids.new_full((len(ids), n), model.code_offset)], 1)  # (R, T+n): scales not drawn yet read as code 0
     full = torch.cat([mask, mask.new_ones(len(ids), n)], 1)  # (R, T+n)
@@ -212,14 +205,7 @@ def by_scale(model: FusionLM, ids: torch.Tensor, mask: torch.Tensor, context, sa
         if len(ids) > b:  # guided: the null rows follow; VAR's ramp
             cfg = 1 + (sampling.cfg - 1) * s / max(1, len(spans) - 1)
             scores = scores[b:] + cfg * (scores[:b] - scores[b:])  # (B, m, K)
-        m = end - start
-        if sampling.temperature <= 0:
-            picked = scores.argmax(-1)  # (B, m)
-        else:
-            probs = sampling_probs(scores.flatten(0, 1), sampling.temperature, sampling.top_p,
-                                   sampling.top_k).view(b, m, k)  # (B, m, K)
-            picked = torch.stack([torch.multinomial(p, 1, generator=g).squeeze(-1)
-                                  for p, g in zip(probs, generators)])  # (B, m)
+        _, picked = pick_each(scores, sampling, generators)  # (B, m)
         codes[:, start:end] = picked
         seq[:, t + start: t + end] = (picked + model.code_offset).repeat(len(ids) // b, 1)
     return codes
@@ -237,6 +223,17 @@ def passes(model: FusionLM, sampling: Sampling) -> int:
     if parallel == "unmask":
         return sampling.steps
     return len(model.image_tokenizer.scales) if parallel == "by_scale" else DrawLayout.of(model).written
+
+
+def pick_each(scores: torch.Tensor, sampling: Sampling, generators: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+    """scores (B, m, K) of m codes drawn at once -> the probabilities sampled from (B, m, K) and a
+    code for each (B, m), row i drawn with ``generators[i]`` alone (temperature 0: the most likely)."""
+    b, m, k = scores.shape
+    if sampling.temperature <= 0:
+        probs = torch.softmax(scores.float(), -1)  # (B, m, K)
+        return probs, probs.argmax(-1)
+    probs = sampling_probs(scores.flatten(0, 1), sampling.temperature, sampling.top_p, sampling.top_k).view(b, m, k)
+    return probs, torch.stack([torch.multinomial(p, 1, generator=g).squeeze(-1) for p, g in zip(probs, generators)])
 
 
 def pick(scores: torch.Tensor, sampling: Sampling, generators: list[torch.Generator]) -> torch.Tensor:
