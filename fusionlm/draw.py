@@ -184,6 +184,11 @@ def unmask(model: FusionLM, ids: torch.Tensor, mask: torch.Tensor, context, samp
     return codes
 
 
+# VAR's guidance schedule over the scales: none on the first, cfg on the last (False: cfg on every
+# scale; experiments/var_ramp.py compares the two)
+CFG_RAMP = True
+
+
 def by_scale(model: FusionLM, ids: torch.Tensor, mask: torch.Tensor, context, sampling: Sampling,
              generators: list[torch.Generator]) -> torch.Tensor:
     """VAR's next-scale decoding: the prompts ``ids`` (R, T) as in ``unmask``, followed by the
@@ -203,7 +208,7 @@ def by_scale(model: FusionLM, ids: torch.Tensor, mask: torch.Tensor, context, sa
         scores = model(seq, attention_mask=full, position_ids=positions,
                        context=context).code_logits[:, t - 1 + start: t - 1 + end]  # (R, m, K)
         if len(ids) > b:  # guided: the null rows follow; VAR's ramp
-            cfg = 1 + (sampling.cfg - 1) * s / max(1, len(spans) - 1)
+            cfg = 1 + (sampling.cfg - 1) * s / max(1, len(spans) - 1) if CFG_RAMP else sampling.cfg
             scores = scores[b:] + cfg * (scores[:b] - scores[b:])  # (B, m, K)
         _, picked = pick_each(scores, sampling, generators)  # (B, m)
         codes[:, start:end] = picked
