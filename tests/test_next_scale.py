@@ -18,16 +18,26 @@ from test_drawing import built, drawing_dict
 SMALL = dict(kind="multiscale", image_size=16, downsample=4, codebook_size=32, code_dim=8, channels=8)
 
 
-def next_scale_dict() -> dict:
+def next_scale_dict(llm: str = "llama") -> dict:
     data = drawing_dict("next_scale")
     data["model"]["image_tokenizer"]["kind"] = "multiscale"
+    data["model"]["llm"]["kind"] = llm
     data["stages"][1]["train"] = ["llm", "connector", "generation"]
     return data
 
 
+@pytest.fixture(scope="module", params=["llama", "qwen2", "gpt2"])
+def any_llm(request):
+    return batch_of(request.param)
+
+
 @pytest.fixture(scope="module")
 def model_and_batch():
-    model, tokenizer, config = built(next_scale_dict())
+    return batch_of("llama")
+
+
+def batch_of(llm: str):
+    model, tokenizer, config = built(next_scale_dict(llm))
     prompts = PromptEncoder.of(model, tokenizer, ImageSpec.for_model(model, config))
     world = World(32, 0)
     samples = [world.sample("draw", "train", i) for i in range(2)] + [world.sample("color", "train", 0)]
@@ -84,8 +94,9 @@ def test_the_blocks_are_one_a_scale_and_the_opening_predicts_the_first(model_and
     assert model.generation.blocks(model, two)[0].tolist()[26:29] == [0, 0, 4]  # the second picture numbers on
 
 
-def test_no_position_sees_a_scale_it_predicts_or_a_finer_one(model_and_batch):
-    model, tokenizer, config, batch = model_and_batch
+def test_no_position_sees_a_scale_it_predicts_or_a_finer_one(any_llm):
+    """With every LLM kind (each takes the block-causal mask its own way)."""
+    model, tokenizer, config, batch = any_llm
     filled = model.with_codes(batch.input_ids, batch.drawn)  # (B, T)
     row = 0
     slots = torch.nonzero(filled[row] >= model.code_offset).squeeze(-1)  # (n,) the first picture's codes
@@ -136,10 +147,22 @@ def test_the_sampler_draws_a_scale_a_pass_and_reproduces_with_a_seed(model_and_b
     assert torch.equal(alone[0], codes[1])  # a request's picture is its own, whoever shares the batch
     other = draw_codes(model, tokenizer, [DrawRequest("a blue square", seed=3)], spec, sampling=guided)
     assert not torch.equal(other, alone)
-    # VAR's ramp: the first scale is drawn unguided, the later ones with guidance
-    greedy = [draw_codes(model, tokenizer, [DrawRequest("a red circle")], spec,
-                         sampling=Sampling(cfg=cfg, temperature=0.0))[0, 0] for cfg in (1.0, 8.0)]
-    assert greedy[0][0] == greedy[1][0] and not torch.equal(greedy[0][1:], greedy[1][1:])
+
+def test_guidance_ramps_from_none_on_the_first_scale(model_and_batch, monkeypatch):
+    """VAR's ramp: the scores the first scale is drawn from are the unguided ones, later scales' not."""
+    import fusionlm.draw as draw_module
+
+    model, tokenizer, config, _ = model_and_batch
+    model.eval()
+    seen = []
+    pick_each = draw_module.pick_each
+    monkeypatch.setattr(draw_module, "pick_each", lambda scores, *a: seen.append(scores) or pick_each(scores, *a))
+    for cfg in (1.0, 8.0):
+        draw_codes(model, tokenizer, [DrawRequest("a red circle")], ImageSpec.for_model(model, config),
+                   sampling=Sampling(cfg=cfg, temperature=0.0))
+    plain, guided = seen[:3], seen[3:]
+    torch.testing.assert_close(guided[0], plain[0])
+    assert all(not torch.allclose(g, p) for g, p in zip(guided[1:], plain[1:]))
 
 
 def test_the_design_asks_for_a_multiscale_tokenizer_and_a_tower():
