@@ -28,6 +28,7 @@ from .data.sample import Sample
 from .device import model_device
 from .errors import ConfigError, SampleError
 from .generate import GeneralDecoder, left_pad, sampling_probs
+from .generators import Noised
 from .image_tokenizers import images_of
 from .model import FusionLM
 from .runtime import StaticDecoder, unsupported
@@ -113,7 +114,7 @@ def draw_codes(model: FusionLM, tokenizer, requests: list[DrawRequest], spec: Im
     generators = [torch.Generator(device).manual_seed(r.seed) for r in requests]
     if model.generation.iterative:
         sampler = PARALLEL[model.generation.parallel]
-        return sampler(model, ids, mask, context, sampling, generators).view(len(requests), *layout.grid)
+        return sampler(model, ids, mask, context, sampling, generators).unflatten(1, layout.grid)  # (B, h, w[, C])
     n = layout.codes
     length = ids.shape[1] + layout.written
     if static and unsupported(model, length) is None:
@@ -216,16 +217,44 @@ def by_scale(model: FusionLM, ids: torch.Tensor, mask: torch.Tensor, context, sa
     return codes
 
 
+def denoise(model: FusionLM, ids: torch.Tensor, mask: torch.Tensor, context, sampling: Sampling,
+            generators: list[torch.Generator]) -> torch.Tensor:
+    """Transfusion's drawing, as flow matching: the prompts ``ids`` (R, T) as in ``unmask``, followed
+    by the picture's positions holding pure noise (each request's own generator); each of
+    ``sampling.steps`` passes predicts the velocity of every patch at once (the picture's positions
+    see each other) and takes an Euler step of the flow towards the picture, on diffusers'
+    ``FlowMatchEulerDiscreteScheduler``'s noise levels. Guidance as for the other designs, on the
+    velocity. Temperature and top-k do not apply. Returns the patches (B, n, C)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    b, tok = len(generators), model.image_tokenizer
+    n, c = math.prod(tok.grid), tok.config.code_dim
+    seq = torch.cat([ids, ids.new_full((len(ids), n), model.ids.code)], 1)  # (R, T+n)
+    full = torch.cat([mask, mask.new_ones(len(ids), n)], 1)  # (R, T+n)
+    positions = (full.cumsum(-1) - 1).clamp(min=0)  # (R, T+n): left padding shifts positions
+    x = torch.stack([torch.randn(n, c, generator=g, device=ids.device) for g in generators])  # (B, n, C)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000)
+    scheduler.set_timesteps(sampling.steps, device=ids.device)
+    for level in scheduler.timesteps:
+        times = (level / scheduler.config.num_train_timesteps).float().expand(len(ids))  # (R,)
+        rows = Noised(x.repeat(len(ids) // b, 1, 1), times)
+        v = model(seq, attention_mask=full, position_ids=positions, context=context, pictures=rows).velocity  # (R, n, C)
+        if len(ids) > b:  # guided: the null rows follow
+            v = v[b:] + sampling.cfg * (v[:b] - v[b:])  # (B, n, C)
+        x = scheduler.step(v.float(), level, x.float()).prev_sample.to(x.dtype)
+    return x
+
+
 # the sampler of each design that draws a picture in passes over all of it (``Generator.parallel``)
-PARALLEL = {"unmask": unmask, "by_scale": by_scale}
+PARALLEL = {"unmask": unmask, "by_scale": by_scale, "denoise": denoise}
 
 
 def passes(model: FusionLM, sampling: Sampling) -> int:
-    """Decoder passes that draw one picture: a masked design's steps and a next-scale design's
-    scales (each pass over the whole sequence), else a prefill and one cached step per written
+    """Decoder passes that draw one picture: a masked or diffusion design's steps and a next-scale
+    design's scales (each pass over the whole sequence), else a prefill and one cached step per written
     position after the first."""
     parallel = model.generation.parallel
-    if parallel == "unmask":
+    if parallel in ("unmask", "denoise"):
         return sampling.steps
     return len(model.image_tokenizer.scales) if parallel == "by_scale" else DrawLayout.of(model).written
 

@@ -16,6 +16,9 @@ embedded and which head scores the codes:
 * ``next_scale`` (VAR): the shared vocabulary over a multi-scale tokenizer's codes, coarse to fine;
   every code of a scale is predicted at once from the coarser scales' reconstruction, with
   block-causal attention across scales, and drawn in one pass per scale (``draw.by_scale``);
+* ``diffusion`` (Transfusion): no codes; a drawn picture is its continuous pixel patches, learnt
+  with a diffusion (flow-matching) loss beside the text's next-token loss and drawn by denoising
+  all of it over a few passes (``draw.denoise``);
 * ``decoupled`` (Janus): the LLM's vocabulary stays text; a code goes in through an embedding of
   its own and an aligner MLP, and a generation head (an MLP on the LLM's last hidden state) scores
   the next code. What the model reads goes through the encoder + connector, as before.
@@ -27,6 +30,8 @@ never merely ignored in the loss, so sampling cannot leave an image early or wri
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -62,8 +67,10 @@ class Generator:
         text. Returns the id of code 0."""
         return text_vocab
 
-    def embed_codes(self, model: "FusionLM", embeds: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        """``embeds`` (B, T, D) with the positions of code ids embedded as codes."""
+    def embed_codes(self, model: "FusionLM", embeds: torch.Tensor, input_ids: torch.Tensor,
+                    pictures: "Noised | None" = None) -> torch.Tensor:
+        """``embeds`` (B, T, D) with the positions of code ids embedded as codes (a diffusion design:
+        the ``<image_code>`` positions as the patches of ``pictures``)."""
         return embeds
 
     def text_logits(self, model: "FusionLM", logits: torch.Tensor) -> torch.Tensor:
@@ -80,6 +87,7 @@ class Generator:
         raise NotImplementedError
 
     needs_hidden: ClassVar[bool] = False  # code_logits reads the last hidden state
+    noised: ClassVar[bool] = False  # writes pictures as noised continuous patches (diffusion), not codes
     # the sampler (of ``draw.PARALLEL``) of a design that writes many codes of an image a pass:
     # ``unmask`` (masked), ``by_scale`` (next-scale); None: one code a pass over a KV cache
     parallel: ClassVar[str | None] = None
@@ -250,7 +258,7 @@ class NextScale(Shared):
                               f"runs of other lengths")
         return slots, number, offset, opening
 
-    def embed_codes(self, model, embeds, input_ids):
+    def embed_codes(self, model, embeds, input_ids, pictures=None):
         slots, _, offset, _ = self._runs(model, input_ids)
         if not bool(slots.any()):
             return embeds
@@ -271,6 +279,96 @@ class NextScale(Shared):
         level = self._predicts(model, input_ids.device)[offset.clamp(max=n - 1)]  # (B, T)
         inside = torch.where(slots & (level >= 0), (number - 1) * scales + level + 1, 0)  # (B, T)
         return torch.where(opening, number * scales + 1, inside)  # the opening predicts the first scale
+
+
+@dataclass
+class Noised:
+    """Pictures of a diffusion design as the LLM reads them: the patches at noise level ``times``
+    (flow matching: ``x_t = (1 - t) x_0 + t eps``) and, in training, the velocity ``eps - x_0`` to
+    predict."""
+
+    patches: torch.Tensor  # (G, n, C)
+    times: torch.Tensor  # (G,) in [0, 1]: 1 is pure noise
+    target: torch.Tensor | None = None  # (G, n, C)
+
+
+def time_features(t: torch.Tensor, width: int) -> torch.Tensor:
+    """(G,) noise levels in [0, 1] -> (G, width) sinusoidal features (of 1000 t, as a DDPM timestep)."""
+    half = width // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)  # (half,)
+    angles = 1000 * t.float()[:, None] * freqs[None]  # (G, half)
+    return torch.cat([angles.cos(), angles.sin()], -1)  # (G, width)
+
+
+@GENERATORS.register("diffusion")
+class Diffusion(Generator):
+    """Transfusion: a drawn picture is its raw pixel patches (``image_tokenizers.PatchTokenizer``),
+    continuous, with ``<begin_of_image>`` / ``<end_of_image>`` around them; text keeps its
+    next-token loss, and each picture adds a diffusion loss (flow matching: the MSE of the
+    predicted velocity, weighted by the stage's ``loss_weights.image``, Transfusion's lambda). A
+    patch goes in through a linear map plus embeddings of the noise level and of its place in the
+    grid (``gen_in``, ``gen_time``, ``gen_pos``) and comes out through ``gen_out`` at its own position
+    (not the next one). The picture's positions attend to each other both ways (``blocks``, as the
+    masked design's); text stays causal. Noise and noise level are drawn per sample from its own
+    seed (``DrawLayout.noised``), so a sample is noised alike on any number of processes and after
+    a resume. Drawn by ``draw.denoise`` in ``model.generation.steps`` Euler steps of the flow."""
+
+    name = "diffusion"
+    parallel = "denoise"
+    needs_hidden = True
+    noised = True
+
+    def check(self, config) -> None:
+        super().check(config)
+        codes_alone(self.name, config)
+        if config.model.image_tokenizer.kind != "patches":
+            raise ConfigError(f"model.image_tokenizer.kind: the 'diffusion' generation writes pictures as continuous "
+                              f"patches; set kind: patches (got {config.model.image_tokenizer.kind!r})")
+        if config.model.generation.steps < 1:
+            raise ConfigError(f"model.generation.steps: {config.model.generation.steps}; the diffusion generation "
+                              "needs at least one denoising step")
+
+    def build(self, model, text_vocab: int) -> int:
+        width, tok = model.llm.config.hidden_size, model.image_tokenizer
+        model.gen_in = nn.Linear(tok.config.code_dim, width)
+        model.gen_time = Head(width, width, width)
+        model.gen_pos = nn.Embedding(math.prod(tok.grid), width)
+        model.gen_out = Head(width, width, tok.config.code_dim)
+        return text_vocab
+
+    def noise(self, model, drawn: torch.Tensor, noise: torch.Tensor | None, times: torch.Tensor | None) -> Noised:
+        """Training pictures ``drawn`` (G, 3, S, S) noised by ``noise`` (G, 3, S, S) to ``times`` (G,)."""
+        if noise is None or times is None or len(noise) != len(drawn) or len(times) != len(drawn):
+            raise SampleError(f"the 'diffusion' generation needs each drawn picture's noise and noise level "
+                              f"(Batch.noise, Batch.times, made per sample); got {len(drawn)} pictures and "
+                              f"{'no' if noise is None else len(noise)} noises")
+        tok = model.image_tokenizer
+        x0, eps = tok.encode(drawn).flatten(1, 2), tok.encode(noise.to(drawn.dtype)).flatten(1, 2)  # (G, n, C)
+        t = times.to(drawn.dtype)[:, None, None]  # (G, 1, 1)
+        return Noised((1 - t) * x0 + t * eps, times, eps - x0)
+
+    def embed_codes(self, model, embeds, input_ids, pictures=None):
+        slots = input_ids == model.ids.code  # (B, T)
+        if not bool(slots.any()):
+            return embeds
+        if pictures is None or int(slots.sum()) != pictures.patches.shape[0] * pictures.patches.shape[1]:
+            raise SampleError(f"the batch has {int(slots.sum())} picture positions and "
+                              f"{0 if pictures is None else pictures.patches.shape[:2].numel()} patches to put there")
+        width = embeds.shape[-1]
+        x = (model.gen_in(pictures.patches.to(embeds.dtype))
+             + model.gen_time(time_features(pictures.times, width).to(embeds.dtype))[:, None]
+             + model.gen_pos.weight[None])  # (G, n, D)
+        out = embeds.clone()
+        out[slots] = x.flatten(0, 1).to(embeds.dtype)
+        return out
+
+    def velocity(self, model, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (..., D) at picture positions -> (..., C) the predicted velocity of their patches."""
+        return model.gen_out(hidden)
+
+    def blocks(self, model, input_ids):
+        slots = input_ids == model.ids.code  # (B, T)
+        return image_blocks(slots) if bool(slots.any()) else None
 
 
 class Head(nn.Module):
@@ -301,7 +399,7 @@ class Decoupled(Generator):
         model.gen_head = Head(width, hidden, tok.codebook_size)
         return text_vocab
 
-    def embed_codes(self, model, embeds, input_ids):
+    def embed_codes(self, model, embeds, input_ids, pictures=None):
         codes = input_ids - model.code_offset  # (B, T)
         is_code = codes >= 0
         if not bool(is_code.any()):

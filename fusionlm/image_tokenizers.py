@@ -55,6 +55,8 @@ class Reconstruction:
 class ImageTokenizer(nn.Module):
     """The interface every kind implements."""
 
+    continuous: bool = False  # codes are vectors (``patches``), not codebook indices
+
     def __init__(self, config: ImageTokenizerConfig):
         super().__init__()
         if config.image_size % config.downsample:
@@ -227,6 +229,39 @@ class MultiScaleTokenizer(VQTokenizer):
         out = self.decoder(f + (f_hat - f).detach())  # (B, 3, H, W): straight through to the encoder
         mse = F.mse_loss(out, pixels)
         return Reconstruction(out, codes, mse + commit, mse.detach())
+
+
+@IMAGE_TOKENIZERS.register("patches")
+class PatchTokenizer(ImageTokenizer):
+    """No quantiser: a picture as its raw pixel patches, ``downsample`` pixels a side, each a
+    continuous vector of ``3 * downsample**2`` values in [-1, 1] (what a diffusion design writes,
+    Transfusion's "raw pixels at this scale"). Exact and untrained; ``encode`` gives (B, h, w, C)
+    floats, not codes."""
+
+    continuous = True
+
+    def __init__(self, config: ImageTokenizerConfig):
+        super().__init__(config)
+        p = config.downsample
+        if config.code_dim != 3 * p * p:
+            raise ConfigError(f"model.image_tokenizer.code_dim: a patch of {p}x{p} pixels is {3 * p * p} values, "
+                              f"got {config.code_dim}")
+
+    @property
+    def codebook_size(self) -> int:
+        return 0
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        h, w = self.grid
+        p = self.config.downsample
+        x = pixels.reshape(len(pixels), 3, h, p, w, p)  # (B, 3, h, p, w, p)
+        return x.permute(0, 2, 4, 1, 3, 5).reshape(len(pixels), h, w, 3 * p * p)  # (B, h, w, C)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        h, w = self.grid
+        p = self.config.downsample
+        x = codes.reshape(len(codes), h, w, 3, p, p).clamp(-1, 1)  # (B, h, w, 3, p, p)
+        return x.permute(0, 3, 1, 4, 2, 5).reshape(len(codes), 3, h * p, w * p)  # (B, 3, H, W)
 
 
 def sample_from_all(samples: torch.Tensor, num: int) -> torch.Tensor:

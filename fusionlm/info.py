@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -197,7 +198,7 @@ def typical_batches(model, tokenizer, config: RecipeConfig, source, spec: ImageS
     prompts = PromptEncoder.of(model, tokenizer, spec, max_length=config.model.llm.max_length)
     for sample in _typical_samples(config, source):
         try:
-            prompted = prompts.sample(sample)
+            prompted = prompts.sample(sample, rng=np.random.default_rng(0))  # masked or noised as in training
         except SkipSample:
             continue
         batches.append(collate([prompted], [sample.task], [], tokenizer.pad_token_id))
@@ -243,7 +244,8 @@ def forward_flops(model, batch) -> dict[str, float]:
         # the rest is the one-off projection of image keys/values for the cross-attention blocks
         out["cross_attention"] = float(sum(counts.get("Global", {}).values())) - out["encoder"] - out["connector"]
     with FlopCounterMode(display=False) as counter:
-        model(batch.input_ids, attention_mask=batch.attention_mask, context=context, drawn=batch.drawn)
+        model(batch.input_ids, attention_mask=batch.attention_mask, context=context, drawn=batch.drawn,
+              noise=batch.noise, times=batch.times)
     decoder = _by_part(counter, model)
     out["generation"] = decoder["generation"]
     if batch.drawn is not None:  # a drawn picture's codes (the model calls the tokenizer's encode, not the module)

@@ -16,7 +16,7 @@ from .data.batching.packing import segment_mask, segment_positions
 from .data.pixels.processing import ImageBatch
 from .designs import design_of
 from .encoders import build_encoder
-from .generators import generator_of
+from .generators import Noised, generator_of
 from .image_tokenizers import build_image_tokenizer
 from .errors import ConfigError, SampleError
 from .fusion import (
@@ -38,6 +38,7 @@ class Output:
     loss: torch.Tensor | None = None
     past_key_values: object | None = None
     code_logits: torch.Tensor | None = None  # (B, T, K) a model that draws: the next code's scores
+    velocity: torch.Tensor | None = None  # (G, n, C) a diffusion design given pictures: their predicted velocity
     # a model that draws, with labels: each kind's summed loss and target count, unweighted (detached)
     loss_parts: dict[str, torch.Tensor] | None = None
 
@@ -222,6 +223,9 @@ class FusionLM(nn.Module):
         loss_reduction: str = "mean",
         loss_weights: tuple[float, float] = (1.0, 1.0),
         return_logits: bool = True,
+        noise: torch.Tensor | None = None,
+        times: torch.Tensor | None = None,
+        pictures: Noised | None = None,
     ) -> Output:
         """Args:
             input_ids: (B, T) with image layouts already expanded.
@@ -239,8 +243,14 @@ class FusionLM(nn.Module):
             loss_weights: a model that draws: the weight of text targets and of code targets.
             return_logits: with ``labels``, False: only the loss is wanted (training), so the LM head runs
                 on the target positions alone (``loss_rows``) and no logits are returned.
+            noise, times: a diffusion design: each drawn picture's noise (G, 3, H, W) and noise level
+                (G,) (``Batch.noise``, ``Batch.times``).
+            pictures: a diffusion design drawing: the noised patches its ``<image_code>`` positions
+                read (``generators.Noised``); the output's ``velocity`` is predicted for them.
         """
-        if drawn is not None and len(drawn) > 0:
+        if drawn is not None and len(drawn) > 0 and self.generation.noised:
+            pictures = self.generation.noise(self, drawn, noise, times)
+        elif drawn is not None and len(drawn) > 0:
             masked = input_ids == self.generation.mask_id(self)  # (B, T): codes a masked design hides (DrawLayout.masked)
             filled = self.with_codes(input_ids.masked_fill(masked, self.ids.code), drawn)
             labels = None if labels is None else torch.where(labels == self.ids.code, filled, labels)
@@ -254,7 +264,10 @@ class FusionLM(nn.Module):
         if context is None and pixel_values is not None and len(pixel_values) > 0:
             context = self.encode_images(pixel_values, input_ids)
         embeds, extra = self.embed(input_ids, context, query_start, cached=past_key_values is not None,
-                                   segments=segment_ids)
+                                   segments=segment_ids, pictures=pictures)
+        if pictures is not None:
+            return self._with_pictures(embeds, extra, attention_mask, position_ids, input_ids, labels, pictures,
+                                       loss_reduction, loss_weights)
         if labels is not None and not return_logits and not use_cache and self.llm.config.model_type in HEAD_ONLY:
             # the LM head (and a generation head) on the target positions alone: the same loss, a
             # fraction of the head's work, the full logits never made
@@ -279,6 +292,31 @@ class FusionLM(nn.Module):
             loss, parts = self.loss(logits, codes, labels, loss_reduction, loss_weights)
         return Output(logits=logits, loss=loss, past_key_values=out.past_key_values if use_cache else None,
                       code_logits=codes, loss_parts=parts)
+
+    def _with_pictures(self, embeds, extra, attention_mask, position_ids, input_ids, labels, pictures, reduction,
+                       weights) -> Output:
+        """A diffusion design's pass over sequences holding noised pictures: text logits and, at the
+        pictures' positions, the predicted velocity; with labels, the text's next-token loss (the
+        pictures' positions are not text targets) plus ``weights[1]`` x the summed MSE of the
+        velocity per patch (a patch counts as one target, as a code does)."""
+        out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                       output_hidden_states=True, **extra)
+        self._check_reached(extra)
+        slots = input_ids == self.ids.code  # (B, T)
+        velocity = self.generation.velocity(self, out.hidden_states[-1][slots])  # (G*n, C)
+        logits = out.logits  # (B, T, V)
+        if labels is None:
+            return Output(logits=logits, velocity=velocity.view(*pictures.patches.shape))
+        text = labels.masked_fill(labels == self.ids.code, -100)  # (B, T)
+        at = text[:, 1:] != -100  # (B, T-1)
+        text_sum = F.cross_entropy(logits[:, :-1][at].float(), text[:, 1:][at], reduction="sum")
+        image_sum = (velocity.float() - pictures.target.flatten(0, 1).float()).pow(2).mean(-1).sum()
+        count = at.sum() + velocity.shape[0]
+        total = weights[0] * text_sum + weights[1] * image_sum
+        parts = {"text_loss": text_sum.detach(), "text_targets": at.sum(), "image_loss": image_sum.detach(),
+                 "image_targets": torch.zeros((), dtype=torch.long, device=count.device) + velocity.shape[0]}
+        return Output(logits=logits, loss=total if reduction == "sum" else total / count.clamp(min=1),
+                      velocity=velocity.view(*pictures.patches.shape), loss_parts=parts)
 
     def _check_reached(self, extra: dict) -> None:
         call = extra.get("cross_inputs")
@@ -312,8 +350,14 @@ class FusionLM(nn.Module):
         """Next-token cross-entropy of N target rows: text targets over the text logits (N, V), and,
         for a model that draws, code targets over the code logits (N, K) alone; ``weights``: (text,
         codes). Also, for a model that draws, each kind's unweighted sum and count."""
-        if codes is None:
+        if codes is None and not self.draws:
             return F.cross_entropy(logits.float(), targets, reduction=reduction), None
+        if codes is None:  # a design without codes (diffusion), rows without pictures: text alone
+            text = F.cross_entropy(logits.float(), targets, reduction="sum")
+            none = torch.zeros((), dtype=torch.long, device=targets.device)
+            parts = {"text_loss": text.detach(), "text_targets": none + targets.numel(), "image_loss": text.detach() * 0,
+                     "image_targets": none}
+            return (weights[0] * text if reduction == "sum" else weights[0] * text / max(1, targets.numel())), parts
         logits = self.generation.text_logits(self, logits)
         is_code = (targets >= self.code_offset) & (targets < self.code_offset + codes.shape[-1])  # (N,)
         is_text = ~is_code
@@ -325,7 +369,7 @@ class FusionLM(nn.Module):
         return (total if reduction == "sum" else total / targets.numel() if targets.numel() else total), parts
 
     def embed(self, input_ids: torch.Tensor, context: ImageContext | None, query_start: int = 0, *,
-              cached: bool = False, segments: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+              cached: bool = False, segments: torch.Tensor | None = None, pictures=None) -> tuple[torch.Tensor, dict]:
         """The decoder's inputs for ``input_ids`` (B, T): embeddings (B, T, D) with Method A's image
         features in place, and the keyword arguments Method B's layers need for this call.
 
@@ -336,7 +380,7 @@ class FusionLM(nn.Module):
         table = self.llm.get_input_embeddings()
         if self.draws:  # code ids past the table (decoupled) are embedded by the generation design
             lookup = input_ids.masked_fill(input_ids >= table.weight.shape[0], self.ids.pad)
-            embeds = self.generation.embed_codes(self, table(lookup), input_ids)  # (B, T, D)
+            embeds = self.generation.embed_codes(self, table(lookup), input_ids, pictures)  # (B, T, D)
         else:
             embeds = table(input_ids)  # (B, T, D)
         image_mask = input_ids == self.ids.image  # (B, T)

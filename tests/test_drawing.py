@@ -73,8 +73,8 @@ def test_a_drawing_model_needs_an_image_tokenizer_and_unpacked_rows():
     with pytest.raises(ConfigError, match="model.image_tokenizer"):
         validate(from_dict(data))
     data = drawing_dict()
-    data["model"]["generation"]["kind"] = "diffusion"
-    with pytest.raises(ConfigError, match="model.generation.kind.*decoupled.*none.*shared"):
+    data["model"]["generation"]["kind"] = "autoregressive"
+    with pytest.raises(ConfigError, match="model.generation.kind.*decoupled.*diffusion.*masked.*next_scale.*none.*shared"):
         validate(from_dict(data))
     data = drawing_dict()
     data["data"]["pack"] = True
@@ -471,10 +471,13 @@ SHOWO_STEPS = (3, 2, 3, 2)  # pretrain_tokenizer, pretrain_encoder, pretrain, fi
 VAR_STEPS = (3, 2, 3, 2)  # the same stages, next-scale prediction over a multi-scale tokenizer
 
 
-def tiny_overrides(steps: tuple[int, ...]) -> list[str]:
+TRANSFUSION_STEPS = (2, 3, 2)  # pretrain_encoder, pretrain, finetune (no tokenizer to train: raw patches)
+
+
+def tiny_overrides(steps: tuple[int, ...], code_dim: int = 8) -> list[str]:
     return TINY_OVERRIDES + [
         "model.image_tokenizer.image_size=16", "model.image_tokenizer.codebook_size=32",
-        "model.image_tokenizer.code_dim=8", "model.image_tokenizer.channels=8", "train.checkpoint_every=2",
+        f"model.image_tokenizer.code_dim={code_dim}", "model.image_tokenizer.channels=8", "train.checkpoint_every=2",
         "data.loader_workers=0",
     ] + [f"stages.{i}.steps={n}" for i, n in enumerate(steps)] + [f"stages.{i}.batch_size=4" for i in range(len(steps))]
 
@@ -489,14 +492,16 @@ def test_the_janus_recipe_runs_every_stage_objective():
 
 
 @pytest.mark.parametrize("recipe, steps", [("janus", JANUS_STEPS), ("chameleon", CHAMELEON_STEPS),
-                                           ("showo", SHOWO_STEPS), ("var", VAR_STEPS)])
+                                           ("showo", SHOWO_STEPS), ("var", VAR_STEPS),
+                                           ("transfusion", TRANSFUSION_STEPS)])
 def test_a_drawing_recipe_trains_alike_on_one_and_two_processes(tmp_path, recipe, steps):
     """janus (a tower, decoupled drawing), chameleon (early fusion: pictures read as codes, shared) and
     showo (masked codes: each sample's own mask, whichever process reads it) and var (a multi-scale
-    codebook, k-means seeded on the finest maps of every process)."""
+    codebook, k-means seeded on the finest maps of every process) and transfusion (each picture's
+    noise and noise level from its sample's seed)."""
     from test_distributed import run_parallel
 
-    config = load_recipe(recipe, tiny_overrides(steps))
+    config = load_recipe(recipe, tiny_overrides(steps, 48 if recipe == "transfusion" else 8))
     assert (config.model.fusion.kind == "early") == (recipe == "chameleon")
     train(config, tmp_path / "one", log=lambda *_: None)
     run_parallel(to_dict(config), tmp_path / "two")
@@ -504,7 +509,7 @@ def test_a_drawing_recipe_trains_alike_on_one_and_two_processes(tmp_path, recipe
     assert [r["stage_name"] for r in one] == [r["stage_name"] for r in two] and len(one) == sum(steps)
     for a, b in zip(one, two):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-6), (a["step"], a["loss"], b["loss"])
-        if a["stage"] == 0:  # the tokenizer stage: the same reconstruction, the same codebook use
+        if config.stages[a["stage"]].objective == "reconstruction":  # the same reconstruction, the same codebook use
             assert (b["psnr"], b["perplexity"]) == pytest.approx((a["psnr"], a["perplexity"]), rel=1e-4)
             assert (a["used"], a["dead"]) == (b["used"], b["dead"])
         else:
@@ -512,16 +517,20 @@ def test_a_drawing_recipe_trains_alike_on_one_and_two_processes(tmp_path, recipe
         assert (a["tokens"], a["samples_trained"]) == (b["tokens"], b["samples_trained"])
     wa, wb = weights(checkpoints(tmp_path / "one")[-1]), weights(checkpoints(tmp_path / "two")[-1])
     book = "image_tokenizer.quantizer._codebook.embed"
+    if recipe == "transfusion":  # no codebook: the diffusion head instead
+        book = "gen_out.net.2.weight"
     torch.testing.assert_close(wb[book], wa[book], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("recipe, steps, stops", [("janus", JANUS_STEPS, (3, 11)), ("chameleon", CHAMELEON_STEPS, (2, 5)),
-                                                  ("showo", SHOWO_STEPS, (2, 7)), ("var", VAR_STEPS, (2, 7))])
+                                                  ("showo", SHOWO_STEPS, (2, 7)), ("var", VAR_STEPS, (2, 7)),
+                                                  ("transfusion", TRANSFUSION_STEPS, (1, 4))])
 def test_a_drawing_recipe_resumes_as_if_never_stopped(tmp_path, monkeypatch, recipe, steps, stops):
-    """Stopped inside the tokenizer stage, then inside a drawing stage (its condition dropout)."""
+    """Stopped inside the tokenizer stage (transfusion: its contrastive one), then inside a drawing
+    stage (its condition dropout; transfusion: its pictures' noise)."""
     from helpers_train import interrupt_after
 
-    config = load_recipe(recipe, tiny_overrides(steps))
+    config = load_recipe(recipe, tiny_overrides(steps, 48 if recipe == "transfusion" else 8))
     train(config, tmp_path / "a", log=lambda *_: None)
     for stop in stops:
         with monkeypatch.context() as m:
@@ -533,7 +542,7 @@ def test_a_drawing_recipe_resumes_as_if_never_stopped(tmp_path, monkeypatch, rec
     assert [r["step"] for r in b] == list(range(1, sum(steps) + 1))
     for ra, rb in zip(a, b):
         assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-6), (ra["step"], ra["loss"], rb["loss"])
-        if ra["stage"] == 0:
+        if config.stages[ra["stage"]].objective == "reconstruction":
             assert rb["psnr"] == pytest.approx(ra["psnr"], abs=1e-6) and rb["dead"] == ra["dead"]
     wa, wb = weights(checkpoints(tmp_path / "a")[-1]), weights(checkpoints(tmp_path / "b")[-1])
     assert wa.keys() == wb.keys()

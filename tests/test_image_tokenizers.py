@@ -24,7 +24,7 @@ def _pictures(n: int, size: int, seed: int = 0):
 
 
 def test_the_registry_names_its_kinds_and_refuses_others():
-    assert IMAGE_TOKENIZERS.names() == ["emu3", "janus", "multiscale", "palette", "vq"]
+    assert IMAGE_TOKENIZERS.names() == ["emu3", "janus", "multiscale", "palette", "patches", "vq"]
     with pytest.raises(ConfigError, match=r"model\.image_tokenizer\.kind: unknown image tokenizer 'vqgan'"):
         build_image_tokenizer(ImageTokenizerConfig(kind="vqgan"))
     with pytest.raises(ConfigError, match="not a multiple of downsample"):

@@ -99,7 +99,7 @@ def test_llm_flops_include_attention():
     torch.manual_seed(0)
     model = build_model(config, make_tokenizer(config, build_source(config.data)), pretrained=False).eval()
     llm = config.model.llm
-    flops = {t: forward_flops(model, SimpleNamespace(pixels=None, attention_mask=None, drawn=None,
+    flops = {t: forward_flops(model, SimpleNamespace(pixels=None, attention_mask=None, drawn=None, noise=None, times=None,
                                                      input_ids=torch.arange(10, 10 + t)[None]))["llm"]
              for t in (16, 32)}
     head_dim = llm.hidden_size // llm.num_heads

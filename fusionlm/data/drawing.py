@@ -75,6 +75,7 @@ class DrawLayout:
     header: tuple[int, ...] = ()  # Emu3: the ids between the begin token and the first code
     footer: tuple[int, ...] = ()  # Emu3: the ids between the last row and the end token
     mask: int = -1  # the masked design (Show-o): the [MASK] code's id; -1: codes are never masked
+    noised: bool = False  # the diffusion design (Transfusion): each drawn picture trains at a noise level of its own
 
     @property
     def codes(self) -> int:
@@ -126,6 +127,15 @@ class DrawLayout:
                     labels[i] = IGNORE
         return ids, labels
 
+    def noise(self, pictures: int, rng: np.random.Generator) -> tuple[list[torch.Tensor], list[float]]:
+        """A training sample of the diffusion design: for each of its drawn pictures, gaussian noise
+        (3, S, S) and a noise level t ~ U(0, 1) (flow matching's), drawn by ``rng``, the sample's own."""
+        noise, times = [], []
+        for _ in range(pictures):
+            times.append(float(rng.random()))
+            noise.append(torch.from_numpy(rng.standard_normal((3, self.image_size, self.image_size)).astype(np.float32)))
+        return noise, times
+
     def pixels(self, source, *, root=None, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
         """A drawn picture (a PIL image or a path) as the tokenizer reads it: (3, S, S) in [-1, 1],
         through the one image loader (letterboxed when not square)."""
@@ -144,4 +154,5 @@ class DrawLayout:
         header = (*ids.size_text, *[ids.header] * (ids.header >= 0))
         footer = (ids.frame_end,) if ids.frame_end >= 0 else ()
         return cls(ids.begin_image, ids.end_image, ids.code, tok.grid, tok.config.image_size, ids.row_end,
-                   model.config.generation.null_prompt, keep, ids.pad, header, footer, model.generation.mask_id(model))
+                   model.config.generation.null_prompt, keep, ids.pad, header, footer, model.generation.mask_id(model),
+                   model.generation.noised)

@@ -32,6 +32,9 @@ class Prompted:
     # early fusion those it shows too
     drawn: list[torch.Tensor] = field(default_factory=list)
     image_positions: int = 0  # positions its pictures take in the sequence (their layouts, markers included)
+    # the diffusion design in training: each drawn picture's noise (3, S, S) and noise level
+    noise: list[torch.Tensor] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,8 @@ class PromptEncoder:
 
     def sample(self, sample: Sample, *, generation_prompt: bool = False, rng=None) -> Prompted:
         """``sample`` as the model reads it. ``rng`` (a numpy generator, the sample's own): a training
-        sample of a design that masks codes, masked (``DrawLayout.masked``).
+        sample of a design that masks codes, masked (``DrawLayout.masked``); of the diffusion design,
+        its pictures' noise (``DrawLayout.noise``).
 
         Raises:
             ImageError: a picture that cannot be read.
@@ -75,7 +79,9 @@ class PromptEncoder:
         inputs = [inp for inputs in per_item for inp in inputs]
         if sample.null and self.draw is not None and self.draw.null == "padded":  # the pictures shown are padded away
             encoded, inputs = replace(encoded, input_ids=self.draw.padded(encoded.input_ids)), []
-        return Prompted(encoded, inputs, pictures, sum(map(len, layouts)))
+        noise, times = self.draw.noise(len(pictures), rng) if rng is not None and self.draw is not None and \
+            self.draw.noised else ([], [])
+        return Prompted(encoded, inputs, pictures, sum(map(len, layouts)), noise, times)
 
     def _loading(self) -> dict:
         return {} if self.spec is None else {"root": self.spec.root, "max_pixels": self.spec.max_pixels}

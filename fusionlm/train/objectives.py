@@ -102,7 +102,7 @@ class LanguageModel(Objective):
         weights = tuple(self.stage.loss_weights.get(kind, 1.0) for kind in LOSS_KINDS)
         out = model(batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixels,
                     labels=batch.labels, segment_ids=batch.segments, drawn=batch.drawn, loss_reduction="sum",
-                    loss_weights=weights, return_logits=False)
+                    loss_weights=weights, return_logits=False, noise=batch.noise, times=batch.times)
         return Loss(out.loss, out.loss.detach(), out.loss_parts or {})
 
     def idle(self, model: FusionLM, group=None) -> Loss:

@@ -78,6 +78,8 @@ class Batch:
     skipped: list[Skip] = field(default_factory=list)
     segments: torch.Tensor | None = None  # (B, T) packed rows: each token's sample (1, 2, …; 0 = padding)
     drawn: torch.Tensor | None = None  # (G, 3, S, S) in [-1, 1]: the pictures the batch draws, in order
+    noise: torch.Tensor | None = None  # (G, 3, S, S) the diffusion design: each drawn picture's noise
+    times: torch.Tensor | None = None  # (G,) and its noise level
 
     def to(self, device: torch.device) -> "Batch":
         if self.input_ids.device == device:
@@ -85,7 +87,7 @@ class Batch:
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return Batch(move(self.input_ids), move(self.labels), move(self.attention_mask),
                      None if self.pixels is None else self.pixels.to(device), self.sample_ids, self.tasks,
-                     self.skipped, move(self.segments), move(self.drawn))
+                     self.skipped, move(self.segments), move(self.drawn), move(self.noise), move(self.times))
 
     @property
     def num_images(self) -> int:
@@ -275,12 +277,14 @@ class MixtureBatches(torch.utils.data.Dataset):
     def _prepared(self, numbers) -> tuple[list[Prompted], list[str], list[Skip]]:
         """The samples ``numbers`` encoded, their tasks, and those skipped (with why)."""
         prompted, tasks, skipped = [], [], []
-        masks = self.prompts.draw is not None and self.prompts.draw.mask >= 0  # the masked design's samples
+        draw = self.prompts.draw
+        masks = draw is not None and (draw.mask >= 0 or draw.noised)  # the masked and diffusion designs' samples
+        purpose = "picture noise" if draw is not None and draw.noised else "masked codes"
         for number in numbers:
             sample = None
             try:
                 sample = self.sample_at(number)
-                rng = generator(self.seed, self.stage, number, "masked codes") if masks else None
+                rng = generator(self.seed, self.stage, number, purpose) if masks else None
                 prompted.append(self.prompts.sample(sample, rng=rng))
             except SkipSample as exc:
                 skipped.append(Skip(sample.id, exc.reason, str(exc)))
@@ -310,6 +314,9 @@ def collate(prompted: list[Prompted], tasks: list[str], skipped: list[Skip], pad
     else:
         ids, labels, mask = pad_right(encoded, pad_id)
     drawn = [d for p in prompted for d in p.drawn]
+    noise = [x for p in prompted for x in p.noise]
+    times = [t for p in prompted for t in p.times]
     return Batch(ids, labels, mask, ImageBatch.collate([x for p in prompted for x in p.inputs]),
                  [p.encoded.sample_id for p in prompted], tasks, skipped, segments,
-                 torch.stack(drawn) if drawn else None)
+                 torch.stack(drawn) if drawn else None, torch.stack(noise) if noise else None,
+                 torch.tensor(times) if times else None)
