@@ -1,5 +1,5 @@
 """GenEval against the wall time a picture takes: each drawing checkpoint's held-out prompts drawn
-at its defaults (a masked one also at other numbers of passes), timed, one checkpoint after another
+at its defaults (a masked or diffusion one also at other numbers of passes), timed, one checkpoint after another
 on the same host.
 
     python experiments/draw_speed.py runs/showo runs/showo_ar --per-category 50 --steps 4 16 32
@@ -29,7 +29,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("checkpoints", nargs="+")
     ap.add_argument("--per-category", type=int, default=20)
-    ap.add_argument("--steps", type=int, nargs="*", default=[], help="a masked model: these passes besides its own")
+    ap.add_argument("--steps", type=int, nargs="*", default=[], help="a masked or diffusion model: these passes besides its own")
     ap.add_argument("--batch-size", type=int, default=60, help="prompts drawn together (1: one picture's latency)")
     args = ap.parse_args()
     task = EvalTask(name="draw", metric="geneval")
@@ -37,7 +37,7 @@ def main() -> None:
         model, tokenizer, config = load_model(run)
         spec = ImageSpec.for_model(model, config)
         default = Sampling.of(model.config.generation)
-        steps = [default.steps, *[s for s in args.steps if s != default.steps]] if model.generation.parallel == "unmask" else [None]
+        steps = [default.steps, *[s for s in args.steps if s != default.steps]] if model.generation.parallel in ("unmask", "denoise") else [None]
         for s in steps:
             sampling = default if s is None else Sampling.of(model.config.generation, steps=s)
             drawn = 0.0

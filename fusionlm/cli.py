@@ -380,8 +380,8 @@ def parser() -> argparse.ArgumentParser:
                    "picture the answer draws is written to DIR and printed as its path")
     g.add_argument("--cfg", type=float, help="classifier-free guidance scale for pictures (1: none; default: the "
                    "model's model.generation.cfg)")
-    g.add_argument("--steps", type=int, help="pictures of a masked model: the parallel passes that draw one "
-                   "(default: the model's model.generation.steps)")
+    g.add_argument("--steps", type=int, help="pictures of a masked or diffusion model: the parallel passes (unmasking "
+                   "or denoising) that draw one (default: the model's model.generation.steps)")
     g.add_argument("--top-k", type=int, help="pictures: sample among the k most likely codes (0: all; default: "
                    "the model's model.generation.top_k)")
     _add_device(g)

@@ -99,7 +99,9 @@ class GenerationConfig:
     cfg: float = 3.0  # classifier-free guidance scale (1: none)
     temperature: float = 1.0
     top_k: int = 0  # 0: every code
-    steps: int = 8  # masked: the parallel passes that unmask an image (cosine schedule of the codes left masked)
+    # masked: the parallel passes that unmask an image (cosine schedule of the codes left masked);
+    # diffusion: the Euler steps of the flow that denoise it
+    steps: int = 8
     # the null prompt that condition dropout trains on and guidance samples against:
     # ``text_removed``: the prompt's turns without their text (the pictures they show stay);
     # ``padded`` (Janus): the prompt's tokens before the picture, each but BOS and <begin_of_image>
