@@ -177,10 +177,7 @@ class Masked(Shared):
 
     def check(self, config) -> None:
         super().check(config)
-        gen = config.model.generation
-        codes_alone(self.name, config)
-        if gen.steps < 1:
-            raise ConfigError(f"model.generation.steps: {gen.steps}; the masked generation needs at least one pass")
+        codes_alone(self.name, config, steps=True)
 
     def mask_id(self, model) -> int:
         return model.code_offset + model.image_tokenizer.codebook_size
@@ -195,9 +192,18 @@ class Masked(Shared):
         return image_blocks(slots) if bool(slots.any()) else None
 
 
-def codes_alone(name: str, config: "RecipeConfig") -> None:
-    """The rules of a design that draws a picture in passes over all of its codes."""
+def codes_alone(name: str, config: "RecipeConfig", *, tokenizer: str | None = None, needs: str = "",
+                steps: bool = False) -> None:
+    """The rules of a design that draws a picture in passes over all of its codes: ``tokenizer``,
+    the image tokenizer kind it ``needs`` (what for); ``steps``: its passes are
+    ``model.generation.steps``."""
     gen = config.model.generation
+    kind = config.model.image_tokenizer.kind
+    if tokenizer is not None and kind != tokenizer:
+        raise ConfigError(f"model.image_tokenizer.kind: the {name!r} generation {needs}; set kind: {tokenizer} "
+                          f"(got {kind!r})")
+    if steps and gen.steps < 1:
+        raise ConfigError(f"model.generation.steps: {gen.steps}; the {name!r} generation needs at least one pass")
     if gen.row_end_token or gen.size_header or gen.header_token or gen.frame_end_token:
         raise ConfigError(f"model.generation: the {name!r} generation writes an image's codes alone "
                           "(no row_end_token, size_header, header_token or frame_end_token)")
@@ -226,10 +232,7 @@ class NextScale(Shared):
 
     def check(self, config) -> None:
         super().check(config)
-        codes_alone(self.name, config)
-        if config.model.image_tokenizer.kind != "multiscale":
-            raise ConfigError(f"model.image_tokenizer.kind: the 'next_scale' generation predicts a multi-scale "
-                              f"tokenizer's scales; set kind: multiscale (got {config.model.image_tokenizer.kind!r})")
+        codes_alone(self.name, config, tokenizer="multiscale", needs="predicts a multi-scale tokenizer's scales")
 
     def build(self, model, text_vocab: int) -> int:
         offset = super().build(model, text_vocab)
@@ -320,13 +323,7 @@ class Diffusion(Generator):
 
     def check(self, config) -> None:
         super().check(config)
-        codes_alone(self.name, config)
-        if config.model.image_tokenizer.kind != "patches":
-            raise ConfigError(f"model.image_tokenizer.kind: the 'diffusion' generation writes pictures as continuous "
-                              f"patches; set kind: patches (got {config.model.image_tokenizer.kind!r})")
-        if config.model.generation.steps < 1:
-            raise ConfigError(f"model.generation.steps: {config.model.generation.steps}; the diffusion generation "
-                              "needs at least one denoising step")
+        codes_alone(self.name, config, tokenizer="patches", needs="writes pictures as continuous patches", steps=True)
 
     def build(self, model, text_vocab: int) -> int:
         width, tok = model.llm.config.hidden_size, model.image_tokenizer
