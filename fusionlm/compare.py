@@ -292,8 +292,8 @@ def geneval_table(results: list[RecipeResult]) -> list[str]:
         lines.append(f"| `{r.recipe}` | " + " | ".join(f"{s[f'draw/{c}']:.2f}" for c in CATEGORIES)
                      + f" | {s['draw']:.3f} | {s['draw/ceiling']:.2f} | {s['draw/fd']:.3f} | {cost} |")
     return lines + ["", "FD: Fréchet distance in the features of `fusionlm.evaluate.fd.WorldFeatures` (not FID). "
-                    "A picture's cost as the model draws by default, guidance included: decoder passes (a masked "
-                    "model's steps, a next-scale model's scales, else one per written position), seconds per "
+                    "A picture's cost as the model draws by default, guidance included: decoder passes (a masked or "
+                    "diffusion model's steps, a next-scale model's scales, else one per written position), seconds per "
                     "picture in a batch of held-out prompts on this host, and FLOPs (`fusionlm info`).", ""]
 
 
