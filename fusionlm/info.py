@@ -266,7 +266,8 @@ def _by_part(counter: FlopCounterMode, model) -> dict[str, float]:
     total = lambda key: float(sum(counts.get(key, {}).values()))  # noqa: E731
     return {"llm": total("FusionLM.llm"),
             "cross_attention": sum(total(f"FusionLM.cross_blocks.{name}") for name in model.cross_blocks),
-            "generation": sum(total(f"FusionLM.{name}") for name in ("gen_embed", "gen_aligner", "gen_head"))}
+            "generation": sum(total(f"FusionLM.{name}") for name, _ in model.named_children()
+                              if model.part_of(name) == "generation")}
 
 
 def training_summary(run) -> list[str]:
