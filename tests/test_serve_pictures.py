@@ -112,3 +112,30 @@ def checkpoint_reading(tmp_path_factory, tokenizer):
 
     config = tiny_config("unified")
     return save_model(build_model(config, tokenizer).eval(), tokenizer, config, tmp_path_factory.mktemp("r") / "ck")
+
+
+@pytest.mark.parametrize("kind", ["masked", "diffusion"])
+def test_a_model_that_draws_in_passes_draws_over_the_images_api_and_refuses_a_picture_in_chat(tmp_path, kind):
+    """A parallel design (masked codes, or denoised patches) over HTTP: the images API gives what
+    ``draw`` draws; a chat answer holding a picture is refused with the reason and the route."""
+    from fusionlm.checkpoint import save_model
+    from fusionlm.serve.state import ServeSettings
+    from test_diffusion import diffusion_dict
+    from test_drawing import built, drawing_dict
+
+    model, tokenizer, config = built(diffusion_dict() if kind == "diffusion" else drawing_dict("masked"))
+    run = save_model(model.eval(), tokenizer, config, tmp_path / "ck")
+    live = Server(ServeSettings(checkpoint=str(run), model_name="painter"))
+    try:
+        out = live.client().images.generate(model="painter", prompt="a red circle", n=1, response_format="b64_json",
+                                            extra_body={"seed": 3})
+        state = live.app.state.fusionlm
+        served, served_tokenizer = state.engine.model, state.engine.tokenizer
+        (expected,) = draw(served, served_tokenizer, [DrawRequest("a red circle", seed=3)],
+                           sampling=Sampling.of(served.config.generation))
+        assert pictures_of([out.data[0].b64_json])[0].tobytes() == expected.tobytes()
+        status, error = error_of(live, {"messages": [{"role": "user", "content": "draw a cat"}],
+                                        "modalities": ["text", "image"]})
+        assert (status, error["param"]) == (400, "modalities") and "/v1/images/generations" in error["message"]
+    finally:
+        live.stop()
