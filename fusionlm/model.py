@@ -309,12 +309,11 @@ class FusionLM(nn.Module):
             return Output(logits=logits, velocity=velocity.view(*pictures.patches.shape))
         text = labels.masked_fill(labels == self.ids.code, -100)  # (B, T)
         at = text[:, 1:] != -100  # (B, T-1)
-        text_sum = F.cross_entropy(logits[:, :-1][at].float(), text[:, 1:][at], reduction="sum")
+        text_total, parts = self._loss(logits[:, :-1][at], None, text[:, 1:][at], "sum", weights)
         image_sum = (velocity.float() - pictures.target.flatten(0, 1).float()).pow(2).mean(-1).sum()
-        count = at.sum() + velocity.shape[0]
-        total = weights[0] * text_sum + weights[1] * image_sum
-        parts = {"text_loss": text_sum.detach(), "text_targets": at.sum(), "image_loss": image_sum.detach(),
-                 "image_targets": torch.zeros((), dtype=torch.long, device=count.device) + velocity.shape[0]}
+        parts["image_loss"], parts["image_targets"] = image_sum.detach(), parts["image_targets"] + velocity.shape[0]
+        total = text_total + weights[1] * image_sum
+        count = parts["text_targets"] + parts["image_targets"]
         return Output(logits=logits, loss=total if reduction == "sum" else total / count.clamp(min=1),
                       velocity=velocity.view(*pictures.patches.shape), loss_parts=parts)
 
@@ -352,7 +351,7 @@ class FusionLM(nn.Module):
         codes). Also, for a model that draws, each kind's unweighted sum and count."""
         if codes is None and not self.draws:
             return F.cross_entropy(logits.float(), targets, reduction=reduction), None
-        if codes is None:  # a design without codes (diffusion), rows without pictures: text alone
+        if codes is None:  # a design without codes (diffusion): its text rows (the patches' loss is _with_pictures')
             text = F.cross_entropy(logits.float(), targets, reduction="sum")
             none = torch.zeros((), dtype=torch.long, device=targets.device)
             parts = {"text_loss": text.detach(), "text_targets": none + targets.numel(), "image_loss": text.detach() * 0,
