@@ -37,7 +37,7 @@ def main() -> None:
         model, tokenizer, config = load_model(run)
         spec = ImageSpec.for_model(model, config)
         default = Sampling.of(model.config.generation)
-        steps = [default.steps, *[s for s in args.steps if s != default.steps]] if model.generation.parallel in ("unmask", "denoise") else [None]
+        steps = [default.steps, *[s for s in args.steps if s != default.steps]] if model.generation.uses_steps else [None]
         for s in steps:
             sampling = default if s is None else Sampling.of(model.config.generation, steps=s)
             drawn = 0.0

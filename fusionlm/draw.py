@@ -142,6 +142,15 @@ def draw_codes(model: FusionLM, tokenizer, requests: list[DrawRequest], spec: Im
     return codes.view(b, *layout.grid)
 
 
+def with_picture(ids: torch.Tensor, mask: torch.Tensor, n: int, fill: int) -> tuple[torch.Tensor, ...]:
+    """Left-padded prompts ``ids`` / ``mask`` (R, T), each ending in a picture's opening, followed by
+    the picture's ``n`` positions holding ``fill``: the ids, attention mask and positions (R, T+n)
+    (left padding shifts the positions) that a parallel sampler runs each pass."""
+    seq = torch.cat([ids, ids.new_full((len(ids), n), fill)], 1)  # (R, T+n)
+    full = torch.cat([mask, mask.new_ones(len(ids), n)], 1)  # (R, T+n)
+    return seq, full, (full.cumsum(-1) - 1).clamp(min=0)
+
+
 # MaskGIT's choice temperature: which codes a pass keeps is chosen by confidence plus Gumbel noise
 # of this scale, falling linearly to none at the last pass (with temperature 0: no noise)
 CHOICE_TEMPERATURE = 4.5
@@ -158,9 +167,7 @@ def unmask(model: FusionLM, ids: torch.Tensor, mask: torch.Tensor, context, samp
     b, t = len(generators), ids.shape[1]
     n = math.prod(model.image_tokenizer.grid)
     blank = model.generation.mask_id(model)
-    seq = torch.cat([ids, ids.new_full((len(ids), n), blank)], 1)  # (R, T+n)
-    full = torch.cat([mask, mask.new_ones(len(ids), n)], 1)  # (R, T+n)
-    positions = (full.cumsum(-1) - 1).clamp(min=0)  # (R, T+n): left padding shifts positions
+    seq, full, positions = with_picture(ids, mask, n, blank)  # (R, T+n) each
     codes = ids.new_zeros(b, n)  # (B, n)
     known = torch.zeros(b, n, dtype=torch.bool, device=ids.device)  # (B, n)
     for step in range(sampling.steps):
@@ -199,9 +206,7 @@ def by_scale(model: FusionLM, ids: torch.Tensor, mask: torch.Tensor, context, sa
     b, t = len(generators), ids.shape[1]
     tok = model.image_tokenizer
     n = tok.grid[1]
-    seq = torch.cat([ids, ids.new_full((len(ids), n), model.code_offset)], 1)  # (R, T+n): scales not drawn yet read as code 0
-    full = torch.cat([mask, mask.new_ones(len(ids), n)], 1)  # (R, T+n)
-    positions = (full.cumsum(-1) - 1).clamp(min=0)  # (R, T+n): left padding shifts positions
+    seq, full, positions = with_picture(ids, mask, n, model.code_offset)  # (R, T+n): scales not drawn yet read as code 0
     codes = ids.new_zeros(b, n)  # (B, n)
     spans = tok.spans()
     for s, (start, end) in enumerate(spans):
@@ -229,9 +234,7 @@ def denoise(model: FusionLM, ids: torch.Tensor, mask: torch.Tensor, context, sam
 
     b, tok = len(generators), model.image_tokenizer
     n, c = math.prod(tok.grid), tok.config.code_dim
-    seq = torch.cat([ids, ids.new_full((len(ids), n), model.ids.code)], 1)  # (R, T+n)
-    full = torch.cat([mask, mask.new_ones(len(ids), n)], 1)  # (R, T+n)
-    positions = (full.cumsum(-1) - 1).clamp(min=0)  # (R, T+n): left padding shifts positions
+    seq, full, positions = with_picture(ids, mask, n, model.ids.code)  # (R, T+n) each
     x = torch.stack([torch.randn(n, c, generator=g, device=ids.device) for g in generators])  # (B, n, C)
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000)
     scheduler.set_timesteps(sampling.steps, device=ids.device)
@@ -253,10 +256,8 @@ def passes(model: FusionLM, sampling: Sampling) -> int:
     """Decoder passes that draw one picture: a masked or diffusion design's steps and a next-scale
     design's scales (each pass over the whole sequence), else a prefill and one cached step per written
     position after the first."""
-    parallel = model.generation.parallel
-    if parallel in ("unmask", "denoise"):
-        return sampling.steps
-    return len(model.image_tokenizer.scales) if parallel == "by_scale" else DrawLayout.of(model).written
+    parallel = model.generation.passes(model, sampling.steps)
+    return DrawLayout.of(model).written if parallel is None else parallel
 
 
 def pick_each(scores: torch.Tensor, sampling: Sampling, generators: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -92,10 +92,17 @@ class Generator:
     # ``unmask`` (masked), ``by_scale`` (next-scale); None: one code a pass over a KV cache
     parallel: ClassVar[str | None] = None
 
+    uses_steps: ClassVar[bool] = False  # its passes are ``model.generation.steps`` (masked, diffusion)
+
     @property
     def iterative(self) -> bool:
         """Draws a picture in passes over all of it, not code by code (so not inside a text answer)."""
         return self.parallel is not None
+
+    def passes(self, model: "FusionLM", steps: int) -> int | None:
+        """Decoder passes over the whole sequence that draw one picture at ``steps``; None: one
+        cached pass per written position (``draw.passes``)."""
+        return steps if self.uses_steps else None
 
     def mask_id(self, model: "FusionLM") -> int:
         """The id of the ``[MASK]`` code that a training sample and a sampler put in place of codes
@@ -173,11 +180,12 @@ class Masked(Shared):
 
     name = "masked"
     parallel = "unmask"
+    uses_steps = True
     extra_rows = 1  # [MASK]
 
     def check(self, config) -> None:
         super().check(config)
-        codes_alone(self.name, config, steps=True)
+        codes_alone(self.name, config, steps=self.uses_steps)
 
     def mask_id(self, model) -> int:
         return model.code_offset + model.image_tokenizer.codebook_size
@@ -233,6 +241,9 @@ class NextScale(Shared):
     def check(self, config) -> None:
         super().check(config)
         codes_alone(self.name, config, tokenizer="multiscale", needs="predicts a multi-scale tokenizer's scales")
+
+    def passes(self, model, steps):
+        return len(model.image_tokenizer.scales)
 
     def build(self, model, text_vocab: int) -> int:
         offset = super().build(model, text_vocab)
@@ -318,12 +329,14 @@ class Diffusion(Generator):
 
     name = "diffusion"
     parallel = "denoise"
+    uses_steps = True
     needs_hidden = True
     noised = True
 
     def check(self, config) -> None:
         super().check(config)
-        codes_alone(self.name, config, tokenizer="patches", needs="writes pictures as continuous patches", steps=True)
+        codes_alone(self.name, config, tokenizer="patches", needs="writes pictures as continuous patches",
+                    steps=self.uses_steps)
 
     def build(self, model, text_vocab: int) -> int:
         width, tok = model.llm.config.hidden_size, model.image_tokenizer
