@@ -147,3 +147,11 @@ def test_the_design_asks_for_patches():
     data["model"]["generation"]["steps"] = 0
     with pytest.raises(ConfigError, match="model.generation.steps"):
         validate(from_dict(data))
+
+
+def test_picture_positions_without_their_patches_are_refused(model_and_batch):
+    model, tokenizer, config, batch = model_and_batch
+    pictures = model.generation.noise(model, batch.drawn, batch.noise, batch.times)
+    one = Noised(pictures.patches[:1], pictures.times[:1])  # the batch has two pictures' positions
+    with pytest.raises(SampleError, match="32 picture positions and 16 patches"):
+        model(batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixels, pictures=one)

@@ -11,7 +11,7 @@ from fusionlm.data.batching.batches import ImageSpec, collate
 from fusionlm.data.prompt import PromptEncoder
 from fusionlm.data.world import World
 from fusionlm.draw import DrawRequest, Sampling, draw_codes, passes
-from fusionlm.errors import ConfigError
+from fusionlm.errors import ConfigError, SampleError
 from fusionlm.image_tokenizers import build_image_tokenizer
 from test_drawing import built, drawing_dict
 
@@ -174,3 +174,10 @@ def test_the_design_asks_for_a_multiscale_tokenizer_and_a_tower():
     data["model"]["generation"]["row_end_token"] = "<row>"
     with pytest.raises(ConfigError, match="'next_scale' generation writes an image's codes alone"):
         validate(from_dict(data))
+
+
+def test_a_picture_cut_short_is_refused_naming_the_run_length(model_and_batch):
+    model = model_and_batch[0]
+    ids = torch.tensor([[5, model.ids.begin_image, *[model.code_offset] * 20, model.ids.end_image]])  # 20 of 21
+    with pytest.raises(SampleError, match="a run of 21 codes"):
+        model.generation.blocks(model, ids)
